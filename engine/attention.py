@@ -1,0 +1,350 @@
+"""Attention over a token-granular paged KV pool: the pool, the metadata, and two backends.
+
+Page size is 1, as in SGLang: every token owns one slot per layer, and a sequence's attention reads
+the slots its page table lists, in position order, its own new tokens last. Slots can be listed by
+several sequences (a classification prompt read by its candidates, a common prefix read by many
+prompts); that sharing is all in the page tables, the kernels never know about it.
+
+Backends implement the same small interface and are resolved once:
+
+    backend.plan(meta, *, num_heads, head_dim, dtype, stage=0)   once per forward stage
+    backend.forward(q, meta, pool, layer_id, scaling) -> o       once per layer
+
+`torch` is exact and runs anywhere (the reference). `flashinfer` uses FlashInfer's paged prefill on
+CUDA (fp16/bf16, head_dim 64/128/256; anything else falls back to the torch path).
+`resolve_backend()` picks flashinfer when CUDA and FlashInfer are present, torch otherwise; tests
+force either with `resolve_backend("torch")` or `force_backend("torch")`.
+
+NOTE: the FlashInfer backend is written against flashinfer-python 0.6.x's
+`BatchPrefillWithPagedKVCacheWrapper` (plan(qo_indptr, paged_kv_indptr, paged_kv_indices,
+paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal=, sm_scale=,
+q_data_type=, kv_data_type=) then run(q, (k_cache, v_cache))) by reading its source; it is NOT yet
+verified on a GPU. The arguments it hands to plan are tested on a CPU (`flashinfer_plan_args`), and
+tests/test_attention.py has a GPU-marked test comparing it with the torch backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class KVPool:
+    """K/V slots for `num_layers` layers: k[layer]: [capacity, H, D], likewise v.
+
+    A MeZO step computes every token of its batch in one forward and never decodes, so a layer's K/V
+    is dead once the layer is done. `num_buffers` physical layer buffers back the logical layers
+    (layer i uses buffer i % num_buffers): 1 for training (the pool costs one layer's K/V, like an
+    inference forward), `num_layers` for a cache that outlives the forward (serving).
+    The pool is allocated once and only grows; it is reused across steps. Growing drops the old
+    contents (a forward writes every slot it reads before reading it).
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str, num_buffers: int = 1, capacity: int = 0):
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.num_buffers = max(1, min(num_buffers, num_layers))
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.reserve(capacity)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` slots per layer (grows by at least 1.5x to amortise regrowth)."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, int(self.capacity * 1.5), 16)
+        shape = (capacity, self.num_heads, self.head_dim)
+        self.k = self.v = []  # free the old buffers before allocating the new ones
+        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_buffers)]
+        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_buffers)]
+        self.capacity = capacity
+
+    def buffers(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = layer_id % self.num_buffers
+        return self.k[i], self.v[i]
+
+    def write(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [T, H, D] -> slots loc: [T]
+        kb, vb = self.buffers(layer_id)
+        kb.index_copy_(0, loc, k.to(kb.dtype))
+        vb.index_copy_(0, loc, v.to(vb.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class AttentionMetadata:
+    """One forward stage's ragged queries over the pool (FlashInfer's paged-prefill vocabulary).
+
+    Sequence s owns query rows qo_indptr[s]:qo_indptr[s+1] (rows of this stage, tokens in position
+    order) and reads the slots kv_indices[kv_indptr[s]:kv_indptr[s+1]] (its page table). Its own new
+    tokens are the last qo_len entries of its page table, so the causal mask is bottom-right aligned:
+    query i attends page-table entries j <= kv_len - qo_len + i. Row t writes slot out_cache_loc[t].
+    """
+
+    qo_indptr: torch.Tensor  # [S+1] int32
+    kv_indptr: torch.Tensor  # [S+1] int32
+    kv_indices: torch.Tensor  # [nnz] int32
+    out_cache_loc: torch.Tensor  # [T] int64
+    qo_indptr_host: list[int] = field(default_factory=list)
+    kv_indptr_host: list[int] = field(default_factory=list)
+    plan: object = None  # backend-specific, filled by backend.plan()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.qo_indptr_host) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qo_indptr_host[-1]
+
+    @property
+    def kv_last_page_len(self) -> torch.Tensor:
+        # page size 1: every last page is full
+        return torch.ones(self.num_seqs, dtype=torch.int32, device=self.qo_indptr.device)
+
+    @classmethod
+    def build(cls, qo_lens: list[int], page_tables: list[list[int]], out_cache_loc: list[int],
+              device) -> "AttentionMetadata":
+        if len(qo_lens) != len(page_tables):
+            raise ValueError(f"{len(qo_lens)} sequences but {len(page_tables)} page tables")
+        qo_indptr = [0]
+        for n in qo_lens:
+            qo_indptr.append(qo_indptr[-1] + n)
+        kv_indptr = [0]
+        flat: list[int] = []
+        for pt in page_tables:
+            flat.extend(pt)
+            kv_indptr.append(len(flat))
+        for s, (n, pt) in enumerate(zip(qo_lens, page_tables)):
+            if not 0 < n <= len(pt):
+                raise ValueError(f"sequence {s}: {n} new tokens and a page table of {len(pt)} slots "
+                                 "(need 0 < new tokens <= slots)")
+        if len(out_cache_loc) != qo_indptr[-1]:
+            raise ValueError(f"{len(out_cache_loc)} output slots for {qo_indptr[-1]} query rows")
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(
+            qo_indptr=torch.tensor(qo_indptr, **i32),
+            kv_indptr=torch.tensor(kv_indptr, **i32),
+            kv_indices=torch.tensor(flat, **i32),
+            out_cache_loc=torch.tensor(out_cache_loc, dtype=torch.int64, device=device),
+            qo_indptr_host=qo_indptr,
+            kv_indptr_host=kv_indptr,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# torch backend: exact, any device
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _TorchChunk:
+    q_rows: torch.Tensor  # [n, L] rows of q (padded entries point at the sequence's first row)
+    dst_rows: torch.Tensor  # [m] rows of o written by this chunk (the valid entries of q_rows)
+    q_valid: torch.Tensor  # [n, L] bool
+    kv_slots: torch.Tensor  # [n, S] slots (padded entries point at the sequence's first slot)
+    mask: torch.Tensor  # [n, 1, L, S] bool, True = attend
+
+
+class TorchAttentionBackend:
+    """Gathers each sequence's page table from the pool and runs masked SDPA, a few sequences at a time.
+
+    Sequences are sorted by length and padded into chunks whose score matrices stay under
+    `max_chunk_elems` elements per head, so short candidates are not padded to the longest prompt.
+    Padded query rows attend to their sequence's first slot (never to nothing: no NaN) and are
+    dropped; padded key slots are masked out, so the result is exact.
+    """
+
+    name = "torch"
+
+    def __init__(self, max_chunk_elems: int = 1 << 22):
+        self.max_chunk_elems = max_chunk_elems
+
+    def plan(self, meta: AttentionMetadata, **_) -> None:
+        qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
+        device = meta.qo_indptr.device
+        kv_indices = meta.kv_indices.long()
+        seqs = sorted((qo[s + 1] - qo[s], kv[s + 1] - kv[s], s) for s in range(meta.num_seqs)
+                      if qo[s + 1] > qo[s])
+        chunks, group, max_q, max_kv = [], [], 0, 0
+        for item in seqs:
+            mq, mk = max(max_q, item[0]), max(max_kv, item[1])
+            if group and (len(group) + 1) * mq * mk > self.max_chunk_elems:
+                chunks.append(group)
+                group, mq, mk = [], item[0], item[1]
+            group.append(item)
+            max_q, max_kv = mq, mk
+        if group:
+            chunks.append(group)
+        planned = []
+        for group in chunks:
+            n, L, S = len(group), max(x[0] for x in group), max(x[1] for x in group)
+            i = torch.arange(L).view(1, L, 1)
+            j = torch.arange(S).view(1, 1, S)
+            qlen = torch.tensor([x[0] for x in group]).view(n, 1, 1)
+            klen = torch.tensor([x[1] for x in group]).view(n, 1, 1)
+            mask = (j < klen) & (j <= klen - qlen + i)  # [n, L, S]
+            q_rows = torch.zeros(n, L, dtype=torch.long)
+            q_valid = torch.zeros(n, L, dtype=torch.bool)
+            kv_pos = torch.zeros(n, S, dtype=torch.long)
+            for g, (ql, kl, s) in enumerate(group):
+                q_rows[g, :] = qo[s]
+                q_rows[g, :ql] = torch.arange(qo[s], qo[s] + ql)
+                q_valid[g, :ql] = True
+                kv_pos[g, :] = kv[s]
+                kv_pos[g, :kl] = torch.arange(kv[s], kv[s] + kl)
+            planned.append(_TorchChunk(
+                q_rows=q_rows.to(device), dst_rows=q_rows[q_valid].to(device), q_valid=q_valid.to(device),
+                kv_slots=kv_indices[kv_pos.to(device)], mask=mask.unsqueeze(1).to(device),
+            ))
+        meta.plan = planned
+
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata, pool: KVPool, layer_id: int,
+                scaling: float) -> torch.Tensor:
+        # q: [T, H, D] -> o: [T, H, D]
+        kb, vb = pool.buffers(layer_id)
+        o = torch.empty_like(q)
+        for c in meta.plan:
+            qc = q[c.q_rows].transpose(1, 2)  # [n, H, L, D]
+            kc = kb[c.kv_slots].transpose(1, 2).to(q.dtype)  # [n, H, S, D]
+            vc = vb[c.kv_slots].transpose(1, 2).to(q.dtype)
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling)
+            oc = oc.transpose(1, 2)  # [n, L, H, D]
+            o[c.dst_rows] = oc[c.q_valid]
+        return o
+
+
+# --------------------------------------------------------------------------------------------------
+# FlashInfer backend: CUDA
+# --------------------------------------------------------------------------------------------------
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flashinfer_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether FlashInfer's paged prefill covers this head dim and dtype (else the torch path runs)."""
+    return head_dim in FLASHINFER_HEAD_DIMS and dtype in FLASHINFER_DTYPES
+
+
+def flashinfer_plan_args(meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
+                         sm_scale: float | None = None) -> tuple[tuple, dict]:
+    """(args, kwargs) of BatchPrefillWithPagedKVCacheWrapper.plan for one stage (no flashinfer import).
+
+    The three indptr-like arrays are int32 host tensors: plan reads them on the host anyway
+    (`.to("cpu")`, a device sync if they lived on the GPU) and copies them to the device itself.
+    The page indices stay on the metadata's device. Page size 1: every last page holds 1 token.
+    """
+    i32 = dict(dtype=torch.int32, device="cpu")
+    args = (
+        torch.tensor(meta.qo_indptr_host, **i32),  # qo_indptr [S+1]
+        torch.tensor(meta.kv_indptr_host, **i32),  # paged_kv_indptr [S+1]
+        meta.kv_indices,  # paged_kv_indices [nnz] int32
+        torch.ones(meta.num_seqs, **i32),  # paged_kv_last_page_len [S]
+        num_heads,  # num_qo_heads
+        num_heads,  # num_kv_heads (OPT: no GQA)
+        head_dim,  # head_dim_qk
+        1,  # page_size
+    )
+    kwargs = dict(causal=True, sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
+                  q_data_type=dtype, kv_data_type=dtype)
+    return args, kwargs
+
+
+class FlashInferAttentionBackend:
+    """FlashInfer's batch prefill over the paged pool (NHD layout, page size 1, causal, bottom-right).
+
+    One plan per forward stage (a wrapper per stage: the trunk stage and the signed stage of a forked
+    batch are both planned before the forward runs); the same plan serves every layer of that stage.
+    The softmax scale is fixed at plan time (FlashInfer's run() takes none); forward checks that the
+    layer asks for the planned scale.
+    """
+
+    name = "flashinfer"
+    SUPPORTED_HEAD_DIMS = FLASHINFER_HEAD_DIMS
+
+    def __init__(self, workspace_bytes: int = 256 << 20, device: str | torch.device = "cuda"):
+        import flashinfer  # noqa: F401  (fails here, not mid-forward, if missing)
+
+        self._flashinfer = flashinfer
+        # One float workspace for every wrapper: their runs are sequential on one stream.
+        self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=device)
+        self._wrappers: dict[int, object] = {}
+        self._fallback = TorchAttentionBackend()
+
+    def _wrapper(self, key: int):
+        if key not in self._wrappers:
+            self._wrappers[key] = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        return self._wrappers[key]
+
+    def plan(self, meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
+             stage: int = 0, sm_scale: float | None = None) -> None:
+        if not flashinfer_supports(head_dim, dtype):
+            # NOTE: FlashInfer's prefill kernels cover fp16/bf16 and these head dims; fp32 models and
+            # opt-2.7b (head_dim 80) use the exact torch path instead.
+            self._fallback.plan(meta)
+            meta.plan = ("torch", meta.plan)
+            return
+        args, kwargs = flashinfer_plan_args(meta, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
+                                            sm_scale=sm_scale)
+        w = self._wrapper(stage)
+        w.plan(*args, **kwargs)
+        meta.plan = ("flashinfer", (w, kwargs["sm_scale"]))
+
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata, pool: KVPool, layer_id: int,
+                scaling: float) -> torch.Tensor:
+        kind, plan = meta.plan
+        if kind == "torch":
+            return self._fallback.forward(q, dataclasses.replace(meta, plan=plan), pool, layer_id, scaling)
+        wrapper, sm_scale = plan
+        if abs(scaling - sm_scale) > 1e-6 * sm_scale:
+            raise ValueError(f"layer {layer_id} asks for softmax scale {scaling}, the plan has {sm_scale}")
+        kb, vb = pool.buffers(layer_id)
+        # pool: [capacity, H, D] -> pages of one token: [capacity, 1, H, D] (NHD)
+        return wrapper.run(q.contiguous(), (kb.unsqueeze(1), vb.unsqueeze(1)))
+
+
+def flashinfer_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+_FORCED: str | None = None
+
+
+def resolve_backend(name: str | None = None, device: torch.device | str | None = None):
+    """The attention backend: `name` ("torch" | "flashinfer"), else the forced one, else the best one."""
+    name = name or _FORCED
+    dev = torch.device(device) if device is not None else None
+    if name is None:
+        on_cuda = dev is None or dev.type == "cuda"
+        name = "flashinfer" if on_cuda and flashinfer_available() else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "flashinfer":
+        if dev is not None and dev.type != "cuda":
+            raise ValueError(f"attention backend 'flashinfer' needs a CUDA device, the model is on {dev}")
+        if not flashinfer_available():
+            raise ValueError("attention backend 'flashinfer' needs CUDA and the flashinfer-python package")
+        return FlashInferAttentionBackend(device=dev if dev is not None else "cuda")
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'flashinfer'")
+
+
+def force_backend(name: str | None) -> None:
+    """Force every later resolve_backend() call (tests); None restores automatic choice."""
+    global _FORCED
+    if name not in (None, "torch", "flashinfer"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    _FORCED = name

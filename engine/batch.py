@@ -1,0 +1,322 @@
+"""Building one ragged, padding-free forward batch for everything a MeZO step computes.
+
+A step scores every example under 2q signed copies of the adapter. Every sequence it needs
+(prompt + candidate for classification, prompt + target for LM) goes into a radix tree of token
+runs, so a run shared by several sequences (a classification prompt under its candidates, a
+few-shot prefix under many prompts, a duplicated prompt) is computed once per copy; a node's page
+table lists its ancestors' slots, then its own. Copies are laid out copy-major, so each copy is one
+segment of the perturbed LoRA kernel. Layers below the lowest adapted layer are identical for every
+copy: they run once on an unsigned "trunk" copy and the hidden states fork into the copies at that
+layer (DESIGN.md section 5).
+
+Only the rows whose next-token distribution a loss reads get logits (`logit_rows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from flashzo.kernels import Segments
+
+from .attention import AttentionMetadata
+from .lora import LoRAAdapter
+
+SHARING = ("all", "candidates", "none")
+
+
+@dataclass
+class Example:
+    """A training example in token ids: a prompt plus candidates and a label, or a target."""
+
+    prompt: Sequence[int]
+    candidates: Sequence[Sequence[int]] | None = None
+    label: int | None = None
+    target: Sequence[int] | None = None
+
+    def __post_init__(self):
+        if (self.candidates is None) == (self.target is None):
+            raise ValueError("an Example needs either candidates (classification) or a target (LM), not "
+                             f"{'both' if self.candidates is not None else 'neither'}")
+        if len(self.prompt) == 0:
+            raise ValueError("an Example's prompt is empty: the first scored token needs a context")
+        if self.candidates is not None:
+            if len(self.candidates) == 0:
+                raise ValueError("an Example's candidates list is empty")
+            for i, c in enumerate(self.candidates):
+                if len(c) == 0:
+                    raise ValueError(f"candidate {i} is empty (its score, a mean over its tokens, is undefined)")
+            if self.label is not None and not 0 <= int(self.label) < len(self.candidates):
+                raise ValueError(f"label {self.label} is out of range for {len(self.candidates)} candidates")
+
+    @property
+    def is_classification(self) -> bool:
+        return self.candidates is not None
+
+    def sequences(self) -> list[tuple[list[int], int]]:
+        """(full token list, index where the scored part starts) of every sequence this example needs."""
+        p = [int(t) for t in self.prompt]
+        if self.candidates is not None:
+            return [(p + [int(t) for t in c], len(p)) for c in self.candidates]
+        return [(p + [int(t) for t in self.target], len(p))]
+
+
+@dataclass
+class Copy:
+    """One signed copy of the batch: which adapter, which perturbation seed, which sign."""
+
+    adapter: int = 0
+    seed: int = 0
+    sign: int = 0
+
+
+@dataclass
+class LoRABatch:
+    adapters: list[LoRAAdapter]
+    segments: Segments  # one segment per copy, over the signed rows
+    eps: float
+    scaling: float
+
+
+@dataclass
+class ForwardBatch:
+    """Inputs of OPTModel.forward: trunk tokens, the fork, attention metadata and what to read out."""
+
+    input_ids: torch.Tensor  # [T0] trunk tokens
+    positions: torch.Tensor  # [T0]
+    meta: AttentionMetadata  # signed rows (all copies), layers >= fork_layer
+    trunk_meta: AttentionMetadata | None  # trunk rows, layers < fork_layer (None: no fork)
+    fork_layer: int
+    fork_index: torch.Tensor | None  # [T] trunk row of each signed row
+    lora: LoRABatch | None
+    logit_rows: torch.Tensor  # [U] signed rows whose next-token log-probs are read
+    # readout: request k reads log p(target[k]) at logit_rows[req_row[k]] for group req_group[k]
+    req_row: torch.Tensor  # [R]
+    req_target: torch.Tensor  # [R]
+    req_group: torch.Tensor  # [R]
+    num_groups: int
+    group_info: list[tuple[int, int, int]] = field(default_factory=list)  # (copy, example, candidate)
+    num_copies: int = 1
+    tokens_per_copy: int = 0
+    tokens_unshared: int = 0  # what the same copy costs with no sharing at all
+    num_layers: int = 0
+    pool: object = None  # KVPool, attached by OPTModel.prepare
+    backend: object = None  # attention backend, likewise
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the signed batch (all copies): what layers >= fork_layer compute."""
+        return self.meta.num_tokens
+
+    @property
+    def trunk_tokens(self) -> int:
+        """Rows of the trunk (0 without a fork): what layers < fork_layer compute."""
+        return self.trunk_meta.num_tokens if self.trunk_meta is not None else 0
+
+    @property
+    def token_layers(self) -> int:
+        """Token-layers the forward computes: sum over layers of the rows that layer runs on."""
+        if self.trunk_meta is None:
+            return self.num_tokens * self.num_layers
+        below = min(self.fork_layer, self.num_layers)
+        return self.trunk_tokens * below + self.num_tokens * (self.num_layers - below)
+
+    def stage(self, layer_id: int) -> AttentionMetadata:
+        if self.trunk_meta is not None and layer_id < self.fork_layer:
+            return self.trunk_meta
+        return self.meta
+
+
+class _Node:
+    __slots__ = ("tokens", "children", "parent", "start", "row")
+
+    def __init__(self, tokens: list[int], parent: "_Node | None", start: int):
+        self.tokens = tokens
+        self.children: dict[int, _Node] = {}
+        self.parent = parent
+        self.start = start  # position of tokens[0] in every sequence through this node
+        self.row = -1  # first row of this node within a copy
+
+
+class _Layout:
+    """The token runs of one copy: a forest of nodes and, per sequence, the chain of nodes covering it.
+
+    A chain's last node may run past its sequence's end (a sequence that is a prefix of another
+    reads the longer one's rows: causal attention makes them identical). Nodes are numbered parent
+    first; node k's rows are row..row+len(tokens).
+    """
+
+    def __init__(self, seqs: list[tuple[int, int, list[int], int]], sharing: str):
+        self.root = _Node([], None, 0)
+        self.seqs = seqs
+        if sharing == "all":
+            for _, _, toks, _ in seqs:
+                self._insert(toks)
+            self.chains = [self._walk(toks) for _, _, toks, _ in seqs]
+        elif sharing == "candidates":
+            prompts: dict[int, _Node] = {}
+            self.chains = []
+            for e, _, toks, scored_from in seqs:
+                if e not in prompts:
+                    prompts[e] = self._add(toks[:scored_from], self.root, 0)
+                self.chains.append([prompts[e], self._add(toks[scored_from:], prompts[e], scored_from)])
+        else:
+            self.chains = [[self._add(toks, self.root, 0)] for _, _, toks, _ in seqs]
+        self.nodes: list[_Node] = []
+        stack = list(reversed(self.root.children.values()))
+        while stack:  # pre-order: a node's rows come after its ancestors'
+            node = stack.pop()
+            self.nodes.append(node)
+            stack.extend(reversed(node.children.values()))
+        row = 0
+        for node in self.nodes:
+            node.row, row = row, row + len(node.tokens)
+        self.num_rows = row
+
+    def _add(self, tokens: list[int], parent: _Node, start: int) -> _Node:
+        node = _Node(tokens, parent, start)
+        parent.children[len(parent.children)] = node  # no sharing: keyed by arrival, not by token
+        return node
+
+    def _insert(self, seq: list[int]) -> None:
+        node, i = self.root, 0
+        while i < len(seq):
+            child = node.children.get(seq[i])
+            if child is None:
+                node.children[seq[i]] = _Node(seq[i:], node, i)
+                return
+            m = 0
+            while m < len(child.tokens) and i + m < len(seq) and child.tokens[m] == seq[i + m]:
+                m += 1
+            if m < len(child.tokens) and i + m < len(seq):  # diverges inside child: split it
+                head = _Node(child.tokens[:m], node, child.start)
+                node.children[seq[i]] = head
+                child.tokens, child.start, child.parent = child.tokens[m:], child.start + m, head
+                head.children[child.tokens[0]] = child
+                child = head
+            node, i = child, i + m
+
+    def _walk(self, seq: list[int]) -> list[_Node]:
+        chain, node, i = [], self.root, 0
+        while i < len(seq):
+            node = node.children[seq[i]]
+            chain.append(node)
+            i += len(node.tokens)
+        return chain
+
+    @staticmethod
+    def locate(chain: list[_Node], pos: int) -> tuple[_Node, int]:
+        for node in chain:
+            if node.start <= pos < node.start + len(node.tokens):
+                return node, pos - node.start
+        raise IndexError(pos)
+
+    def page_table(self, node: _Node, base: int) -> list[int]:
+        chain = []
+        while node is not None and node is not self.root:
+            chain.append(node)
+            node = node.parent
+        table = []
+        for n in reversed(chain):
+            table.extend(range(base + n.row, base + n.row + len(n.tokens)))
+        return table
+
+
+def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
+                adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, num_layers: int,
+                max_positions: int, device, sharing: str = "all", fork: bool = True,
+                examples_per_copy: Sequence[Sequence[int]] | None = None) -> ForwardBatch:
+    """One forward batch scoring `examples` under every copy.
+
+    examples_per_copy: which examples each copy scores (default: all of them in every copy); used
+    when several jobs with different batches share one forward.
+    sharing: "all" (radix tree over every sequence: prompts under their candidates, common prefixes,
+    duplicates), "candidates" (a prompt per example, shared by its candidates only) or "none" (every
+    sequence computed on its own: the reference the sharing paths are tested against).
+    fork: run the layers below the lowest adapted layer once on an unsigned trunk (needs every copy
+    to score the same examples).
+    """
+    if sharing not in SHARING:
+        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    if not copies:
+        raise ValueError("copies is empty")
+    all_ex = tuple(range(len(examples)))
+    per_copy = [tuple(e) for e in examples_per_copy] if examples_per_copy is not None else [all_ex] * len(copies)
+    if len(per_copy) != len(copies):
+        raise ValueError(f"examples_per_copy has {len(per_copy)} entries for {len(copies)} copies")
+
+    layouts: dict[tuple[int, ...], _Layout] = {}
+    for ex_ids in per_copy:
+        if ex_ids in layouts:
+            continue
+        seqs = []
+        for e in ex_ids:
+            for c, (toks, scored_from) in enumerate(examples[e].sequences()):
+                if len(toks) > max_positions:
+                    raise ValueError(f"example {e}: a sequence of {len(toks)} tokens exceeds the model's "
+                                     f"{max_positions} positions")
+                seqs.append((e, c, toks, scored_from))
+        layouts[ex_ids] = _Layout(seqs, sharing)
+
+    same_layout = all(ex == per_copy[0] for ex in per_copy)
+    lowest = min((a.lowest_layer for a in adapters), default=num_layers)
+    use_fork = fork and same_layout and len(copies) > 1 and lowest > 0
+
+    ids, pos, copy_start, qo_lens, tables, locs = [], [], [], [], [], []
+    logit_rows: dict[int, int] = {}
+    req_row, req_target, req_group, group_info = [], [], [], []
+    base = 0
+    for ci, ex_ids in enumerate(per_copy):
+        lay = layouts[ex_ids]
+        copy_start.append(base)
+        for node in lay.nodes:
+            qo_lens.append(len(node.tokens))
+            tables.append(lay.page_table(node, base))
+            locs.extend(range(base + node.row, base + node.row + len(node.tokens)))
+            if ci == 0 or not use_fork:  # with a fork only the trunk (copy 0's layout) is embedded
+                ids.extend(node.tokens)
+                pos.extend(range(node.start, node.start + len(node.tokens)))
+        for (e, c, toks, scored_from), chain in zip(lay.seqs, lay.chains):
+            g = len(group_info)
+            group_info.append((ci, e, c))
+            for p in range(scored_from, len(toks)):
+                node, off = lay.locate(chain, p - 1)  # the row whose output predicts token p
+                r = base + node.row + off
+                if r not in logit_rows:
+                    logit_rows[r] = len(logit_rows)
+                req_row.append(logit_rows[r])
+                req_target.append(toks[p])
+                req_group.append(g)
+        base += lay.num_rows
+    copy_start.append(base)
+
+    meta = AttentionMetadata.build(qo_lens, tables, locs, device)
+    trunk_meta, fork_index, fork_layer = None, None, 0
+    if use_fork:
+        # Every copy has copy 0's layout, so copy ci's row r is trunk row r - ci * trunk_rows.
+        n0 = len(layouts[per_copy[0]].nodes)
+        trunk_rows = layouts[per_copy[0]].num_rows
+        trunk_meta = AttentionMetadata.build(qo_lens[:n0], tables[:n0], locs[:trunk_rows], device)
+        fork_index = torch.arange(trunk_rows, device=device).repeat(len(copies))
+        fork_layer = lowest
+
+    lora = None
+    if adapters:
+        seg_lens = [copy_start[i + 1] - copy_start[i] for i in range(len(copies))]
+        segments = Segments.from_lists(seg_lens, [c.adapter for c in copies], [c.seed for c in copies],
+                                       [c.sign for c in copies], device=device)
+        lora = LoRABatch(list(adapters), segments, float(eps), adapters[0].config.scaling)
+
+    first = layouts[per_copy[0]]
+    lt = dict(dtype=torch.long, device=device)
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, **lt), positions=torch.tensor(pos, **lt),
+        meta=meta, trunk_meta=trunk_meta, fork_layer=fork_layer, fork_index=fork_index, lora=lora,
+        logit_rows=torch.tensor(list(logit_rows), **lt),
+        req_row=torch.tensor(req_row, **lt), req_target=torch.tensor(req_target, **lt),
+        req_group=torch.tensor(req_group, **lt), num_groups=len(group_info), group_info=group_info,
+        num_copies=len(copies), tokens_per_copy=first.num_rows,
+        tokens_unshared=sum(len(toks) for _, _, toks, _ in first.seqs), num_layers=num_layers,
+    )

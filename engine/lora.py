@@ -1,0 +1,284 @@
+"""LoRA adapters: one flat fp32 buffer, a view per matrix, PEFT's on-disk format.
+
+Every A and B matrix of an adapter is a view into one contiguous fp32 buffer, in a fixed order
+(layer ascending, then q_proj, k_proj, v_proj, out_proj, fc1, fc2, A before B), so one zo_update_
+call updates the whole adapter and `offset` of a matrix is its start in that flat space (the index
+its perturbation z is regenerated at).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import OPTConfig
+
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+
+
+def module_shape(cfg: OPTConfig, name: str) -> tuple[int, int]:
+    """(in_features, out_features) of one adaptable linear."""
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h),
+            "fc1": (h, f), "fc2": (f, h)}[name]
+
+
+def peft_prefix(layer: int, name: str) -> str:
+    """PEFT's key for a module of OPTForCausalLM (adapter name removed, as saved files have it)."""
+    sub = f"self_attn.{name}" if name in ATTN_MODULES else name
+    return f"base_model.model.model.decoder.layers.{layer}.{sub}"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] | None = None  # None: every layer
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
+        if not (1 <= int(self.r) <= 64):
+            raise ValueError(f"r must be in 1..64, got {self.r}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty")
+        bad = [m for m in self.target_modules if m not in MODULE_ORDER]
+        if bad:
+            raise ValueError(f"target_modules {bad} are not OPT linears; choose from {MODULE_ORDER}")
+        if not math.isfinite(float(self.alpha)) or float(self.alpha) <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"layers must be a non-empty list of layer indices, got {self.layers}")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / int(self.r)
+
+    def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers is None:
+            return tuple(range(num_layers))
+        if max(self.layers) >= num_layers:
+            raise ValueError(f"layers {list(self.layers)} out of range for a model with {num_layers} layers")
+        return self.layers
+
+
+@dataclass
+class LoRASlot:
+    """One adapted linear: views into the flat buffer and their flat offsets."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    a_offset: int
+    b_offset: int
+
+
+@dataclass
+class LoRAAdapter:
+    """A LoRA adapter for an OPT model: `buffer` holds every parameter; `slots` are views into it."""
+
+    config: LoRAConfig
+    model_config: OPTConfig
+    buffer: torch.Tensor
+    slots: dict[tuple[int, str], LoRASlot] = field(default_factory=dict)
+
+    # Construction ---------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, config: LoRAConfig, model_config: OPTConfig, device=None) -> "LoRAAdapter":
+        layers = config.resolved_layers(model_config.num_hidden_layers)
+        sizes = []
+        for layer in layers:
+            for name in MODULE_ORDER:
+                if name in config.target_modules:
+                    k, n = module_shape(model_config, name)
+                    sizes.append((layer, name, k, n))
+        total = sum(config.r * (k + n) for _, _, k, n in sizes)
+        if total >= 2**31:
+            raise ValueError(f"adapter has {total} parameters; the flat index space is limited to 2**31")
+        buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        adapter = cls(config, model_config, buffer)
+        off, r = 0, config.r
+        for layer, name, k, n in sizes:
+            a = buffer[off:off + r * k].view(r, k)
+            b = buffer[off + r * k:off + r * (k + n)].view(n, r)
+            adapter.slots[(layer, name)] = LoRASlot(a, b, off, off + r * k)
+            off += r * (k + n)
+        return adapter
+
+    @classmethod
+    def init(cls, config: LoRAConfig, model_config: OPTConfig, device=None) -> "LoRAAdapter":
+        """PEFT's initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+        adapter = cls.empty(config, model_config, device=device)
+        gen = torch.Generator().manual_seed(int(config.seed))
+        for slot in adapter.slots.values():
+            bound = 1.0 / math.sqrt(slot.a.shape[1])
+            a = torch.empty(slot.a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+            slot.a.copy_(a)
+        return adapter
+
+    # Introspection --------------------------------------------------------------------------------
+    @property
+    def num_parameters(self) -> int:
+        return self.buffer.numel()
+
+    @property
+    def lowest_layer(self) -> int:
+        return min(layer for layer, _ in self.slots)
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def structure(self) -> tuple:
+        """What must match for two adapters to share one kernel call (same shapes and offsets)."""
+        return (self.config.r, self.config.target_modules,
+                self.config.resolved_layers(self.model_config.num_hidden_layers))
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT key -> view, in buffer order."""
+        out = {}
+        for (layer, name), slot in self.slots.items():
+            prefix = peft_prefix(layer, name)
+            out[f"{prefix}.lora_A.weight"] = slot.a
+            out[f"{prefix}.lora_B.weight"] = slot.b
+        return out
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat tensor laid out like `buffer` (a perturbation z, say) as PEFT key -> tensor."""
+        if flat.shape != self.buffer.shape:
+            raise ValueError(f"flat tensor has shape {tuple(flat.shape)}, the adapter {tuple(self.buffer.shape)}")
+        out = {}
+        for (layer, name), slot in self.slots.items():
+            prefix = peft_prefix(layer, name)
+            out[f"{prefix}.lora_A.weight"] = flat[slot.a_offset:slot.a_offset + slot.a.numel()].view_as(slot.a)
+            out[f"{prefix}.lora_B.weight"] = flat[slot.b_offset:slot.b_offset + slot.b.numel()].view_as(slot.b)
+        return out
+
+    def clone(self) -> "LoRAAdapter":
+        new = LoRAAdapter.empty(self.config, self.model_config, device=self.device)
+        new.buffer.copy_(self.buffer)
+        return new
+
+    def to(self, device) -> "LoRAAdapter":
+        new = LoRAAdapter.empty(self.config, self.model_config, device=device)
+        new.buffer.copy_(self.buffer)
+        return new
+
+    # PEFT format ----------------------------------------------------------------------------------
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        layers = self.config.layers
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": int(self.config.r),
+            "lora_alpha": self.config.alpha,
+            "target_modules": list(self.config.target_modules),
+            "layers_to_transform": list(layers) if layers is not None else None,
+            "layers_pattern": None,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+    def save_pretrained(self, path: str, *, base_model_name_or_path: str | None = None) -> None:
+        """adapter_config.json + adapter_model.safetensors with PEFT's key names (files replaced atomically)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.named_tensors().items()}
+        tmp = os.path.join(path, f".{ADAPTER_WEIGHTS}.tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, ADAPTER_WEIGHTS))
+        tmp = os.path.join(path, f".{ADAPTER_CONFIG}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.peft_config(base_model_name_or_path), f, indent=2)
+        os.replace(tmp, os.path.join(path, ADAPTER_CONFIG))
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_config: OPTConfig, *, seed: int = 0,
+                        device=None) -> "LoRAAdapter":
+        """Read a PEFT LoRA adapter of an OPT model (safetensors or .bin)."""
+        cfg_path = os.path.join(path, ADAPTER_CONFIG)
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"{path}: no {ADAPTER_CONFIG}, not a PEFT adapter directory")
+        try:
+            with open(cfg_path) as f:
+                pc = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path}: cannot be read: {e}") from e
+        if pc.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r} is not LORA")
+        for key, ok in (("bias", ("none", None)), ("use_dora", (False, None)), ("use_rslora", (False, None)),
+                        ("fan_in_fan_out", (False, None))):
+            if pc.get(key) not in ok:
+                raise ValueError(f"{cfg_path}: {key}={pc.get(key)!r} is not supported")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if pc.get(key):
+                raise ValueError(f"{cfg_path}: {key} (per-module ranks or alphas) is not supported")
+        targets = pc.get("target_modules")
+        if isinstance(targets, str):
+            targets = [m for m in MODULE_ORDER if m in targets.split("|") or targets == m]
+            if not targets:
+                raise ValueError(f"{cfg_path}: target_modules regex {pc['target_modules']!r} is not supported")
+        layers = pc.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        config = LoRAConfig(r=int(pc["r"]), alpha=pc.get("lora_alpha", 8), target_modules=tuple(targets),
+                            layers=tuple(layers) if layers is not None else None, seed=seed)
+        adapter = cls.empty(config, model_config, device=device)
+        tensors = _read_adapter_tensors(path)
+        expected = adapter.named_tensors()
+        given = {_normalise_peft_key(k): v for k, v in tensors.items()}
+        missing = [k for k in expected if k not in given]
+        unexpected = [k for k in given if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"{path}: adapter tensors do not match its config: missing {missing[:4]}"
+                             f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                             f"{'...' if len(unexpected) > 4 else ''}")
+        for k, view in expected.items():
+            t = given[k]
+            if tuple(t.shape) != tuple(view.shape):
+                raise ValueError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(view.shape)}")
+            view.copy_(t.to(torch.float32))
+        return adapter
+
+
+def _normalise_peft_key(key: str) -> str:
+    # Files written with an adapter name keep it (".lora_A.default.weight").
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def _read_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, ADAPTER_WEIGHTS)
+    bn = os.path.join(path, ADAPTER_WEIGHTS_BIN)
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            return load_file(st)
+        if os.path.isfile(bn):
+            return torch.load(bn, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: adapter weights cannot be read: {e}") from e
+    raise ValueError(f"{path}: neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN} found")

@@ -1,0 +1,70 @@
+"""Losses of DESIGN.md section 4, computed per signed copy from a batch's readout log-probs.
+
+Requests of one group (a candidate, or an LM target) are contiguous in the batch, and groups are
+ordered copy -> example -> candidate, so every reduction is a deterministic segment sum (a cumsum
+in fp64), never an atomic scatter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .batch import Example, ForwardBatch
+
+
+@dataclass
+class CopyScores:
+    loss: list[float]  # per copy
+    loss_sum: list[float]  # per copy: summed CE over examples, or summed NLL over target tokens
+    loss_count: list[float]  # per copy: examples, or target tokens (loss = loss_sum / loss_count)
+    correct: list[int]  # per copy: examples whose argmax candidate is the label (classification)
+    num_examples: list[int]  # per copy
+    scores: list[list[list[float]]]  # per copy, per example, per candidate: mean log-prob
+
+
+def group_sums(batch: ForwardBatch, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs, token count) of every group, fp64 on the CPU."""
+    counts = torch.bincount(batch.req_group, minlength=batch.num_groups).cpu()
+    cs = torch.cat([torch.zeros(1, dtype=torch.float64), logprobs.double().cpu().cumsum(0)])
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    return cs[ends] - cs[starts], counts.double()
+
+
+def copy_losses(batch: ForwardBatch, logprobs: torch.Tensor, examples: Sequence[Example]) -> CopyScores:
+    sums, counts = group_sums(batch, logprobs)
+    n = batch.num_copies
+    loss = [0.0] * n
+    correct, num_ex = [0] * n, [0] * n
+    scores: list[list[list[float]]] = [[] for _ in range(n)]
+    tok_sum, tok_cnt = [0.0] * n, [0.0] * n
+    g = 0
+    info = batch.group_info
+    while g < len(info):
+        c, e, _ = info[g]
+        ex = examples[e]
+        k = len(ex.candidates) if ex.is_classification else 1
+        if ex.is_classification:
+            s = sums[g:g + k] / counts[g:g + k]  # mean log-prob of each candidate's tokens
+            loss[c] += float(torch.logsumexp(s, 0) - s[ex.label])
+            correct[c] += int(int(torch.argmax(s)) == ex.label)
+            scores[c].append(s.tolist())
+        else:
+            tok_sum[c] -= float(sums[g])
+            tok_cnt[c] += float(counts[g])
+            scores[c].append([float(sums[g] / counts[g])])
+        num_ex[c] += 1
+        g += k
+    loss_sum, loss_count = [], []
+    for c in range(n):
+        if tok_cnt[c]:  # LM: token-weighted mean NLL
+            loss_sum.append(tok_sum[c])
+            loss_count.append(tok_cnt[c])
+        else:  # classification: mean over examples
+            loss_sum.append(loss[c])
+            loss_count.append(float(num_ex[c]))
+        loss[c] = loss_sum[c] / loss_count[c] if loss_count[c] else float("nan")
+    return CopyScores(loss, loss_sum, loss_count, correct, num_ex, scores)

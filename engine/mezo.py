@@ -1,0 +1,367 @@
+"""The MeZO trainer (DESIGN.md section 1): 2q signed passes in one forward, one fused update.
+
+    z_i     regenerated from seed(t, i) inside the kernels, never stored
+    g_i   = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps)
+    theta <- theta - lr_t * (mean_i g_i z_i + weight_decay * theta)
+
+The run is a pure function of its config and data: seed(t, i) hashes (MeZOConfig.seed, t, i), so a
+checkpoint is the adapter plus the step counter, and `perturbation(t, i)` rebuilds any z.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from flashzo.kernels import gaussian, zo_update_
+
+from .batch import SHARING, Copy, Example
+from .lora import LoRAAdapter, LoRAConfig
+from .loss import copy_losses
+from .opt import OPTModel
+
+SCHEDULES = ("constant", "linear", "cosine")
+STATE_FILE = "trainer_state.json"
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class MeZOConfig:
+    lr: float
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    num_perturbations: int = 1
+    seed: int = 0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None  # needed by the linear and cosine schedules
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
+    sharing: str = "all"  # batching: "all" | "candidates" | "none" (see engine.batch)
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if int(self.num_perturbations) < 1:
+            raise ValueError(f"num_perturbations must be >= 1, got {self.num_perturbations}")
+        if not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule != "constant" and not self.total_steps:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} needs total_steps")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(1, self.total_steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def perturbation_seed(seed: int, step: int, i: int) -> int:
+    """seed_{t,i}: a pure function of (config seed, step, perturbation index), in [0, 2**63)."""
+    h = _splitmix64(int(seed))
+    h = _splitmix64(h ^ int(step))
+    h = _splitmix64(h ^ (int(i) * 0xD1B54A32D192ED03 & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean of loss_plus and loss_minus over perturbations
+    loss_plus: list[float]
+    loss_minus: list[float]
+    projected_grads: list[float]
+    step: int = 0  # the step this result is of
+    lr: float = 0.0
+    skipped: bool = False  # a non-finite loss: no update was applied
+    tokens: int = 0  # rows computed by the forward
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after MeZOConfig.max_nonfinite_steps consecutive steps with a non-finite loss."""
+
+
+@dataclass
+class _Counters:
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_consecutive: int = 0
+    history: list = field(default_factory=list)
+
+
+def validate_examples(examples: Sequence[Example], model: OPTModel, *, what: str = "batch") -> str:
+    """Refuse a bad batch before any work; returns "classification" or "lm"."""
+    if examples is None or len(examples) == 0:
+        raise ValueError(f"{what} is empty")
+    vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
+    kinds = set()
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Example):
+            raise ValueError(f"{what}[{i}] is a {type(ex).__name__}, not a flashzo.Example")
+        if ex.candidates is not None and ex.target is not None:
+            raise ValueError(f"{what}[{i}] has both candidates and a target")
+        if ex.candidates is None and ex.target is None:
+            raise ValueError(f"{what}[{i}] has neither candidates nor a target")
+        kinds.add("classification" if ex.candidates is not None else "lm")
+        if len(ex.prompt) == 0:
+            raise ValueError(f"{what}[{i}] has an empty prompt")
+        parts = [("prompt", ex.prompt)]
+        if ex.candidates is not None:
+            if len(ex.candidates) < 2:
+                raise ValueError(f"{what}[{i}] has {len(ex.candidates)} candidates; classification needs >= 2")
+            if ex.label is None or not 0 <= int(ex.label) < len(ex.candidates):
+                raise ValueError(f"{what}[{i}]: label {ex.label} out of range for {len(ex.candidates)} candidates")
+            for c, cand in enumerate(ex.candidates):
+                if len(cand) == 0:
+                    raise ValueError(f"{what}[{i}]: candidate {c} is empty")
+                parts.append((f"candidate {c}", cand))
+                if len(ex.prompt) + len(cand) > max_pos:
+                    raise ValueError(f"{what}[{i}]: prompt + candidate {c} is {len(ex.prompt) + len(cand)} "
+                                     f"tokens, longer than the model's {max_pos} positions")
+        else:
+            if len(ex.target) == 0:
+                raise ValueError(f"{what}[{i}] has an empty target")
+            parts.append(("target", ex.target))
+            if len(ex.prompt) + len(ex.target) > max_pos:
+                raise ValueError(f"{what}[{i}]: prompt + target is {len(ex.prompt) + len(ex.target)} tokens, "
+                                 f"longer than the model's {max_pos} positions")
+        for name, toks in parts:
+            for t in toks:
+                if not 0 <= int(t) < vocab:
+                    raise ValueError(f"{what}[{i}]: {name} has token id {int(t)} outside the vocabulary "
+                                     f"(vocab_size {vocab})")
+    if len(kinds) > 1:
+        raise ValueError(f"{what} mixes classification and LM examples; step them separately")
+    return kinds.pop()
+
+
+class MeZOTrainer:
+    """MeZO on LoRA adapters of an OPTModel."""
+
+    def __init__(self, model: OPTModel, lora: LoRAConfig | LoRAAdapter, config: MeZOConfig):
+        if not isinstance(model, OPTModel):
+            raise ValueError(f"model must be a flashzo OPTModel, got {type(model).__name__}")
+        if not isinstance(config, MeZOConfig):
+            raise ValueError(f"config must be a MeZOConfig, got {type(config).__name__}")
+        if isinstance(lora, LoRAConfig):
+            adapter = LoRAAdapter.init(lora, model.config, device=model.device)
+        elif isinstance(lora, LoRAAdapter):
+            if lora.model_config.hidden_size != model.config.hidden_size or \
+                    lora.model_config.num_hidden_layers != model.config.num_hidden_layers:
+                raise ValueError("the adapter was made for a model of another shape")
+            adapter = lora.to(model.device)
+        else:
+            raise ValueError(f"lora must be a LoRAConfig or a LoRAAdapter, got {type(lora).__name__}")
+        self.model, self.config, self.adapter = model, config, adapter
+        self.counters = _Counters()
+
+    # Seeds and perturbations ----------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self.counters.step
+
+    def seeds(self, step: int) -> list[int]:
+        return [perturbation_seed(self.config.seed, step, i) for i in range(self.config.num_perturbations)]
+
+    def perturbation(self, step: int, i: int = 0) -> dict[str, torch.Tensor]:
+        """The exact z of perturbation i at step `step`, as {PEFT parameter name: tensor}."""
+        if not 0 <= i < self.config.num_perturbations:
+            raise ValueError(f"perturbation index {i} out of range (num_perturbations "
+                             f"{self.config.num_perturbations})")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        z = gaussian(self.seeds(step)[i], self.adapter.num_parameters, device=self.adapter.device)
+        return {k: v.clone() for k, v in self.adapter.unflatten(z).items()}
+
+    # One step -------------------------------------------------------------------------------------
+    def copies(self, adapter_index: int = 0) -> list[Copy]:
+        out = []
+        for s in self.seeds(self.counters.step):
+            out += [Copy(adapter_index, s, +1), Copy(adapter_index, s, -1)]
+        return out
+
+    def step(self, examples: Sequence[Example]) -> StepResult:
+        validate_examples(examples, self.model)
+        batch = self.model.build_batch(examples, self.copies(), adapters=[self.adapter], eps=self.config.eps,
+                                       sharing=self.config.sharing)
+        scores = copy_losses(batch, self.model.score(batch), examples)
+        return self.apply(scores.loss, tokens=batch.num_tokens)
+
+    def apply(self, copy_losses_: Sequence[float], *, tokens: int = 0) -> StepResult:
+        """Turn the 2q losses of the current step (+, - per perturbation) into the update."""
+        cfg, t = self.config, self.counters.step
+        plus, minus = list(copy_losses_[0::2]), list(copy_losses_[1::2])
+        grads = [(p - m) / (2 * cfg.eps) for p, m in zip(plus, minus)]
+        loss = (sum(plus) + sum(minus)) / (2 * len(plus))
+        lr = cfg.lr_at(t)
+        finite = all(math.isfinite(x) for x in plus + minus + grads)
+        skipped = not finite
+        if finite:
+            before = self.adapter.buffer.clone()
+            coeffs = [g / len(grads) for g in grads]
+            zo_update_(self.adapter.buffer, self.seeds(t), coeffs, lr=lr, weight_decay=cfg.weight_decay)
+            if not bool(torch.isfinite(self.adapter.buffer).all()):  # an overflowing update: undo it
+                self.adapter.buffer.copy_(before)
+                skipped = True
+        self.counters.step += 1
+        result = StepResult(loss, plus, minus, grads, step=t, lr=lr, skipped=skipped, tokens=tokens)
+        if skipped:
+            self.counters.nonfinite_total += 1
+            self.counters.nonfinite_consecutive += 1
+            if self.counters.nonfinite_consecutive >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.counters.nonfinite_consecutive} consecutive steps (last: step {t}) had a non-finite "
+                    f"loss or update (loss_plus={plus}, loss_minus={minus}); the adapter holds the last finite "
+                    "state. Lower lr or eps, or check the data.")
+        else:
+            self.counters.nonfinite_consecutive = 0
+        return result
+
+    # Evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict:
+        return evaluate(self.model, self.adapter, examples, batch_size=batch_size, sharing=self.config.sharing)
+
+    # Checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        c = self.counters
+        return {
+            "step": c.step,
+            "nonfinite_total": c.nonfinite_total,
+            "nonfinite_consecutive": c.nonfinite_consecutive,
+            "mezo_config": dataclasses.asdict(self.config),
+            "lora_config": dataclasses.asdict(self.adapter.config),
+            "lr_next": self.config.lr_at(c.step),
+        }
+
+    def save(self, path: str) -> None:
+        """Adapter (PEFT format) + step + config + schedule state, replacing `path` atomically.
+
+        Everything is written to `path.tmp`, then swapped in with two renames; if a crash lands
+        between them, `path.old` holds the previous checkpoint and resume() finds it there.
+        """
+        path = os.path.abspath(path)
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.adapter.save_pretrained(tmp)
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(self.state_dict(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def resume(cls, path: str, model: OPTModel, **overrides) -> "MeZOTrainer":
+        """A trainer that continues the run saved at `path` (bit-identically on the same device)."""
+        path = os.path.abspath(path)
+        if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path + ".old", STATE_FILE)):
+            path = path + ".old"  # a crash between the two renames of save()
+        state_file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_file):
+            raise ValueError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")
+        with open(state_file) as f:
+            state = json.load(f)
+        cfg = dict(state["mezo_config"], **overrides)
+        config = MeZOConfig(**cfg)
+        lc = state["lora_config"]
+        adapter = LoRAAdapter.from_pretrained(path, model.config, seed=lc.get("seed", 0), device=model.device)
+        trainer = cls(model, adapter, config)
+        trainer.counters = _Counters(step=state["step"], nonfinite_total=state.get("nonfinite_total", 0),
+                                     nonfinite_consecutive=state.get("nonfinite_consecutive", 0))
+        return trainer
+
+
+@torch.no_grad()
+def evaluate(model: OPTModel, adapter: LoRAAdapter | None, examples: Sequence[Example], *,
+             batch_size: int = 32, sharing: str = "all") -> dict:
+    """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
+    kind = validate_examples(examples, model, what="eval set")
+    loss_sum = loss_cnt = 0.0
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i:i + batch_size])
+        batch = model.build_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
+                                  sharing=sharing)
+        s = copy_losses(batch, model.score(batch), chunk)
+        loss_sum += s.loss_sum[0]
+        loss_cnt += s.loss_count[0]
+        correct += s.correct[0]
+    out = {"loss": loss_sum / loss_cnt, "num_examples": len(examples)}
+    if kind == "classification":
+        out["accuracy"] = correct / len(examples)
+    return out
+
+
+def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Example]]) -> list[StepResult]:
+    """Step several independent jobs in one forward (one adapter per job, multi-adapter segments).
+
+    Every trainer must share one model, one eps and one adapter structure (r, alpha, target modules,
+    layers); each job keeps its own lr, seed, schedule and data, and its trajectory equals training
+    it alone.
+    """
+    if len(trainers) != len(batches):
+        raise ValueError(f"{len(trainers)} trainers but {len(batches)} batches")
+    if not trainers:
+        raise ValueError("trainers is empty")
+    model = trainers[0].model
+    for j, tr in enumerate(trainers):
+        if tr.model is not model:
+            raise ValueError(f"trainer {j} uses another model; step_together needs one shared model")
+        if tr.config.eps != trainers[0].config.eps:
+            raise ValueError(f"trainer {j} has eps {tr.config.eps}, trainer 0 has {trainers[0].config.eps}")
+        if tr.adapter.structure() != trainers[0].adapter.structure() or \
+                tr.adapter.config.scaling != trainers[0].adapter.config.scaling:
+            raise ValueError(f"trainer {j}'s adapter has another structure (r, alpha, modules, layers)")
+        validate_examples(batches[j], model, what=f"batches[{j}]")
+    examples, per_copy, copies, owners = [], [], [], []
+    for j, (tr, b) in enumerate(zip(trainers, batches)):
+        ids = list(range(len(examples), len(examples) + len(b)))
+        examples.extend(b)
+        for c in tr.copies(adapter_index=j):
+            copies.append(c)
+            per_copy.append(ids)
+            owners.append(j)
+    batch = model.build_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
+                              eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
+                              examples_per_copy=per_copy)
+    scores = copy_losses(batch, model.score(batch), examples)
+    results = []
+    for j, tr in enumerate(trainers):
+        losses = [scores.loss[c] for c in range(len(copies)) if owners[c] == j]
+        results.append(tr.apply(losses, tokens=batch.num_tokens))
+    return results

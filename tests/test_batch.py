@@ -1,0 +1,252 @@
+"""Batch building (engine/batch.py): every KV-sharing path equals the computation that shares nothing.
+
+A tiny random OPT in fp32 on the torch attention backend scores the same examples with
+sharing="all" (radix tree), "candidates" (a prompt per example) and "none" (every sequence on its
+own), with and without the trunk fork, and copy by copy; the batch layout's invariants (no padding,
+every row written once, page tables) are checked directly.
+"""
+
+import pytest
+import torch
+
+from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch
+
+VOCAB = 97
+CFG = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
+                max_position_embeddings=256)
+TOL = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = OPTModel.from_config(CFG, seed=0)
+    m.set_attention_backend("torch")
+    return m
+
+
+def _adapter(layers=None, seed=1):
+    ad = LoRAAdapter.init(LoRAConfig(r=4, target_modules=("q_proj", "v_proj", "fc1"), layers=layers), CFG)
+    ad.buffer.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed))  # B nonzero
+    return ad
+
+
+def _tokens(g, n):
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def _example_sets():
+    g = torch.Generator().manual_seed(0)
+    few_shot = _tokens(g, 23)  # a demonstration block common to several prompts
+    dup = _tokens(g, 9)
+    return {
+        "two_candidates": [Example(_tokens(g, n), candidates=[[5], [6]], label=n % 2) for n in (1, 12, 31)],
+        "four_candidates": [  # multi-token candidates, one the prefix of another
+            Example(_tokens(g, 17), candidates=[[7], [7, 8], [7, 8, 9], [10, 11]], label=2),
+            Example(_tokens(g, 4), candidates=[[12, 13, 14], [12], [15], [16]], label=0),
+        ],
+        "few_shot": [Example(few_shot + _tokens(g, n), candidates=[[5], [6]], label=0) for n in (3, 8, 1)],
+        "duplicates": [Example(dup, candidates=[[5], [6]], label=0), Example(dup, candidates=[[5], [6]], label=1),
+                       Example(dup + [5], candidates=[[6], [5, 6]], label=1)],
+        "lm": [Example(few_shot[:5], target=few_shot[5:]), Example(few_shot[:9], target=_tokens(g, 6)),
+               Example(_tokens(g, 1), target=_tokens(g, 40))],
+        "mixed": [Example(few_shot + _tokens(g, 4), candidates=[[5], [5, 6], [7]], label=1),
+                  Example(few_shot[:11], target=few_shot[11:] + _tokens(g, 3)),
+                  Example(dup, candidates=[[8, 9], [8]], label=0)],
+    }
+
+
+EXAMPLES = _example_sets()
+SIGNED = [Copy(0, 11, 1), Copy(0, 11, -1), Copy(0, 12, 1), Copy(0, 12, -1)]
+
+
+def _score(model, examples, copies=(Copy(),), **kw):
+    batch = model.build_batch(examples, list(copies), **kw)
+    return batch, model.score(batch)
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_sharing_equals_no_sharing_plain(model, name):
+    exs = EXAMPLES[name]
+    _, ref = _score(model, exs, sharing="none")
+    for sharing in ("all", "candidates"):
+        batch, out = _score(model, exs, sharing=sharing)
+        torch.testing.assert_close(out, ref, **TOL)
+    assert batch.tokens_per_copy <= batch.tokens_unshared
+
+
+@pytest.mark.parametrize("name", ["four_candidates", "mixed"])
+def test_sharing_and_fork_equal_no_sharing_signed(model, name):
+    exs = EXAMPLES[name]
+    ad = _adapter(layers=(2, 3))
+    kw = dict(adapters=[ad], eps=0.05)
+    ref_batch, ref = _score(model, exs, SIGNED, sharing="none", fork=False, **kw)
+    assert ref_batch.trunk_meta is None
+    for sharing in ("all", "candidates", "none"):
+        for fork in (True, False):
+            batch, out = _score(model, exs, SIGNED, sharing=sharing, fork=fork, **kw)
+            assert (batch.trunk_meta is not None) == fork and batch.fork_layer == (2 if fork else 0)
+            torch.testing.assert_close(out, ref, **TOL)
+    # The signed copies differ (the test could fail), and +eps / -eps are not mirror images of 0.
+    per_copy = ref.view(len(SIGNED), -1)
+    assert (per_copy[0] - per_copy[1]).abs().max() > 1e-3
+    assert (per_copy[0] - per_copy[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sharing", ["all", "none"])
+def test_each_copy_equals_scoring_it_alone(model, sharing):
+    exs = EXAMPLES["mixed"] + EXAMPLES["two_candidates"]
+    ad = _adapter(layers=(2, 3))
+    batch, out = _score(model, exs, SIGNED, adapters=[ad], eps=0.05, sharing=sharing)
+    assert batch.trunk_meta is not None
+    for ci, copy in enumerate(SIGNED):
+        alone_batch, alone = _score(model, exs, [copy], adapters=[ad], eps=0.05, sharing=sharing)
+        sel = torch.tensor([batch.group_info[g][0] == ci for g in batch.req_group.tolist()])
+        torch.testing.assert_close(out[sel], alone, **TOL)
+        assert [info[1:] for info in alone_batch.group_info] == \
+            [info[1:] for info in batch.group_info if info[0] == ci]
+
+
+def test_adapter_in_layer_zero_does_not_fork(model):
+    exs = EXAMPLES["few_shot"]
+    ad = _adapter(layers=None)
+    batch, out = _score(model, exs, SIGNED[:2], adapters=[ad], eps=0.05)
+    assert batch.trunk_meta is None and batch.fork_index is None
+    _, ref = _score(model, exs, SIGNED[:2], adapters=[ad], eps=0.05, sharing="none")
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_examples_per_copy(model):
+    exs = EXAMPLES["mixed"]
+    ad = _adapter(layers=(1,))
+    copies = [Copy(0, 3, 1), Copy(0, 3, -1)]
+    batch, out = _score(model, exs, copies, adapters=[ad], eps=0.05, examples_per_copy=[(0, 1), (2,)])
+    assert batch.trunk_meta is None  # different layouts cannot fork
+    _, a = _score(model, exs[:2], copies[:1], adapters=[ad], eps=0.05)
+    _, b = _score(model, exs[2:], copies[1:], adapters=[ad], eps=0.05)
+    torch.testing.assert_close(out, torch.cat([a, b]), **TOL)
+
+
+def test_token_logprobs_match_across_sharing(model):
+    seqs = [[4, 5, 6, 7, 8], [4, 5, 6], [4, 5, 9, 10], [30]]
+    a = model.token_logprobs(seqs, sharing="all")
+    b = model.token_logprobs(seqs, sharing="none")
+    assert [t.shape[0] for t in a] == [4, 2, 3, 0]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout invariants (no model)
+
+
+def _build(exs, copies=(Copy(),), **kw):
+    kw.setdefault("num_layers", 4)
+    return build_batch(exs, list(copies), max_positions=256, device="cpu", **kw)
+
+
+def _all_sequences(exs):
+    return [toks for ex in exs for toks, _ in ex.sequences()]
+
+
+def _distinct_prefixes(seqs):
+    return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+@pytest.mark.parametrize("sharing", ["all", "candidates", "none"])
+def test_layout_invariants(name, sharing):
+    exs = EXAMPLES[name]
+    seqs = _all_sequences(exs)
+    batch = _build(exs, [Copy(), Copy()], sharing=sharing, fork=False)
+    meta = batch.meta
+    T = meta.num_tokens
+    qo, kv = meta.qo_indptr.tolist(), meta.kv_indptr.tolist()
+    # No padding: the rows are exactly the nodes' tokens, and what each mode should compute.
+    assert T == qo[-1] == sum(b - a for a, b in zip(qo, qo[1:])) == batch.input_ids.numel()
+    expected = {"none": sum(map(len, seqs)),
+                "candidates": sum(len(ex.prompt) + sum(len(t) - len(ex.prompt) for t, _ in ex.sequences())
+                                  for ex in exs),
+                "all": _distinct_prefixes(seqs)}[sharing]
+    assert batch.tokens_per_copy == expected and T == 2 * expected
+    assert batch.tokens_unshared == sum(map(len, seqs))
+    # Every row is written exactly once, and page tables only list written rows.
+    assert sorted(meta.out_cache_loc.tolist()) == list(range(T))
+    assert meta.kv_indices.min() >= 0 and meta.kv_indices.max() < T
+    # A node's page table ends with its own rows, and spells a prefix of one of the sequences.
+    row_tok = torch.empty(T, dtype=torch.long)
+    row_pos = torch.empty(T, dtype=torch.long)
+    row_tok[meta.out_cache_loc] = batch.input_ids
+    row_pos[meta.out_cache_loc] = batch.positions
+    prefixes = {tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)}
+    for s in range(meta.num_seqs):
+        table = meta.kv_indices[kv[s]:kv[s + 1]].long()
+        own = meta.out_cache_loc[qo[s]:qo[s + 1]]
+        assert torch.equal(table[-own.numel():], own)
+        assert tuple(row_tok[table].tolist()) in prefixes
+        assert row_pos[table].tolist() == list(range(table.numel()))
+        copy = int(own[0]) // batch.tokens_per_copy  # page tables never cross copies
+        assert (table // batch.tokens_per_copy == copy).all()
+    # Readouts: one per scored token, each reading a row that holds the previous token.
+    n_scored = sum(len(t) - p for ex in exs for t, p in ex.sequences())
+    assert batch.req_row.numel() == 2 * n_scored and batch.num_groups == 2 * len(seqs)
+    rows = batch.logit_rows[batch.req_row]
+    for k, g in enumerate(batch.req_group.tolist()):
+        ci, e, c = batch.group_info[g]
+        toks, scored_from = exs[e].sequences()[c]
+        assert rows[k] // batch.tokens_per_copy == ci
+        p = row_pos[rows[k]].item() + 1
+        assert p >= scored_from and toks[p] == batch.req_target[k].item() and toks[p - 1] == row_tok[rows[k]]
+
+
+def test_token_counts_hand_example():
+    # Two prompts of 10 tokens sharing their first 6, each with two one-token candidates.
+    common = [3, 4, 5, 6, 7, 8]
+    exs = [Example(common + [10, 11, 12, 13], candidates=[[20], [21]]),
+           Example(common + [14, 15, 16, 17], candidates=[[20], [21]])]
+    none = _build(exs, sharing="none")
+    cands = _build(exs, sharing="candidates")
+    radix = _build(exs, sharing="all")
+    assert none.tokens_per_copy == 2 * 2 * 11 == 44
+    assert cands.tokens_per_copy == 2 * (10 + 2) == 24
+    assert radix.tokens_per_copy == 6 + 2 * (4 + 2) == 18
+    assert none.num_tokens - radix.num_tokens == 26
+    # Two signed copies, the adapter's lowest layer 2 of 4: layers 0-1 run once on the trunk.
+    ad = _adapter(layers=(2, 3))
+    forked = _build(exs, [Copy(0, 1, 1), Copy(0, 1, -1)], adapters=[ad], eps=0.1)
+    assert forked.fork_layer == 2 and forked.trunk_tokens == 18 and forked.num_tokens == 36
+    assert forked.token_layers == 18 * 2 + 36 * 2
+    assert forked.input_ids.numel() == 18 and forked.fork_index.tolist() == list(range(18)) * 2
+    unforked = _build(exs, [Copy(0, 1, 1), Copy(0, 1, -1)], adapters=[ad], eps=0.1, fork=False)
+    assert unforked.token_layers == 36 * 4 and unforked.input_ids.numel() == 36
+    assert forked.lora.segments.indptr.tolist() == [0, 18, 36]
+
+
+def test_example_validation():
+    with pytest.raises(ValueError, match="either"):
+        Example([1, 2])
+    with pytest.raises(ValueError, match="both"):
+        Example([1, 2], candidates=[[3]], target=[4])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        Example([], target=[4])
+    with pytest.raises(ValueError, match="candidate 1 is empty"):
+        Example([1], candidates=[[3], []])
+    with pytest.raises(ValueError, match="label"):
+        Example([1], candidates=[[3], [4]], label=2)
+    with pytest.raises(ValueError, match="target is empty"):
+        Example([1], target=[])
+    # Token ids may come as tensors; they are keyed as ints.
+    ex = Example(torch.tensor([1, 2]), candidates=[torch.tensor([3])])
+    assert ex.sequences() == [([1, 2, 3], 2)]
+
+
+def test_build_batch_errors():
+    exs = [Example([1, 2], candidates=[[3]])]
+    with pytest.raises(ValueError, match="sharing"):
+        _build(exs, sharing="some")
+    with pytest.raises(ValueError, match="copies"):
+        build_batch(exs, [], num_layers=2, max_positions=8, device="cpu")
+    with pytest.raises(ValueError, match="positions"):
+        build_batch([Example(list(range(8)), target=[1])], [Copy()], num_layers=2, max_positions=8,
+                    device="cpu")
+    with pytest.raises(ValueError, match="examples_per_copy"):
+        _build(exs, [Copy(), Copy()], examples_per_copy=[(0,)])
