@@ -156,33 +156,45 @@ class _TorchChunk:
 class TorchAttentionBackend:
     """Gathers each sequence's page table from the pool and runs masked SDPA, a few sequences at a time.
 
-    Sequences are sorted by length and padded into chunks whose score matrices stay under
-    `max_chunk_elems` elements per head, so short candidates are not padded to the longest prompt.
-    Padded query rows attend to their sequence's first slot (never to nothing: no NaN) and are
-    dropped; padded key slots are masked out, so the result is exact.
+    Sequences are sorted by (new tokens, page-table length) and padded into chunks. A chunk of n
+    sequences padded to L queries over S slots costs n*H*max(L*S, (L + 2*S)*D) elements (its score
+    matrices, or its gathered q, k and v), kept under `max_chunk_elems`; a chunk also closes when its
+    padded area n*L*S would exceed twice its sequences' own area (plus a little), so one-token
+    candidates are not padded to a long prompt's length. Padded query rows attend to their
+    sequence's first slot (never to nothing: no NaN) and are dropped; padded key slots are masked
+    out, so the result is exact.
     """
 
     name = "torch"
 
-    def __init__(self, max_chunk_elems: int = 1 << 22):
+    def __init__(self, max_chunk_elems: int = 1 << 24, max_padding: float = 2.0):
         self.max_chunk_elems = max_chunk_elems
+        self.max_padding = max_padding
 
-    def plan(self, meta: AttentionMetadata, **_) -> None:
+    def chunks(self, meta: AttentionMetadata, num_heads: int = 1, head_dim: int = 1) -> list[list[tuple]]:
+        """Groups of (qo_len, kv_len, seq) that share one padded SDPA call."""
+        qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
+        seqs = sorted((qo[s + 1] - qo[s], kv[s + 1] - kv[s], s) for s in range(meta.num_seqs)
+                      if qo[s + 1] > qo[s])
+        chunks, group, max_q, max_kv, area = [], [], 0, 0, 0
+        for item in seqs:
+            n, mq, mk = len(group) + 1, max(max_q, item[0]), max(max_kv, item[1])
+            cost = n * num_heads * max(mq * mk, (mq + 2 * mk) * head_dim)
+            padded = n * mq * mk > self.max_padding * (area + item[0] * item[1]) + 4096
+            if group and (cost > self.max_chunk_elems or padded):
+                chunks.append(group)
+                group, mq, mk, area = [], item[0], item[1], 0
+            group.append(item)
+            max_q, max_kv, area = mq, mk, area + item[0] * item[1]
+        if group:
+            chunks.append(group)
+        return chunks
+
+    def plan(self, meta: AttentionMetadata, *, num_heads: int = 1, head_dim: int = 1, **_) -> None:
         qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
         device = meta.qo_indptr.device
         kv_indices = meta.kv_indices.long()
-        seqs = sorted((qo[s + 1] - qo[s], kv[s + 1] - kv[s], s) for s in range(meta.num_seqs)
-                      if qo[s + 1] > qo[s])
-        chunks, group, max_q, max_kv = [], [], 0, 0
-        for item in seqs:
-            mq, mk = max(max_q, item[0]), max(max_kv, item[1])
-            if group and (len(group) + 1) * mq * mk > self.max_chunk_elems:
-                chunks.append(group)
-                group, mq, mk = [], item[0], item[1]
-            group.append(item)
-            max_q, max_kv = mq, mk
-        if group:
-            chunks.append(group)
+        chunks = self.chunks(meta, num_heads, head_dim)
         planned = []
         for group in chunks:
             n, L, S = len(group), max(x[0] for x in group), max(x[1] for x in group)
@@ -289,7 +301,7 @@ class FlashInferAttentionBackend:
         if not flashinfer_supports(head_dim, dtype):
             # NOTE: FlashInfer's prefill kernels cover fp16/bf16 and these head dims; fp32 models and
             # opt-2.7b (head_dim 80) use the exact torch path instead.
-            self._fallback.plan(meta)
+            self._fallback.plan(meta, num_heads=num_heads, head_dim=head_dim)
             meta.plan = ("torch", meta.plan)
             return
         args, kwargs = flashinfer_plan_args(meta, num_heads=num_heads, head_dim=head_dim, dtype=dtype,

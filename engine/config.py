@@ -64,10 +64,11 @@ class OPTConfig:
     def num_parameters(self) -> int:
         h, f, n = self.hidden_size, self.ffn_dim, self.num_hidden_layers
         b = 1 if self.enable_bias else 0
-        per_layer = 4 * h * h + 2 * h * f + b * (4 * h + f + h) + 4 * h
+        ln = 2 * h if self.layer_norm_elementwise_affine else 0  # one LayerNorm's weight and bias
+        per_layer = 4 * h * h + 2 * h * f + b * (4 * h + f + h) + 2 * ln
         emb = self.vocab_size * self.word_embed_proj_dim + (self.max_position_embeddings + 2) * h
         proj = 2 * h * self.word_embed_proj_dim if self.has_projections else 0
-        return n * per_layer + emb + proj + (2 * h if self.has_final_layer_norm else 0)
+        return n * per_layer + emb + proj + (ln if self.has_final_layer_norm else 0)
 
     # Conversions --------------------------------------------------------------------------------
     @classmethod

@@ -150,7 +150,7 @@ SYN_WORDS = 8  # positive words: 8..15, negative words: 16..23, filler: 24..voca
 
 
 def synthetic_task(n: int, *, seed: int = 0, vocab_size: int = 512, min_len: int = 4, max_len: int = 12,
-                   split: str = "train") -> list[Example]:
+                   split: str = "train", word_at: str = "random") -> list[Example]:
     """A deterministic sentiment-like task: filler tokens with one "sentiment word" somewhere, then
     "It was"; the label is whether the word is positive (" great") or negative (" terrible").
 
@@ -172,7 +172,10 @@ def synthetic_task(n: int, *, seed: int = 0, vocab_size: int = 512, min_len: int
         label = int(torch.randint(0, 2, (1,), generator=g))
         word = SYN_WORDS + int(torch.randint(0, 8, (1,), generator=g)) + (0 if label == 1 else 8)
         at = int(torch.randint(0, length + 1, (1,), generator=g))
-        prompt = [SYN_BOS] + filler[:at] + [word] + filler[at:] + list(SYN_TEMPLATE)
+        if word_at == "end":
+            prompt = [SYN_BOS] + filler + [word]
+        else:
+            prompt = [SYN_BOS] + filler[:at] + [word] + filler[at:] + list(SYN_TEMPLATE)
         out.append(Example(prompt=prompt, candidates=[[SYN_NEG], [SYN_POS]], label=label))
     return out
 

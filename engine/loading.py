@@ -57,25 +57,22 @@ def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
     params = dict(model.named_parameters())
     shards = _weight_files(path)
 
-    # Every name is known up front for safetensors and indexed .bin files: refuse a misnamed
-    # checkpoint before reading gigabytes of it.
+    # Every name (and, for safetensors, every shape) is known up front for safetensors and indexed
+    # .bin files: refuse a checkpoint that does not fit before reading gigabytes of it.
     seen: dict[str, str] = {}
-    for file, keys in shards:
-        for key in keys or ():
-            _check_name(key, file, params, seen)
+    for file, header in shards:
+        for key, shape in (header or {}).items():
+            name = _check_name(key, file, params, seen)
+            if shape is not None:
+                _check_shape(file, key, name, shape, config, params)
 
-    for file, keys in shards:
-        listed = set(keys or ())
+    for file, header in shards:
         for key, tensor in _read_tensors(file):
-            name = _param_name(key) if key in listed else _check_name(key, file, params, seen)
-            expected = _expected_shape(name, config, params)
-            if tuple(tensor.shape) != expected:
-                raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but the config "
-                                 f"expects {expected}")
-            if name == LM_HEAD:
-                continue  # tied to decoder.embed_tokens.weight
-            _assign(model, name, tensor, dtype, device)
-            del tensor
+            name = _param_name(key) if key in (header or {}) else _check_name(key, file, params, seen)
+            _check_shape(file, key, name, tuple(tensor.shape), config, params)
+            if name != LM_HEAD:  # lm_head.weight is tied to decoder.embed_tokens.weight
+                _assign(model, name, tensor, dtype, device)
+            del tensor  # one tensor resident at a time
 
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
@@ -118,12 +115,15 @@ def _resolve_dtype(dtype, what: str) -> torch.dtype:
     return dtype
 
 
-def _weight_files(path: str) -> list[tuple[str, list[str] | None]]:
-    """(file, its tensor names or None when only reading it tells) for every weight file, in order."""
+Header = dict[str, tuple[int, ...] | None]  # tensor name -> shape (None: known only once read)
+
+
+def _weight_files(path: str) -> list[tuple[str, Header | None]]:
+    """(file, its header, or None when only reading the file tells) for every weight file, in order."""
     for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_NAME), (BIN_INDEX, BIN_NAME)):
         single = os.path.join(path, single_name)
         if os.path.isfile(single):
-            return [(single, _safetensors_keys(single) if single.endswith(".safetensors") else None)]
+            return [(single, _safetensors_header(single) if single.endswith(".safetensors") else None)]
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
             return _read_index(index)
@@ -131,7 +131,7 @@ def _weight_files(path: str) -> list[tuple[str, list[str] | None]]:
                      f"or {BIN_INDEX}")
 
 
-def _read_index(index: str) -> list[tuple[str, list[str]]]:
+def _read_index(index: str) -> list[tuple[str, Header]]:
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -151,24 +151,23 @@ def _read_index(index: str) -> list[tuple[str, list[str]]]:
         if not os.path.isfile(file):
             raise ValueError(f"{index}: points at shard {shard!r}, which is missing")
         if file.endswith(".safetensors"):
-            keys = _safetensors_keys(file)
-            listed = set(by_shard[shard])
-            absent = sorted(listed - set(keys))
+            header = _safetensors_header(file)
+            absent = sorted(set(by_shard[shard]) - set(header))
             if absent:
                 raise ValueError(f"{index}: lists tensor {absent[0]!r} in shard {shard!r}, which lacks it")
             # a tensor the index does not list is still read (and checked like any other)
         else:
-            keys = by_shard[shard]
-        out.append((file, keys))
+            header = dict.fromkeys(by_shard[shard])
+        out.append((file, header))
     return out
 
 
-def _safetensors_keys(file: str) -> list[str]:
+def _safetensors_header(file: str) -> Header:
     from safetensors import safe_open
 
     try:
         with safe_open(file, framework="pt") as f:
-            return list(f.keys())
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as e:  # SafetensorError, OSError: truncated, corrupt or foreign file
         raise ValueError(f"{file}: cannot be read as safetensors: {e}") from e
 
@@ -218,10 +217,15 @@ def _check_name(key: str, file: str, params: dict, seen: dict[str, str]) -> str:
     return name
 
 
-def _expected_shape(name: str, config: OPTConfig, params: dict) -> tuple[int, ...]:
+def _check_shape(file: str, key: str, name: str, shape: tuple[int, ...], config: OPTConfig,
+                 params: dict) -> None:
     if name == LM_HEAD:
-        return (config.vocab_size, config.word_embed_proj_dim)
-    return tuple(params[name].shape)
+        expected = (config.vocab_size, config.word_embed_proj_dim)
+    else:
+        expected = tuple(params[name].shape)
+    if tuple(shape) != expected:
+        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(shape)}, but the config expects "
+                         f"{expected}")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:

@@ -59,6 +59,8 @@ class LoRAConfig:
         bad = [m for m in self.target_modules if m not in MODULE_ORDER]
         if bad:
             raise ValueError(f"target_modules {bad} are not OPT linears; choose from {MODULE_ORDER}")
+        # canonical order (PEFT saves a set in any order): equal sets give equal configs and structures
+        object.__setattr__(self, "target_modules", tuple(m for m in MODULE_ORDER if m in self.target_modules))
         if not math.isfinite(float(self.alpha)) or float(self.alpha) <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
@@ -237,6 +239,8 @@ class LoRAAdapter:
             if pc.get(key):
                 raise ValueError(f"{cfg_path}: {key} (per-module ranks or alphas) is not supported")
         targets = pc.get("target_modules")
+        if not targets:
+            raise ValueError(f"{cfg_path}: no target_modules")
         if isinstance(targets, str):
             targets = [m for m in MODULE_ORDER if m in targets.split("|") or targets == m]
             if not targets:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 
@@ -46,18 +47,43 @@ _TILE_FIELDS = 5  # a tile-map row: (row_start, row_stop, adapter, seed, sign)
 
 @dataclass(frozen=True)
 class LoRAKernelConfig:
-    """Block sizes of the Triton path. ``None`` picks a heuristic; the output's z never depends on
-    any of these (only the fp32 summation order of the dots does, through the K blocking/split)."""
+    """Block sizes of the Triton path. ``None`` picks a heuristic. z never depends on any of these;
+    the fp32 summation order of the LoRA dots does (tile shapes, the K step, the K split).
 
-    shrink_block_m: int | None = None  # rows per shrink program; None: 256 for r <= 32, else 128
-    shrink_block_k: int = 64  # K step of the shrink loop
+    NOTE: the defaults are not timed yet (no GPU in the session that wrote them). They are the
+    largest tiles that compiled for sm_90 (triton 3.9) without register spills (cuobjdump
+    -res-usage): shrink row tiles of 256 at r <= 32 and 128 at r = 64 for bf16/fp16 (64 and 32 for
+    fp32), K step 32, 8 warps; expand 64x64, 8 warps. Large shrink row tiles matter: every row
+    tile regenerates its own Z_A (r*K values).
+    """
+
+    shrink_block_m: int | None = None  # rows per shrink program; None: by r and dtype (see below)
+    shrink_block_k: int = 32  # K step of the shrink loop
     shrink_split_k: int | None = None  # K splits of the shrink; None: fill the GPU (1 on a CPU)
     expand_block_m: int = 64  # rows per expand step
     expand_block_n: int = 64  # output columns per expand program
     expand_rows: int | None = None  # rows per expand program (it loops); None: fill the GPU
     shrink_num_warps: int = 8
-    expand_num_warps: int = 4
-    num_stages: int = 3
+    expand_num_warps: int = 8
+    shrink_num_stages: int = 3
+    expand_num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("shrink_block_m", "shrink_block_k", "expand_block_m", "expand_block_n"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+        for name in (
+            "shrink_split_k",
+            "expand_rows",
+            "shrink_num_warps",
+            "expand_num_warps",
+            "shrink_num_stages",
+            "expand_num_stages",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 DEFAULT_CONFIG = LoRAKernelConfig()
@@ -99,9 +125,11 @@ class Segments:
         if len(host[0]) < 1:
             raise ValueError("segments.indptr must have S+1 >= 1 entries")
         num = len(host[0]) - 1
-        for name, values in zip(("adapter", "seed", "sign"), host[1:]):
+        for name, values in zip(("adapter", "seed", "sign"), host[1:], strict=True):
             if len(values) != num:
-                raise ValueError(f"segments.{name} must have {num} entries (len(indptr) - 1), got {len(values)}")
+                raise ValueError(
+                    f"segments.{name} must have {num} entries (one per segment), got {len(values)}"
+                )
         devices = {t.device for t in (self.indptr, self.adapter, self.seed, self.sign)}
         if len(devices) > 1:
             raise ValueError(f"segments tensors must share a device, got {sorted(map(str, devices))}")
@@ -152,7 +180,7 @@ class Segments:
         indptr, adapter, seed, sign = self._host
         if indptr[0] != 0:
             raise ValueError(f"segments.indptr must start at 0, got {indptr[0]}")
-        if any(b < a for a, b in zip(indptr, indptr[1:])):
+        if any(b < a for a, b in zip(indptr[:-1], indptr[1:], strict=True)):
             raise ValueError(f"segments.indptr must be non-decreasing, got {indptr}")
         if indptr[-1] != num_rows:
             raise ValueError(f"segments.indptr must end at T = x.shape[0] = {num_rows}, got {indptr[-1]}")
@@ -231,7 +259,13 @@ def _lora_shrink_kernel(
     PRECISION: tl.constexpr,
 ):
     """u_part[split, rows, :] = x[rows, ks] @ (A_a + sign*eps*Z_A)[:, ks].T for one row tile (one
-    segment) and one K split ks; Z_A is regenerated tile by tile, indexed by its global position."""
+    segment) and one K split ks; Z_A is regenerated tile by tile, indexed by its global position.
+
+    NOTE: each row tile regenerates its Z_A slice, so the shrink evaluates ceil(T/BLOCK_M)*R_PAD*K
+    Philox+Box-Muller draws (~100 integer/SFU instructions each), against a base GEMM of 2*T*N*K
+    tensor-core FLOPs: estimated a few % of the GEMM's time at BLOCK_M >= 128, more at small T
+    where the split-K keeps the SMs busy instead. An estimate, not a measurement (no GPU yet).
+    """
     tile = tl.program_id(0)
     split = tl.program_id(1)
     row_start = tl.load(tiles_ptr + tile * 5 + 0)
@@ -268,7 +302,8 @@ def _lora_shrink_kernel(
             a = tl.where(a_mask, a + coef * z, 0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
     # every column of the R_PAD-wide tile is written (zeros past r), so the expand reads no garbage
-    tl.store(u_ptr + split * stride_us + rows[:, None] * stride_um + offs_r[None, :], acc, mask=row_mask[:, None])
+    u_ptrs = u_ptr + split * stride_us + rows[:, None] * stride_um + offs_r[None, :]
+    tl.store(u_ptrs, acc, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -419,13 +454,14 @@ def _lora_shrink(x, lora_a, segments, *, eps, a_offset, cfg) -> torch.Tensor:
     T, K = x.shape
     r = lora_a.shape[1]
     r_pad = _r_pad(r)
-    block_m = cfg.shrink_block_m or (256 if r_pad <= 32 else 128)
+    block_m = cfg.shrink_block_m or _default_shrink_block_m(r_pad, x.dtype)
     block_k = cfg.shrink_block_k
     tiles = segments.tile_map(block_m, x.device)
     k_blocks = triton.cdiv(K, block_k)
     split = cfg.shrink_split_k
-    if split is None:  # enough programs to fill the GPU twice over
-        split = max(1, min(k_blocks, 32, triton.cdiv(2 * _num_sms(x.device), max(1, tiles.shape[0]))))
+    if split is None:  # enough programs to fill the GPU twice over; the interpreter wants few
+        target = 2 * _num_sms(x.device) if x.device.type == "cuda" else 1
+        split = max(1, min(k_blocks, 32, triton.cdiv(target, max(1, tiles.shape[0]))))
     k_per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(K, k_per_split)  # no empty split
     u = torch.empty((split, T, r_pad), dtype=torch.float32, device=x.device)
@@ -433,16 +469,19 @@ def _lora_shrink(x, lora_a, segments, *, eps, a_offset, cfg) -> torch.Tensor:
     _lora_shrink_kernel[grid](
         x, lora_a, u, tiles,
         K, r, k_per_split,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), u.stride(0), u.stride(1),
-        float(eps), a_offset,
+        x.stride(0), x.stride(1), *lora_a.stride(), u.stride(0), u.stride(1),
+        float(eps), int(a_offset),
         BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, PRECISION=_precision(x.dtype),
-        num_warps=cfg.shrink_num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.shrink_num_warps, num_stages=cfg.shrink_num_stages,
     )  # fmt: skip
     return u
 
 
 def _lora_expand(u, lora_b, y, segments, *, eps, scaling, b_offset, cfg) -> None:
-    """Launch the expand: y += scaling * u @ B_eff.T, in place (y: [T, N], any float dtype)."""
+    """Launch the expand: y += scaling * u_part.sum(0) @ B_eff.T, in place.
+
+    u_part: [split_k, T, R_PAD] fp32 with unit stride in its last dim (as _lora_shrink returns it);
+    y: [T, N], any float dtype and strides."""
     T, N = y.shape
     r = lora_b.shape[2]
     block_m, block_n = cfg.expand_block_m, cfg.expand_block_n
@@ -456,12 +495,20 @@ def _lora_expand(u, lora_b, y, segments, *, eps, scaling, b_offset, cfg) -> None
     _lora_expand_kernel[grid](
         u, lora_b, y, tiles,
         N, r, u.shape[0],
-        u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
-        float(eps), float(scaling), b_offset,
+        u.stride(0), u.stride(1), *lora_b.stride(), y.stride(0), y.stride(1),
+        float(eps), float(scaling), int(b_offset),
         BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=u.shape[2], PRECISION=_precision(y.dtype),
         BF16_BY_BITS=y.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=cfg.expand_num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.expand_num_warps, num_stages=cfg.expand_num_stages,
     )  # fmt: skip
+
+
+def _default_shrink_block_m(r_pad: int, dtype: torch.dtype) -> int:
+    # the largest row tiles without register spills on sm_90 (see LoRAKernelConfig's NOTE); fp32
+    # ("ieee" dots run on the FMA units) needs far more registers per tile than TF32
+    if dtype == torch.float32:
+        return 64 if r_pad <= 16 else 32
+    return 256 if r_pad <= 32 else 128
 
 
 def _r_pad(r: int) -> int:
@@ -535,18 +582,26 @@ def _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offse
     if segments.device.type != "cpu" and segments.device != x.device:
         raise ValueError(f"segments must be on the CPU or on x's device {x.device}, got {segments.device}")
     segments.validate(T, n_adapters)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    for name, offset, size in (("a_offset", a_offset, r * K), ("b_offset", b_offset, N * r)):
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise ValueError(f"{name} must be an int, got {type(offset).__name__}")
+    if not _is_real(scaling) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    for name, value, size in (("a_offset", a_offset, r * K), ("b_offset", b_offset, N * r)):
+        try:
+            offset = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            offset = None
+        if offset is None:
+            raise ValueError(f"{name} must be an int, got {type(value).__name__}")
         if offset < 0 or offset + size > MAX_INDEX:
             raise ValueError(
                 f"{name} must be >= 0 with {name} + {size} <= 2**31 (int32 global indices), got {offset}"
             )
     return T, K, N, r
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------

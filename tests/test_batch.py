@@ -232,8 +232,7 @@ def test_example_validation():
         Example([1], candidates=[[3], []])
     with pytest.raises(ValueError, match="label"):
         Example([1], candidates=[[3], [4]], label=2)
-    with pytest.raises(ValueError, match="target is empty"):
-        Example([1], target=[])
+    assert Example([1], target=[]).sequences() == [([1], 1)]  # nothing scored (token_logprobs of 1 token)
     # Token ids may come as tensors; they are keyed as ints.
     ex = Example(torch.tensor([1, 2]), candidates=[torch.tensor([3])])
     assert ex.sequences() == [([1, 2, 3], 2)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -37,6 +38,8 @@ def hf_opt(seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "layer_norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):  # peaky attention, not near-uniform
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model
@@ -134,6 +137,27 @@ def test_legacy_bin_format(tmp_path):
     torch.save(_state_dict(hf, prefix=False, lm_head=False), os.path.join(path, "pytorch_model.bin"),
                _use_new_zipfile_serialization=False)
     assert_same_weights(load_opt(path), hf)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_tensor_at_a_time(tmp_path, monkeypatch, layout):
+    """The loader keeps no reference to a tensor it has read once the next one is read."""
+    from flashzo.engine import loading
+
+    read = loading._read_tensors
+    alive: list[weakref.ref] = []
+
+    def spy(file):
+        for key, tensor in read(file):
+            assert all(r() is None for r in alive), "an earlier tensor is still referenced"
+            alive.append(weakref.ref(tensor))
+            yield key, tensor
+            del tensor
+
+    monkeypatch.setattr(loading, "_read_tensors", spy)
+    hf = hf_opt()
+    assert_same_weights(load_opt(write_checkpoint(hf, tmp_path, layout)), hf)
+    assert len(alive) == len(_state_dict(hf, lm_head=layout in ("bin", "bin_sharded")))
 
 
 def test_parameters_own_their_memory(tmp_path):
@@ -271,7 +295,8 @@ def test_lm_head_shape_mismatch(tmp_path):
     sd = _state_dict(hf_opt())
     sd["lm_head.weight"] = torch.zeros(95, 32)
     path = _write_state_dict(tmp_path, sd, "bin")
-    with pytest.raises(ValueError, match=r"'lm_head\.weight' has shape \(95, 32\), but the config expects \(96, 32\)"):
+    msg = r"'lm_head\.weight' has shape \(95, 32\), but the config expects \(96, 32\)"
+    with pytest.raises(ValueError, match=msg):
         load_opt(path)
 
 

@@ -20,9 +20,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 # Two configurations with different tiles, K steps and K splits (both differ from the default).
 CONFIGS = [
-    LoRAKernelConfig(shrink_block_m=16, shrink_block_k=16, expand_block_m=16, expand_block_n=16, expand_rows=16),
     LoRAKernelConfig(
-        shrink_block_m=64, shrink_block_k=32, shrink_split_k=2, expand_block_m=32, expand_block_n=64, expand_rows=64
+        shrink_block_m=16, shrink_block_k=16, expand_block_m=16, expand_block_n=16, expand_rows=16
+    ),
+    LoRAKernelConfig(
+        shrink_block_m=64,
+        shrink_block_k=32,
+        shrink_split_k=2,
+        expand_block_m=32,
+        expand_block_n=64,
+        expand_rows=64,
     ),
 ]
 
@@ -155,8 +162,10 @@ def test_rank_one_output_bit_identical_across_configs():
     lora_b = torch.randn(2, N, 1, generator=g).to(DEVICE)
     segments = Segments.from_lists([10, 0, 20, 7], [1, 0, 0, 1], [9, 9, 2**33 + 1, 9], [1, -1, -1, 0], DEVICE)
     kw = dict(KW, scaling=0.5, eps=0.25)  # powers of two: scaling and eps*z are exact
-    outs = [perturbed_lora_linear(x, w, None, lora_a, lora_b, segments, impl="triton", config=c, **kw)
-            for c in CONFIGS + [None]]
+    outs = [
+        perturbed_lora_linear(x, w, None, lora_a, lora_b, segments, impl="triton", config=c, **kw)
+        for c in CONFIGS + [None]
+    ]
     outs.append(perturbed_lora_linear(x, w, None, lora_a, lora_b, segments, impl="torch", **kw))
     if DEVICE == "cpu":
         assert all(torch.equal(outs[0], y) for y in outs[1:])
@@ -181,7 +190,7 @@ def test_stored_tensors_unchanged(impl):
     args = _problem(37, 17, 70, 8, torch.bfloat16)
     before = [t.clone() for t in args[:5]]
     perturbed_lora_linear(*args, impl=impl, **KW)
-    assert all(torch.equal(a, b) for a, b in zip(args[:5], before))
+    assert all(torch.equal(a, b) for a, b in zip(args[:5], before, strict=True))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -266,7 +275,7 @@ def _bad_cases():
     def call(**over):  # builds the inputs and the bad one only when called, inside pytest.raises
         def run():
             names = ["x", "weight", "bias", "lora_a", "lora_b", "segments"]
-            args = dict(zip(names, _problem(37, 17, 70, 8, torch.float32)))
+            args = dict(zip(names, _problem(37, 17, 70, 8, torch.float32), strict=True))
             kw = dict(KW)
             for key, value in over.items():
                 value = value(args) if callable(value) else value

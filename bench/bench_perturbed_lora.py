@@ -1,0 +1,271 @@
+"""Benchmark of the perturbed LoRA linear: fused kernels vs the torch code a user would write.
+
+On CUDA, for OPT q_proj shapes (K = N = hidden size) and MeZO's batch layout (the first half of the
+tokens at +eps, the second half at -eps, one seed), it times:
+
+  fused    flashzo's perturbed_lora_linear: cuBLAS base GEMM + Triton shrink/expand, z regenerated
+  unfused  F.linear + z materialized with torch.randn (a seeded torch.Generator, once per seed),
+           A + s*eps*z and B + s*eps*z materialized, the LoRA matmuls in the model dtype with the
+           add fused into cuBLAS (addmm_): the fastest plain-torch version
+  base     F.linear(x, W, b) alone: the floor the fused path cannot beat
+
+and reports the median ms (torch.cuda.Event, after warm-up), TFLOP/s of the useful work
+(2*T*K*N + 2*T*r*(K+N)), the ratio to the floor and to unfused. Results: a CSV and a PNG under
+--out, named after the device. On a CPU (or with --smoke) it runs a tiny configuration with the torch
+paths only (perf_counter timing) and writes perturbed_lora_cpu_smoke.{csv,png}.
+
+    python bench/bench_perturbed_lora.py                 # GPU sweep
+    python bench/bench_perturbed_lora.py --smoke         # seconds, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from tqdm import tqdm
+
+from flashzo.kernels import Segments, perturbed_lora_linear
+from flashzo.kernels.perturbed_lora import LoRAKernelConfig
+
+MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096, "opt-13b": 5120}  # hidden size = q_proj's K and N
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peak
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=list(MODELS),
+        help="OPT models whose q_proj shape (K = N = hidden size) is timed",
+    )
+    p.add_argument(
+        "--tokens",
+        nargs="+",
+        type=int,
+        default=[256, 2048, 8192],
+        help="T, the number of token rows (half at +eps, half at -eps)",
+    )
+    p.add_argument("--ranks", nargs="+", type=int, default=[8, 64], help="LoRA ranks r")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of x and W")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
+    p.add_argument("--reps", type=int, default=50, help="timed calls; the median is reported")
+    p.add_argument(
+        "--config",
+        default="",
+        help="kernel block sizes for the fused path, e.g. 'shrink_block_m=128,expand_rows=512'",
+    )
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny CPU configuration with the torch paths only; runs in seconds",
+    )
+    return p.parse_args()
+
+
+def make_inputs(T, H, r, dtype, device, seed=1234):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(device, dtype)
+    w = (torch.randn(H, H, generator=g) / H**0.5).to(device, dtype)
+    b = (0.1 * torch.randn(H, generator=g)).to(device, dtype)
+    lora_a = (torch.randn(1, r, H, generator=g) / H**0.5).to(device)
+    lora_b = (0.01 * torch.randn(1, H, r, generator=g)).to(device)
+    half = T // 2
+    segments = Segments.from_lists([half, T - half], [0, 0], [seed, seed], [1, -1], device=device)
+    return x, w, b, lora_a, lora_b, segments
+
+
+def unfused(x, w, b, lora_a, lora_b, segments, *, scaling, eps):
+    """The plain-torch perturbed LoRA: z from torch.randn, A_eff/B_eff materialized, LoRA in x.dtype."""
+    y = F.linear(x, w, b)
+    indptr, adapters, seeds, signs = (
+        t.tolist() for t in (segments.indptr, segments.adapter, segments.seed, segments.sign)
+    )
+    zs = {}
+    for s in range(len(adapters)):
+        start, stop, a, seed, sign = indptr[s], indptr[s + 1], adapters[s], seeds[s], signs[s]
+        if seed not in zs:
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            zs[seed] = (
+                torch.randn(lora_a.shape[1:], generator=gen, device=x.device),
+                torch.randn(lora_b.shape[1:], generator=gen, device=x.device),
+            )
+        z_a, z_b = zs[seed]
+        a_eff = (lora_a[a] + (sign * eps) * z_a).to(x.dtype)  # [r, K]
+        b_eff = (lora_b[a] + (sign * eps) * z_b).to(x.dtype)  # [N, r]
+        y[start:stop].addmm_(x[start:stop] @ a_eff.T, b_eff.T, alpha=scaling)
+    return y
+
+
+def time_ms(fn, warmup, reps, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse_config(text: str) -> LoRAKernelConfig:
+    fields = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        fields[key.strip()] = None if value.strip() == "None" else int(value)
+    return LoRAKernelConfig(**fields)
+
+
+def main() -> None:
+    args = parse_args()
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        device_name = torch.cuda.get_device_name(device)
+        models, tokens, ranks = {m: MODELS[m] for m in args.models}, args.tokens, args.ranks
+        stem = "perturbed_lora_" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        warmup, reps = args.warmup, args.reps
+    else:
+        device_name = "cpu"
+        models, tokens, ranks = {"tiny-256": 256}, [64, 256], [8]
+        stem = "perturbed_lora_cpu_smoke"
+        warmup, reps = 2, 5
+    dtype = DTYPES[args.dtype]
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    peak = None if dtype == torch.float32 else peak
+    config = parse_config(args.config)
+    meta = dict(
+        device=device_name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dtype=args.dtype,
+        commit=git_commit(),
+        config=args.config or "default",
+    )
+
+    rows = []
+    todo = [(m, H, T, r) for m, H in models.items() for T in tokens for r in ranks]
+    for model, H, T, r in tqdm(todo, desc="perturbed_lora", disable=not on_gpu):
+        shape = dict(model=model, T=T, K=H, N=H, r=r)
+        rows += bench_shape(shape, dtype, device, config, warmup, reps, peak, meta)
+    main_name = rows[0]["variant"]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"{stem}.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    png_path = args.out / f"{stem}.png"
+    plot(rows, main_name, png_path, meta)
+    print_table(rows, meta)
+    print(f"wrote {csv_path} and {png_path}")
+
+
+def bench_shape(shape, dtype, device, config, warmup, reps, peak, meta) -> list[dict]:
+    """Time the three variants at one shape; one CSV row per variant."""
+    T, H, r = shape["T"], shape["K"], shape["r"]
+    x, w, b, lora_a, lora_b, segments = make_inputs(T, H, r, dtype, device)
+    kw = dict(scaling=2.0, eps=1e-3)
+    on_gpu = device.type == "cuda"
+    impl = "triton" if on_gpu else "torch"
+    variants = {
+        "fused" if on_gpu else "torch_path": lambda: perturbed_lora_linear(
+            x, w, b, lora_a, lora_b, segments, impl=impl, config=config, a_offset=0, b_offset=r * H, **kw
+        ),
+        "unfused": lambda: unfused(x, w, b, lora_a, lora_b, segments, **kw),
+        "base": lambda: F.linear(x, w, b),
+    }
+    ms = {name: time_ms(fn, warmup, reps, device) for name, fn in variants.items()}
+    rows = []
+    for name, t in ms.items():
+        flops = 2 * T * H * H + (0 if name == "base" else 2 * T * r * (H + H))
+        tflops = flops / t / 1e9
+        rows.append(dict(
+            **shape, variant=name, ms=round(t, 4), tflops=round(tflops, 3),
+            pct_of_peak=round(100 * tflops / peak, 1) if peak else "",
+            vs_base=round(t / ms["base"], 3), vs_unfused=round(t / ms["unfused"], 3), **meta,
+        ))  # fmt: skip
+    return rows
+
+
+def print_table(rows, meta) -> None:
+    print(
+        f"\nperturbed_lora_linear on {meta['device']}, {meta['dtype']}, torch {meta['torch']}, "
+        f"triton {meta['triton']}, commit {meta['commit']}, config {meta['config']}"
+    )
+    head = (
+        f"{'model':>9} {'T':>5} {'K=N':>5} {'r':>3} {'variant':>10} {'ms':>9} {'TFLOP/s':>8} "
+        f"{'%peak':>6} {'/base':>6} {'/unfused':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(
+            f"{row['model']:>9} {row['T']:>5} {row['K']:>5} {row['r']:>3} {row['variant']:>10} "
+            f"{row['ms']:>9.4f} {row['tflops']:>8.2f} {row['pct_of_peak']!s:>6} {row['vs_base']:>6.2f} "
+            f"{row['vs_unfused']:>8.2f}"
+        )
+
+
+def plot(rows, main_name, path, meta) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys((r["model"], r["T"], r["r"]) for r in rows))
+    by = {(r["model"], r["T"], r["r"], r["variant"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(shapes)), 4))
+    width = 0.4
+    for i, name in enumerate([main_name, "unfused"]):
+        xs = [j + (i - 0.5) * width for j in range(len(shapes))]
+        ax.bar(xs, [by[s + (name,)]["vs_base"] for s in shapes], width, label=name)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="base GEMM (floor)")
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels([f"{m}\nT={T} r={r}" for m, T, r in shapes], fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("time / base GEMM time")
+    ax.set_title(f"perturbed LoRA linear, {meta['dtype']}, {meta['device']} ({meta['commit']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    main()
