@@ -392,9 +392,8 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args)))
         return
 
-    from tqdm import tqdm
-
     import transformers
+    from tqdm import tqdm
 
     shapes = [s for s in args.shapes.split(",") if s]
     for s in shapes:

@@ -79,8 +79,8 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
             done = trainer.step_count
             if eval_every and done % eval_every == 0 and done < steps:
                 r = run_eval()
-                if r is not None and bar is not None:
-                    bar.write(f"eval at step {done}: " + _fmt(r))
+                if r is not None:
+                    (bar.write if bar is not None else log)(f"eval at step {done}: " + _fmt(r))
             if save_every and done % save_every == 0 and is_main:
                 trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))
                 _write_metrics(metrics_path, history, trainer, metrics_extra)

@@ -289,8 +289,9 @@ class MeZOTrainer:
     def resume(cls, path: str, model: OPTModel, **overrides) -> "MeZOTrainer":
         """A trainer that continues the run saved at `path` (bit-identically on the same device)."""
         path = os.path.abspath(path)
-        if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path + ".old", STATE_FILE)):
-            path = path + ".old"  # a crash between the two renames of save()
+        old = path + ".old"
+        if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(old, STATE_FILE)):
+            path = old  # a crash between the two renames of save()
         state_file = os.path.join(path, STATE_FILE)
         if not os.path.isfile(state_file):
             raise ValueError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")

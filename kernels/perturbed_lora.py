@@ -57,7 +57,7 @@ class LoRAKernelConfig:
     tile regenerates its own Z_A (r*K values).
     """
 
-    shrink_block_m: int | None = None  # rows per shrink program; None: by r and dtype (see below)
+    shrink_block_m: int | None = None  # rows per shrink program; None: by r and dtype (NOTE above)
     shrink_block_k: int = 32  # K step of the shrink loop
     shrink_split_k: int | None = None  # K splits of the shrink; None: fill the GPU (1 on a CPU)
     expand_block_m: int = 64  # rows per expand step
@@ -105,7 +105,8 @@ class Segments:
     A host (CPU) copy of all four is kept: the launcher builds its grid and the tile -> segment map
     from it, so a call never waits on the GPU. Building Segments from CUDA tensors reads them back
     once (one sync), ``.to(device)`` copies the host copy along without a sync; prefer building on
-    the CPU and moving. Segments are immutable: editing the tensors in place is not seen.
+    the CPU and moving. The kernels read only the host copy (through ``tile_map``), never the
+    device tensors. Segments are immutable: editing the tensors in place is not seen.
     Values are checked against T and the number of adapters by the launcher.
     """
 
@@ -410,9 +411,10 @@ def perturbed_lora_linear(
     with (a, seed, s) the adapter, seed and sign of t's segment.
 
     Args:
-        x: [T, K] fp32, bf16 or fp16 (T may be 0); any strides.
+        x: [T, K] fp32, bf16 or fp16 (T may be 0).
         weight: [N, K], x's dtype. bias: [N], x's dtype, or None.
         lora_a: [n_adapters, r, K] fp32, 1 <= r <= 64. lora_b: [n_adapters, N, r] fp32.
+            Every tensor may have any strides: the kernels take them all, nothing is copied.
         segments: ``Segments`` over the T rows (on the CPU or on x's device).
         scaling: the LoRA scale (alpha / r). eps: the perturbation size, >= 0.
         a_offset, b_offset: global index of Z_A[0, 0] and Z_B[0, 0] (see the module docstring);

@@ -96,6 +96,17 @@ def test_torch_backend_chunks_cover_every_row_once():
     assert sorted(rows.tolist()) == list(range(meta.num_tokens))
 
 
+def test_torch_backend_does_not_pad_candidates_to_prompts():
+    # 8 prompts of 200 tokens and 16 one-token candidates over them: two chunks, not one padded to 200.
+    meta, _ = random_meta([200] * 8 + [1] * 16, [0] * 8 + [200] * 16, shared=200)
+    chunks = TorchAttentionBackend().chunks(meta, num_heads=12, head_dim=64)
+    assert sorted(max(q for q, _, _ in c) for c in chunks) == [1, 200]
+    # The memory bound holds for the gathered K/V too: many candidates over long page tables split.
+    meta, _ = random_meta([1] * 64, [199] * 64, shared=199)
+    small = TorchAttentionBackend(max_chunk_elems=16 * 12 * (1 + 2 * 200) * 64)
+    assert [len(c) for c in small.chunks(meta, num_heads=12, head_dim=64)] == [16] * 4
+
+
 def test_metadata_rejects_bad_page_tables():
     with pytest.raises(ValueError, match="page table"):
         AttentionMetadata.build([3], [[0, 1]], [0, 1, 2], "cpu")

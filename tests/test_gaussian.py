@@ -6,6 +6,7 @@ bit for bit; with CUDA the compiled kernel must match it to a few ulps.
 
 import pytest
 import torch
+
 from flashzo.kernels import gaussian
 from flashzo.kernels.gaussian import _philox_first_two, _uint_to_int31, gaussian_at, gaussian_torch
 

@@ -15,6 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from test_loading import LAYOUTS, hf_opt, write_checkpoint  # noqa: E402  (tests/ is on sys.path)
+
 from flashzo.engine import (  # noqa: E402
     PRESETS,
     Copy,
@@ -26,7 +28,6 @@ from flashzo.engine import (  # noqa: E402
     load_opt,
 )
 from flashzo.engine.lora import MODULE_ORDER, module_shape  # noqa: E402
-from test_loading import LAYOUTS, hf_opt, write_checkpoint  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 

@@ -8,6 +8,7 @@ the compiled kernel is compared within a bound derived from z's tolerance (see t
 
 import pytest
 import torch
+
 from flashzo.kernels import gaussian, zo_update_, zo_update_ref
 
 SEEDS = [7, 2**40 + 3, 2**63 - 1]
