@@ -43,20 +43,40 @@ PAD_MULTIPLE = 8
 # --------------------------------------------------------------------------------------------------
 
 def hf_from_flashzo(model: OPTModel, adapter: LoRAAdapter, *, dtype: torch.dtype, device,
-                    attn_implementation: str = "sdpa"):
+                    share_weights: bool = False, attn_implementation: str = "sdpa"):
     """transformers' OPTForCausalLM with `model`'s weights, wrapped by PEFT with `adapter`'s A and B.
 
-    The flashzo model is written with flashzo.save_opt to a temporary directory and read back by
-    `from_pretrained`, so both sides hold bit-identical weights; PEFT's LoRA A/B are then overwritten
-    with the adapter's (flashzo's adapter uses PEFT's names). Returns the PeftModel in eval mode.
+    share_weights=False: the flashzo model is written with flashzo.save_opt to a temporary directory
+    and read back by `from_pretrained` (an independent, bit-identical copy). share_weights=True: the
+    HF modules are built on the meta device and given flashzo's parameter tensors themselves (no
+    second copy in memory; the baseline perturbs only PEFT's own LoRA tensors, never these).
+    PEFT's LoRA A/B are then overwritten with the adapter's (flashzo's adapter uses PEFT's names).
+    Returns the PeftModel in eval mode, LoRA tensors trainable, everything else frozen.
     """
     import peft
     import transformers
 
-    with tempfile.TemporaryDirectory(prefix="flashzo-bench-") as tmp:
-        save_opt(model, tmp)
-        hf = transformers.OPTForCausalLM.from_pretrained(tmp, dtype=dtype,
-                                                         attn_implementation=attn_implementation)
+    if share_weights:
+        if model.dtype != dtype:
+            raise ValueError(f"share_weights needs the flashzo model in {dtype}, it is {model.dtype}")
+        cfg = transformers.OPTConfig(**{k: v for k, v in model.config.to_hf().items()
+                                        if k not in ("model_type", "architectures", "torch_dtype")})
+        cfg._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            hf = transformers.OPTForCausalLM(cfg)
+        state = {f"model.{name}": p for name, p in model.named_parameters()}
+        missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"weights do not map onto transformers' OPT: missing {missing}, unexpected {unexpected}")
+        hf.lm_head.weight = hf.model.decoder.embed_tokens.weight  # tied, as OPT's checkpoints are
+        leftover = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+        if leftover:
+            raise ValueError(f"tensors left on the meta device: {leftover[:4]}")
+    else:
+        with tempfile.TemporaryDirectory(prefix="flashzo-bench-") as tmp:
+            save_opt(model, tmp)
+            hf = transformers.OPTForCausalLM.from_pretrained(tmp, dtype=dtype,
+                                                             attn_implementation=attn_implementation)
     hf = hf.to(device).eval()
     cfg = adapter.config
     layers = list(cfg.layers) if cfg.layers is not None else None

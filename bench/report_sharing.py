@@ -321,7 +321,9 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "Peak memory one step's forward adds on top of the weights (MiB, peak RSS delta in a fresh "
-            "process; see the method in bench/report_sharing.py), and the step's time on this CPU:",
+            "process; see the method in bench/report_sharing.py), and the step's wall time on this CPU "
+            f"(indicative only: load average {m['load_average_at_start'][0]:.1f} on {os.cpu_count()} cores "
+            "when the run started):",
             "",
             "| shape | HF MeZO | flashzo none | flashzo sharing | HF / sharing | HF s/step | sharing s/step "
             "| weights MiB (flashzo / HF) |",
@@ -411,6 +413,7 @@ def main(argv=None) -> None:
         "memory_method": "peak RSS delta (VmHWM after clear_refs reset) around one step's forward(s) in a "
                          "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536, after a warm-up forward",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_at_start": list(os.getloadavg()),
     }, "results": []}
     todo = [] if args.skip_memory else [(s, k) for s in shapes for k in MEASUREMENTS]
     memory: dict = {}

@@ -2,6 +2,9 @@
 
 The mini-batch of step t is a pure function of (seed, t), so a run resumed from a checkpoint sees
 exactly the batches it would have seen, and continues bit-identically on the same device.
+
+Under torch.distributed (MeZOConfig.parallel) every rank runs fit() on the same data: steps, evals and
+checkpoints are collective, and only the main rank (`is_main`) logs, shows progress and writes files.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         batch_size: int, out_dir: str, eval_every: int = 0, save_every: int = 0, progress: bool = True,
         log: Callable[[str], None] = print, is_main: bool = True, metrics_extra: dict | None = None) -> dict:
     """Train until `steps` steps are done (counting steps already in a resumed trainer)."""
+    is_main = is_main and trainer.is_main
+    if not is_main:
+        log = _quiet
     if steps < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
     if not train:
@@ -81,9 +87,10 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                 r = run_eval()
                 if r is not None:
                     (bar.write if bar is not None else log)(f"eval at step {done}: " + _fmt(r))
-            if save_every and done % save_every == 0 and is_main:
-                trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))
-                _write_metrics(metrics_path, history, trainer, metrics_extra)
+            if save_every and done % save_every == 0 and (is_main or trainer.exchange is not None):
+                trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))  # collective under torch.distributed
+                if is_main:
+                    _write_metrics(metrics_path, history, trainer, metrics_extra)
     finally:
         if bar is not None:
             bar.close()
@@ -94,12 +101,21 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
     summary = {"steps_run": trainer.step_count - start_step, "seconds": elapsed,
                "steps_per_second": (trainer.step_count - start_step) / elapsed if elapsed > 0 else None,
                "nonfinite_steps": trainer.counters.nonfinite_total, "eval_before": first, "eval_after": final}
+    if trainer.exchange is not None:
+        summary["world_size"] = trainer.exchange.world
+        summary["parallel"] = trainer.config.parallel
+        summary["traffic"] = trainer.exchange.traffic.per_step()
+    if is_main or trainer.exchange is not None:
+        trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))  # collective under torch.distributed
     if is_main:
-        trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))
         trainer.adapter.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
         _write_metrics(metrics_path, history, trainer, {**(metrics_extra or {}), **summary})
         plot_history(history, os.path.join(out_dir, "curve.png"))
     return {"history": history, **summary}
+
+
+def _quiet(_msg: str) -> None:
+    pass
 
 
 def _fmt(res: dict) -> str:

@@ -22,6 +22,7 @@ import torch
 
 from flashzo.kernels import gaussian, zo_update_
 
+from . import distributed
 from .batch import SHARING, Copy, Example
 from .lora import LoRAAdapter, LoRAConfig
 from .loss import copy_losses
@@ -44,6 +45,7 @@ class MeZOConfig:
     total_steps: int | None = None  # needed by the linear and cosine schedules
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
     sharing: str = "all"  # batching: "all" | "candidates" | "none" (see engine.batch)
+    parallel: str | None = None  # under torch.distributed: "perturbations" | "batch" (engine.distributed)
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr < 0:
@@ -66,6 +68,8 @@ class MeZOConfig:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.sharing not in SHARING:
             raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        if self.parallel is not None and self.parallel not in distributed.PARALLEL:
+            raise ValueError(f"parallel must be None or one of {distributed.PARALLEL}, got {self.parallel!r}")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step `step` (0-based)."""
@@ -104,7 +108,8 @@ class StepResult:
     step: int = 0  # the step this result is of
     lr: float = 0.0
     skipped: bool = False  # a non-finite loss: no update was applied
-    tokens: int = 0  # rows computed by the forward
+    tokens: int = 0  # rows computed by the forward (by all ranks together under torch.distributed)
+    bytes_exchanged: int = 0  # payload this rank sent + received for the step (0 in a single process)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,6 +189,7 @@ class MeZOTrainer:
             raise ValueError(f"lora must be a LoRAConfig or a LoRAAdapter, got {type(lora).__name__}")
         self.model, self.config, self.adapter = model, config, adapter
         self.counters = _Counters()
+        self._exchange: distributed.Exchange | None = None
 
     # Seeds and perturbations ----------------------------------------------------------------------
     @property
@@ -211,11 +217,46 @@ class MeZOTrainer:
         return out
 
     def step(self, examples: Sequence[Example]) -> StepResult:
+        """One step on the global batch `examples` (under torch.distributed every rank passes the same)."""
         validate_examples(examples, self.model)
-        batch = self.model.build_batch(examples, self.copies(), adapters=[self.adapter], eps=self.config.eps,
+        ex = self.exchange
+        if ex is None:
+            batch = self.model.build_batch(examples, self.copies(), adapters=[self.adapter], eps=self.config.eps,
+                                           sharing=self.config.sharing)
+            scores = copy_losses(batch, self.model.score(batch), examples)
+            return self.apply(scores.loss, tokens=batch.num_tokens)
+        before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
+        losses, tokens = distributed.step_losses(
+            ex, self.config.parallel, self._scores, examples, q=self.config.num_perturbations,
+            step=self.counters.step, checksum=float(self.adapter.buffer.sum(dtype=torch.float64)))
+        result = self.apply(losses, tokens=tokens)
+        result.bytes_exchanged = ex.traffic.bytes_sent["step"] + ex.traffic.bytes_received["step"] - before
+        return result
+
+    def _scores(self, examples: Sequence[Example], perturbations: Sequence[int]):
+        """(loss_sum, loss_count, rows) of the copies (+, -) of some perturbations of the current step."""
+        seeds = self.seeds(self.counters.step)
+        copies = [Copy(0, seeds[i], sign) for i in perturbations for sign in (+1, -1)]
+        batch = self.model.build_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
                                        sharing=self.config.sharing)
         scores = copy_losses(batch, self.model.score(batch), examples)
-        return self.apply(scores.loss, tokens=batch.num_tokens)
+        return scores.loss_sum, scores.loss_count, batch.num_tokens
+
+    # torch.distributed ----------------------------------------------------------------------------
+    @property
+    def exchange(self) -> distributed.Exchange | None:
+        """The scalar exchange with the other ranks; None unless config.parallel is set and a process
+        group of more than one rank exists (then the trainer runs as a single process)."""
+        if self.config.parallel is None or not distributed.active():
+            return None
+        if self._exchange is None:
+            self._exchange = distributed.Exchange()
+        return self._exchange
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files (rank 0, or the only process)."""
+        return self.exchange is None or self.exchange.rank == 0
 
     def apply(self, copy_losses_: Sequence[float], *, tokens: int = 0) -> StepResult:
         """Turn the 2q losses of the current step (+, - per perturbation) into the update."""
@@ -250,7 +291,14 @@ class MeZOTrainer:
     # Evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict:
-        return evaluate(self.model, self.adapter, examples, batch_size=batch_size, sharing=self.config.sharing)
+        """As evaluate(); under torch.distributed each rank scores a shard and the sums are combined."""
+        ex = self.exchange
+        if ex is None:
+            return evaluate(self.model, self.adapter, examples, batch_size=batch_size, sharing=self.config.sharing)
+        kind = validate_examples(examples, self.model, what="eval set")
+        loss_sum, loss_cnt, correct = distributed.eval_sums(
+            ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing), examples)
+        return _eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
 
     # Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -269,7 +317,16 @@ class MeZOTrainer:
 
         Everything is written to `path.tmp`, then swapped in with two renames; if a crash lands
         between them, `path.old` holds the previous checkpoint and resume() finds it there.
+        Under torch.distributed every rank calls save: rank 0 writes, the others wait for it. The
+        checkpoint holds no world size: it resumes under any number of ranks.
         """
+        ex = self.exchange
+        if ex is None:
+            self._write(path)
+        else:
+            ex.on_main(lambda: self._write(path), what=f"saving the checkpoint {path}")
+
+    def _write(self, path: str) -> None:
         path = os.path.abspath(path)
         tmp, old = path + ".tmp", path + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -312,6 +369,10 @@ def evaluate(model: OPTModel, adapter: LoRAAdapter | None, examples: Sequence[Ex
              batch_size: int = 32, sharing: str = "all") -> dict:
     """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
     kind = validate_examples(examples, model, what="eval set")
+    return _eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
+
+
+def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, float, int]:
     loss_sum = loss_cnt = 0.0
     correct = 0
     for i in range(0, len(examples), batch_size):
@@ -322,9 +383,13 @@ def evaluate(model: OPTModel, adapter: LoRAAdapter | None, examples: Sequence[Ex
         loss_sum += s.loss_sum[0]
         loss_cnt += s.loss_count[0]
         correct += s.correct[0]
-    out = {"loss": loss_sum / loss_cnt, "num_examples": len(examples)}
+    return loss_sum, loss_cnt, correct
+
+
+def _eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: int) -> dict:
+    out = {"loss": loss_sum / loss_cnt, "num_examples": n}
     if kind == "classification":
-        out["accuracy"] = correct / len(examples)
+        out["accuracy"] = correct / n
     return out
 
 

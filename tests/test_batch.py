@@ -59,8 +59,8 @@ EXAMPLES = _example_sets()
 SIGNED = [Copy(0, 11, 1), Copy(0, 11, -1), Copy(0, 12, 1), Copy(0, 12, -1)]
 
 
-def _score(model, examples, copies=(Copy(),), **kw):
-    batch = model.build_batch(examples, list(copies), **kw)
+def _score(model, examples, copies=None, **kw):
+    batch = model.build_batch(examples, list(copies or [Copy()]), **kw)
     return batch, model.score(batch)
 
 
@@ -139,9 +139,9 @@ def test_token_logprobs_match_across_sharing(model):
 # Layout invariants (no model)
 
 
-def _build(exs, copies=(Copy(),), **kw):
+def _build(exs, copies=None, **kw):
     kw.setdefault("num_layers", 4)
-    return build_batch(exs, list(copies), max_positions=256, device="cpu", **kw)
+    return build_batch(exs, list(copies or [Copy()]), max_positions=256, device="cpu", **kw)
 
 
 def _all_sequences(exs):

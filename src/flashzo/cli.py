@@ -67,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map raw task fields (e.g. sentence,label) through a MeZO prompt template")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun, "
+                   "cuda:LOCAL_RANK)")
+    t.add_argument("--parallel", default=None, choices=("perturbations", "batch"),
+                   help="under torchrun: split each step's q perturbations over the processes (perturbations), or "
+                        "the global batch of --batch-size examples (batch); the trajectory is the single-process one")
+    t.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a process waits for the others before stopping with an error "
+                        "(default 1800; the first step, which may compile kernels, counts)")
     _common_training_flags(t, steps=1000, batch_size=16, lr=1e-4, eps=1e-3, lora_r=8, eval_every=0)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
@@ -85,14 +92,15 @@ def _trainer_from_args(args, model, *, resume_dir=None):
     from flashzo.engine.lora import LoRAConfig
     from flashzo.engine.mezo import MeZOConfig, MeZOTrainer
 
-    if resume_dir is not None:
-        return MeZOTrainer.resume(resume_dir, model)
+    parallel = getattr(args, "parallel", None)
+    if resume_dir is not None:  # how many processes run the rest, and how they split it, is this launch's choice
+        return MeZOTrainer.resume(resume_dir, model, parallel=parallel)
     targets = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
     lora = LoRAConfig(r=args.lora_r, alpha=alpha, target_modules=targets, seed=args.seed)
     config = MeZOConfig(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
                         num_perturbations=args.num_perturbations, seed=args.seed, lr_schedule=args.lr_schedule,
-                        warmup_steps=args.warmup_steps, total_steps=args.steps)
+                        warmup_steps=args.warmup_steps, total_steps=args.steps, parallel=parallel)
     return MeZOTrainer(model, lora, config)
 
 
@@ -125,11 +133,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _load(args):
+def _load(args, device=None):
     from flashzo.engine.data import load_tokenizer
     from flashzo.engine.loading import load_opt
 
-    model = load_opt(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+    model = load_opt(args.model, dtype=_dtype(args.dtype), device=device or _device(args.device))
     try:
         tokenizer = load_tokenizer(args.model)
     except ValueError:
@@ -138,10 +146,26 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process runs this; see engine/distributed.py."""
+    from flashzo.engine import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _train(args, None)
+    if args.parallel is None:
+        raise ValueError(f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE) need --parallel perturbations or "
+                         "--parallel batch")
+    device = distributed.init_distributed(device=args.device, timeout_s=args.dist_timeout)
+    try:
+        return _train(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, device) -> int:
     from flashzo.engine.data import load_jsonl
     from flashzo.engine.loop import CHECKPOINT_DIR, fit
 
-    model, tok = _load(args)
+    model, tok = _load(args, device)
     train = load_jsonl(args.train, tok, template=args.template)
     held_out = load_jsonl(args.eval, tok, template=args.template) if args.eval else None
     ckpt = os.path.join(args.out, CHECKPOINT_DIR)
@@ -151,7 +175,10 @@ def cmd_train(args) -> int:
     res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=args.out,
               eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
               metrics_extra={"model": os.path.abspath(args.model)})
-    print(json.dumps({k: res[k] for k in ("steps_run", "seconds", "eval_before", "eval_after")}, indent=1))
+    if trainer.is_main:
+        keys = ("steps_run", "seconds", "steps_per_second", "eval_before", "eval_after", "world_size", "parallel",
+                "traffic")
+        print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
     return 0
 
 
@@ -169,11 +196,16 @@ def cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from flashzo.engine.distributed import DistributedError
+
     try:
         return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command](args)
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:  # another process failed or hung: one clear line, no traceback
+        print(f"flashzo {args.command}: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

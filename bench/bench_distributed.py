@@ -1,0 +1,233 @@
+"""MeZO steps/s on 1 and 2 CPU processes (gloo), and the bytes a step exchanges.
+
+    python bench/bench_distributed.py            # opt-125m shapes (random weights), a few minutes
+    python bench/bench_distributed.py --smoke    # opt-tiny, seconds; writes distributed_cpu_smoke.*
+
+Runs, each in fresh processes started by this script (RANK/WORLD_SIZE in the environment, a file://
+rendezvous, gloo): one process with --threads threads (the single-process run), one process with
+W * --threads threads (the same cores used the way a user would without torch.distributed), and W
+processes of --threads threads for each MeZOConfig.parallel mode. Every run does the same steps from
+the same adapter on the same batches; the report gives steps/s, the speed-up over each single-process
+run, the payload bytes per step (per rank, sent + received, counted at the all_gather), and the largest
+difference of the final adapter from the single-process one (fp32 rounding of differently shaped
+forwards, see engine/distributed.py).
+
+Writes bench/results/distributed_cpu.{json,md,png} (the smoke run: distributed_cpu_smoke.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+# --------------------------------------------------------------------------------------------------
+# One rank of one run (a subprocess of this script)
+
+
+def worker(args) -> None:
+    from flashzo import LoRAConfig, MeZOConfig, MeZOTrainer, OPTConfig, OPTModel
+    from flashzo.engine import distributed
+    from flashzo.engine.data import synthetic_task
+
+    torch.set_num_threads(args.threads)
+    world = int(os.environ["WORLD_SIZE"])
+    if world > 1:
+        distributed.init_distributed(device="cpu", timeout_s=600, init_method=args.init_method)
+    cfg = OPTConfig.from_name(args.model)
+    model = OPTModel.from_config(cfg, seed=0)
+    ex = synthetic_task(args.batch_size * (args.steps + args.warmup), seed=0, vocab_size=cfg.vocab_size,
+                        min_len=args.prompt_len, max_len=args.prompt_len)
+    tr = MeZOTrainer(model, LoRAConfig(r=args.lora_r, seed=0),
+                     MeZOConfig(lr=1e-3, eps=1e-2, num_perturbations=args.q, seed=0, parallel=args.parallel))
+    for slot in tr.adapter.slots.values():  # B = 0 at init makes every step's first pass trivial
+        slot.b.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+
+    def batch(t):
+        return ex[t * args.batch_size:(t + 1) * args.batch_size]
+
+    for t in range(args.warmup):
+        tr.step(batch(t))
+    if world > 1:
+        torch.distributed.barrier()
+    t0 = time.perf_counter()
+    res = [tr.step(batch(args.warmup + t)) for t in range(args.steps)]
+    seconds = time.perf_counter() - t0
+    if tr.is_main:
+        torch.save(tr.adapter.buffer.clone(), args.adapter_out)
+        print(json.dumps({"seconds": seconds, "steps_per_second": args.steps / seconds,
+                          "bytes_per_step": res[-1].bytes_exchanged, "loss": [r.loss for r in res],
+                          "tokens_per_step": res[-1].tokens, "adapter_parameters": tr.adapter.num_parameters,
+                          "traffic": tr.exchange.traffic.per_step() if tr.exchange else None}))
+    distributed.shutdown()
+
+
+def run(args, world: int, threads: int, parallel: str | None, tmp: str) -> dict:
+    tag = f"w{world}-t{threads}-{parallel}"
+    init = f"file://{os.path.join(tmp, tag + '.store')}"
+    adapter = os.path.join(tmp, tag + ".pt")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model, "--q", str(args.q),
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--prompt-len", str(args.prompt_len), "--lora-r", str(args.lora_r), "--threads", str(threads),
+           "--init-method", init, "--adapter-out", adapter] + (["--parallel", parallel] if parallel else [])
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), OMP_NUM_THREADS=str(threads))
+        # Outside the checkout, so that its kernels/ folder shadows nothing on sys.path.
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate() for p in procs]
+    for r, (p, (_, err)) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            raise RuntimeError(f"{tag} rank {r} failed:\n{err[-4000:]}")
+    res = json.loads(outs[0][0].strip().splitlines()[-1])
+    res.update(world_size=world, threads_per_process=threads, parallel=parallel,
+               adapter=torch.load(adapter))
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    la0, la1 = m["load_average_at_start"][0], m["load_average_at_end"][0]
+    lines = [
+        f"# MeZO on 1 and 2 CPU processes ({m['model']}, q={m['q']}, batch {m['batch_size']})",
+        "",
+        f"Device: {m['device']} ({m['cpu']}, {m['cpu_count']} cores), backend gloo, dtype {m['dtype']}, "
+        f"torch {m['torch']}, commit {m['commit']}, {m['date']}. LoRA r={m['lora_r']} on q_proj,v_proj "
+        f"({m['adapter_parameters']} parameters); {m['batch_size']} synthetic classification examples of "
+        f"{m['prompt_len'] + 4} prompt tokens per step; {m['steps']} timed steps after {m['warmup']} warm-up.",
+        "",
+        f"Load average (1 min) {la0:.1f} at the start and {la1:.1f} at the end, on {m['cpu_count']} cores shared "
+        "with other jobs: the timings are indicative only.",
+        "",
+        "| processes x threads | parallel | steps/s | vs 1 x 1 | vs 1 x {w} | bytes/step per rank (sent + received) "
+        "| max abs adapter diff vs 1 process |".replace("{w}", str(m["max_world"] * m["threads"])),
+        "|---|---|---|---|---|---|---|",
+    ]
+    base1, baseW = report["baseline_1"], report["baseline_w"]
+    for r in report["results"]:
+        lines.append(f"| {r['world_size']} x {r['threads_per_process']} | {r['parallel'] or '-'} | "
+                     f"{r['steps_per_second']:.3f} | {r['steps_per_second'] / base1:.2f}x | "
+                     f"{r['steps_per_second'] / baseW:.2f}x | {r['bytes_per_step']} | {r['adapter_max_abs_diff']:.2e} |")
+    lines += ["", "Bytes per step are the float64 payload of the step's single all_gather (5 header scalars + "
+              "2*ceil(q/W) losses, or 4q loss sums and counts), counted at the call: O(q), independent of the "
+              "model and the batch. The wire adds gloo's framing."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['world_size']}x{r['threads_per_process']}\n{r['parallel'] or 'single'}" for r in report["results"]]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar(labels, [r["steps_per_second"] for r in report["results"]], color="tab:blue")
+    ax.set_ylabel("MeZO steps/s")
+    m = report["meta"]
+    ax.set_title(f"{m['model']} on CPU, q={m['q']}, batch {m['batch_size']} (load avg {m['load_average_at_start'][0]:.1f}"
+                 f" on {m['cpu_count']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="opt-125m", help="OPT preset whose shape the random model takes")
+    p.add_argument("--smoke", action="store_true", help="opt-tiny and 3 steps, seconds; writes *_smoke.*")
+    p.add_argument("--q", type=int, default=2, help="perturbations per step")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (the global batch)")
+    p.add_argument("--prompt-len", type=int, default=28, help="filler tokens per synthetic prompt (+4 fixed)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (q_proj, v_proj)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--world-size", type=int, default=2, help="processes of the distributed runs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--modes", default="perturbations,batch", help="comma-separated MeZOConfig.parallel modes")
+    p.add_argument("--out-dir", default=RESULTS, help="where distributed_cpu.{json,md,png} go")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: one rank
+    p.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--init-method", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--adapter-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.steps, args.batch_size, args.prompt_len = "opt-tiny", 3, 8, 8
+    if args.worker:
+        worker(args)
+        return
+
+    w, th = args.world_size, args.threads
+    modes = [m for m in args.modes.split(",") if m]
+    report = {"meta": {
+        "model": args.model, "device": "cpu", "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "dtype": "float32",
+        "torch": torch.__version__, "commit": _commit(), "q": args.q, "batch_size": args.batch_size,
+        "prompt_len": args.prompt_len, "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
+        "threads": th, "max_world": w, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_at_start": list(os.getloadavg()),
+    }, "results": []}
+    with tempfile.TemporaryDirectory(prefix="flashzo-bench-dist-") as tmp:
+        todo = [(1, th, None), (1, w * th, None)] + [(w, th, m) for m in modes]
+        for world, threads, mode in todo:
+            print(f"running {world} process(es) x {threads} thread(s), parallel={mode} ...", flush=True)
+            report["results"].append(run(args, world, threads, mode, tmp))
+    ref = report["results"][0]["adapter"]
+    for r in report["results"]:
+        r["adapter_max_abs_diff"] = float((r.pop("adapter") - ref).abs().max())
+    report["meta"]["load_average_at_end"] = list(os.getloadavg())
+    report["meta"]["adapter_parameters"] = report["results"][0]["adapter_parameters"]
+    report["baseline_1"] = report["results"][0]["steps_per_second"]
+    report["baseline_w"] = report["results"][1]["steps_per_second"]
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, "distributed_cpu" + ("_smoke" if args.smoke else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot(report, stem + ".png")
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

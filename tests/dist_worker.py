@@ -1,0 +1,173 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts W of these as subprocesses).
+
+    python dist_worker.py SPEC.json RANK WORLD      writes result_RANK.pt beside SPEC.json
+
+Also the shared fixtures of those tests: the tiny model, the example sets and the configs, so that
+the single-process reference in the test process is built from exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            max_position_embeddings=64)
+
+# (name, parallel, task, q, examples per step): odd q and odd batch sizes give uneven shares.
+CASES = [
+    ("perturbations-cls2-q3", "perturbations", "cls2", 3, 6),
+    ("batch-cls2-q1", "batch", "cls2", 1, 7),
+    ("perturbations-cls4-q4", "perturbations", "cls4", 4, 5),
+    ("batch-cls4-q2", "batch", "cls4", 2, 5),
+    ("perturbations-lm-q2", "perturbations", "lm", 2, 6),
+    ("batch-lm-q4", "batch", "lm", 4, 7),
+    ("batch-lm-q1-one-example", "batch", "lm", 1, 1),  # rank 1 has nothing to score
+]
+STEPS = 2  # the second step starts from the first one's update
+EVAL_SIZE = 9
+
+
+def make_model():
+    from flashzo import OPTConfig, OPTModel
+
+    return OPTModel.from_config(OPTConfig(**TINY), seed=0)
+
+
+def make_examples(task: str, n: int, seed: int):
+    from flashzo import Example
+
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(lo, hi):
+        return torch.randint(3, TINY["vocab_size"], (int(torch.randint(lo, hi, (1,), generator=g)),),
+                             generator=g).tolist()
+
+    out = []
+    for _ in range(n):
+        if task == "lm":
+            out.append(Example(prompt=toks(2, 7), target=toks(1, 6)))
+        else:
+            k = int(task[3:])
+            out.append(Example(prompt=toks(2, 9), candidates=[toks(1, 4) for _ in range(k)],
+                               label=int(torch.randint(0, k, (1,), generator=g))))
+    return out
+
+
+def make_trainer(model, parallel, q, *, seed=7):
+    from flashzo import LoRAConfig, MeZOConfig, MeZOTrainer
+
+    # eps = 1e-2: g = (l+ - l-) / 2eps turns fp32 rounding of the losses into g's error, see the tests.
+    cfg = MeZOConfig(lr=1e-2, eps=1e-2, num_perturbations=q, seed=seed, weight_decay=1e-3, parallel=parallel,
+                     lr_schedule="cosine", total_steps=8)
+    tr = MeZOTrainer(model, LoRAConfig(r=2, target_modules=("q_proj", "v_proj"), seed=3), cfg)
+    g = torch.Generator().manual_seed(1)  # B = 0 at init would make the first steps trivial
+    for slot in tr.adapter.slots.values():
+        slot.b.copy_(torch.randn(slot.b.shape, generator=g) * 0.05)
+    return tr
+
+
+def batch_of(examples, step, n):
+    return [examples[(step * n + j) % len(examples)] for j in range(n)]
+
+
+def run_case(model, parallel, task, q, n, *, steps=STEPS):
+    """Steps and a final evaluation; the same code runs the reference in the test process."""
+    examples = make_examples(task, 3 * n + 2, seed=len(task) + q)
+    tr = make_trainer(model, parallel, q)
+    res = [tr.step(batch_of(examples, t, n)) for t in range(steps)]
+    return {"loss_plus": [r.loss_plus for r in res], "loss_minus": [r.loss_minus for r in res],
+            "grads": [r.projected_grads for r in res], "loss": [r.loss for r in res],
+            "bytes": [r.bytes_exchanged for r in res], "adapter": tr.adapter.buffer.clone(),
+            "eval": tr.evaluate(make_examples(task, EVAL_SIZE, seed=99), batch_size=4)}
+
+
+def main(spec_path: str, rank: int, world: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(1)
+    from flashzo.engine import distributed
+
+    out: dict = {"rank": rank}
+    t0 = time.perf_counter()
+    try:
+        distributed.init_distributed(device="cpu", timeout_s=spec["timeout_s"], init_method=spec["init_method"])
+        out.update(SCENARIOS[spec["scenario"]](rank, world, spec))
+    except Exception as e:  # noqa: BLE001 - the test reads what happened
+        out.update(error=f"{type(e).__name__}: {e}", error_type=type(e).__name__)
+    out["seconds"] = time.perf_counter() - t0
+    torch.save(out, os.path.join(os.path.dirname(spec_path), f"result_{rank}.pt"))
+    sys.stdout.flush()
+    os._exit(0)  # a failed process group can block interpreter shutdown
+
+
+def scenario_equivalence(rank, world, spec):
+    model = make_model()
+    return {"cases": {name: run_case(model, par, task, q, n) for name, par, task, q, n in CASES}}
+
+
+def scenario_fault(rank, world, spec):
+    """Rank 1 raises (or hangs) in its forward at step 1; report what the step raised on each rank."""
+    from flashzo import OPTModel
+
+    model = make_model()
+    tr = make_trainer(model, spec["parallel"], 2)
+    ex = make_examples("cls2", 4, seed=0)
+    tr.step(ex)
+    if rank == 1:
+        real = OPTModel.score
+
+        def faulty(self, batch, **kw):
+            if spec["fault"] == "hang":
+                time.sleep(3600)
+            raise RuntimeError("injected fault in the forward")
+
+        OPTModel.score = faulty
+    t0 = time.perf_counter()
+    try:
+        tr.step(ex)
+        return {"step_seconds": time.perf_counter() - t0}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__,
+                "step_seconds": time.perf_counter() - t0}
+    finally:
+        if rank == 1:
+            OPTModel.score = real
+
+
+def scenario_train_and_save(rank, world, spec):
+    """Jobs of one run: steps from scratch or from a checkpoint ("resume"), then a save; with the
+    number of checkpoint writes this rank made and whether the checkpoint exists when save returns."""
+    from flashzo import MeZOTrainer
+
+    model = make_model()
+    writes = []
+    real = MeZOTrainer._write
+    MeZOTrainer._write = lambda self, path: (writes.append(path), real(self, path))[1]
+    out = []
+    for job in spec["jobs"]:
+        writes.clear()
+        tr = MeZOTrainer.resume(job["resume"], model, parallel=job["parallel"]) if job.get("resume") else \
+            make_trainer(model, job["parallel"], job["q"])
+        losses = [tr.step(run_batch(tr.step_count)).loss for _ in range(job["steps"])]
+        tr.save(job["save"])
+        out.append({"losses": losses, "adapter": tr.adapter.buffer.clone(), "writes": len(writes),
+                    "visible_after_save": os.path.isfile(os.path.join(job["save"], "trainer_state.json")),
+                    "step": tr.step_count})
+    return {"jobs": out}
+
+
+def run_batch(step, n=5):
+    """The global batch of step `step` of the checkpoint tests' run (LM, so token-weighted)."""
+    return batch_of(make_examples("lm", 12, seed=5), step, n)
+
+
+SCENARIOS = {"equivalence": scenario_equivalence, "fault": scenario_fault, "train_and_save": scenario_train_and_save}
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,210 @@
+"""MeZO under torch.distributed (engine/distributed.py): 2 gloo processes on the CPU.
+
+Each test starts its ranks as subprocesses (tests/dist_worker.py) and compares them with the
+single-process run of the same config, computed here.
+
+Tolerances. Both modes compute the same losses from differently shaped forwards (a rank's batch holds
+fewer copies or fewer examples), so fp32 matmuls round differently: a loss agrees to a few fp32 ulps
+(asserted within 1e-6 relative). g = (l+ - l-) / (2 eps) carries that absolute error divided by 2 eps,
+so g is compared with exactly that bound, never with a guessed tolerance; the adapters move by
+lr * g * z and agree within 1e-6.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dist_worker as W
+from flashzo import MeZOConfig, MeZOTrainer
+from flashzo.engine import distributed
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+LOSS_RTOL = 1e-6
+ADAPTER_ATOL = 1e-6
+
+
+class Launch:
+    """`world` ranks of dist_worker.py running one scenario, started now."""
+
+    def __init__(self, tmp_path, scenario, *, world=2, timeout_s=60.0, **spec):
+        self.dir, self.world = tmp_path / scenario, world
+        self.dir.mkdir()
+        spec = dict(spec, scenario=scenario, timeout_s=timeout_s, init_method=f"file://{self.dir / 'store'}")
+        (self.dir / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.logs = [open(self.dir / f"log_{r}.txt", "w") for r in range(world)]
+        self.procs = [subprocess.Popen([sys.executable, WORKER, str(self.dir / "spec.json"), str(r), str(world)],
+                                       cwd=self.dir, env=env, stdout=self.logs[r], stderr=subprocess.STDOUT)
+                      for r in range(world)]
+
+    def results(self, *, wait_s=90.0, wait_for=None):
+        """Wait for the ranks `wait_for` (default all) up to wait_s, kill the others (ours, by handle).
+        Returns (per-rank results or None, per-rank logs)."""
+        deadline = time.monotonic() + wait_s
+        for r in (wait_for if wait_for is not None else range(self.world)):
+            try:
+                self.procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        results = []
+        for r, p in enumerate(self.procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            self.logs[r].close()
+            f = self.dir / f"result_{r}.pt"
+            results.append(torch.load(f) if f.exists() else None)
+        return results, [(self.dir / f"log_{r}.txt").read_text() for r in range(self.world)]
+
+
+def launch(tmp_path, scenario, *, wait_s=90.0, wait_for=None, **spec):
+    return Launch(tmp_path, scenario, **spec).results(wait_s=wait_s, wait_for=wait_for)
+
+
+def check_close_run(got, ref, eps):
+    """Losses within LOSS_RTOL, g within what those loss errors allow, adapters within ADAPTER_ATOL."""
+    for key in ("loss_plus", "loss_minus", "loss"):
+        for a, b in zip(got[key], ref[key]):
+            assert a == pytest.approx(b, rel=LOSS_RTOL, abs=0), key
+    for t, (ga, gb) in enumerate(zip(got["grads"], ref["grads"])):
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            dl = abs(got["loss_plus"][t][i] - ref["loss_plus"][t][i]) + \
+                abs(got["loss_minus"][t][i] - ref["loss_minus"][t][i])
+            assert abs(x - y) <= dl / (2 * eps) * (1 + 1e-6) + 1e-12, (t, i, x, y)
+    torch.testing.assert_close(got["adapter"], ref["adapter"], rtol=0, atol=ADAPTER_ATOL)
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    """All CASES on 2 ranks in one launch, and the same runs in this (single) process."""
+    run = Launch(tmp_path_factory.mktemp("dist"), "equivalence")  # the ranks start while the reference runs
+    model = W.make_model()
+    ref = {name: W.run_case(model, par, task, q, n) for name, par, task, q, n in W.CASES}
+    results, logs = run.results()
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}\n{logs[r][-3000:]}"
+    return ref, results
+
+
+@pytest.mark.parametrize("case", W.CASES, ids=[c[0] for c in W.CASES])
+def test_trajectory_equals_single_process(equivalence, case):
+    ref, results = equivalence
+    name = case[0]
+    for res in results:
+        check_close_run(res["cases"][name], ref[name], eps=1e-2)
+    # every rank applies the same update: the ranks' adapters are bit-identical, whatever the rounding above
+    assert torch.equal(results[0]["cases"][name]["adapter"], results[1]["cases"][name]["adapter"])
+    assert results[0]["cases"][name]["loss"] == results[1]["cases"][name]["loss"]
+    moved = (ref[name]["adapter"] - W.make_trainer(W.make_model(), None, 1).adapter.buffer).abs().max()
+    assert moved > 1e3 * ADAPTER_ATOL  # the comparison above is not trivially true
+    ev, ev_ref = results[0]["cases"][name]["eval"], ref[name]["eval"]  # evaluate() shards the eval set too
+    assert ev["loss"] == pytest.approx(ev_ref["loss"], rel=LOSS_RTOL)
+    assert ev.get("accuracy") == ev_ref.get("accuracy") and ev["num_examples"] == ev_ref["num_examples"]
+    assert ref[name]["bytes"] == [0] * W.STEPS
+
+
+@pytest.mark.parametrize("case", W.CASES, ids=[c[0] for c in W.CASES])
+def test_bytes_per_step_are_o_of_q(equivalence, case):
+    """One all_gather of float64 per step: 5 header scalars + 2*ceil(q/W) losses or 4q sums and counts,
+    sent once and received from W - 1 = 1 other rank; nothing depends on the model or the batch."""
+    _, results = equivalence
+    name, parallel, _, q, _ = case
+    per_rank = 5 + (2 * math.ceil(q / 2) if parallel == "perturbations" else 4 * q)
+    for res in results:
+        assert res["cases"][name]["bytes"] == [2 * 8 * per_rank] * W.STEPS
+    # q = 1 -> q = 4 in batch mode: (5 + 16) / (5 + 4) times the bytes, the same for a 1 and a 7 example batch
+    b1 = results[0]["cases"]["batch-cls2-q1"]["bytes"][0]
+    b4 = results[0]["cases"]["batch-lm-q4"]["bytes"][0]
+    assert b4 * 9 == b1 * 21 and results[0]["cases"]["batch-lm-q1-one-example"]["bytes"][0] == b1
+
+
+@pytest.mark.parametrize("fault,parallel", [("raise", "batch"), ("hang", "perturbations")])
+def test_a_failing_rank_stops_the_others(tmp_path, fault, parallel):
+    timeout = 6.0
+    t0 = time.monotonic()
+    results, logs = launch(tmp_path, "fault", fault=fault, parallel=parallel, timeout_s=timeout, wait_s=45,
+                           wait_for=[0])
+    r0 = results[0]
+    assert r0 is not None, logs[0][-3000:]
+    assert r0["error_type"] == "DistributedError", r0
+    if fault == "raise":
+        assert "rank 1: RuntimeError: injected fault in the forward" in r0["error"]
+        assert r0["step_seconds"] < timeout  # told at once, not by the timeout
+        assert results[1]["error"] == "RuntimeError: injected fault in the forward"  # its own error, re-raised
+    else:
+        assert "got no answer from the other ranks" in r0["error"] and f"timeout {timeout:g} s" in r0["error"]
+        assert timeout - 0.5 < r0["step_seconds"] < timeout + 15
+        assert results[1] is None  # still asleep: the test killed it
+    assert time.monotonic() - t0 < 50
+
+
+def test_rank0_writes_and_checkpoints_resume_under_another_world_size(tmp_path):
+    """A run of 4 steps, uninterrupted in 1 process, vs 2 steps on 2 ranks + 2 in 1 process, vs 2 steps
+    in 1 process + 2 on 2 ranks: the checkpoint holds no world size, the trajectory is the run's."""
+    model = W.make_model()
+    full = W.make_trainer(model, None, 3)
+    full_losses = [full.step(W.run_batch(t)).loss for t in range(4)]
+    single_first = W.make_trainer(model, None, 3)  # the config of a 1-process run has parallel=None
+    for t in range(2):
+        single_first.step(W.run_batch(t))
+    single_first.save(tmp_path / "ck_single")
+    jobs = [dict(parallel="batch", q=3, steps=2, save=str(tmp_path / "ck_two")),
+            dict(parallel="perturbations", resume=str(tmp_path / "ck_single"), steps=2,
+                 save=str(tmp_path / "ck_resumed"))]
+    results, logs = launch(tmp_path, "train_and_save", jobs=jobs)
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}\n{logs[r][-3000:]}"
+    # only rank 0 writes; every rank's save returns once the checkpoint is in place
+    assert [res["jobs"][0]["writes"] for res in results] == [1, 0]
+    assert all(res["jobs"][j]["visible_after_save"] for res in results for j in range(2))
+    assert not os.path.exists(tmp_path / "ck_two.tmp") and not os.path.exists(tmp_path / "ck_two.old")
+    # 2 ranks -> 1 process
+    two, resumed = results[0]["jobs"]
+    assert two["losses"] == pytest.approx(full_losses[:2], rel=LOSS_RTOL, abs=0)
+    tr = MeZOTrainer.resume(tmp_path / "ck_two", model, parallel=None)
+    assert tr.step_count == 2 and json.load(open(tmp_path / "ck_two" / "trainer_state.json"))["step"] == 2
+    tail = [tr.step(W.run_batch(t)).loss for t in range(2, 4)]
+    assert tail == pytest.approx(full_losses[2:], rel=LOSS_RTOL, abs=0)
+    torch.testing.assert_close(tr.adapter.buffer, full.adapter.buffer, rtol=0, atol=ADAPTER_ATOL)
+    # 1 process -> 2 ranks
+    assert resumed["step"] == 4 and resumed["losses"] == pytest.approx(full_losses[2:], rel=LOSS_RTOL, abs=0)
+    torch.testing.assert_close(resumed["adapter"], full.adapter.buffer, rtol=0, atol=ADAPTER_ATOL)
+    assert torch.equal(results[0]["jobs"][1]["adapter"], results[1]["jobs"][1]["adapter"])
+
+
+def test_single_process_ignores_parallel(tmp_path):
+    """Without a process group (or with one rank), parallel changes nothing: bit-identical to None."""
+    model = W.make_model()
+    a, b = W.make_trainer(model, None, 2), W.make_trainer(model, "batch", 2)
+    ex = W.make_examples("cls2", 4, seed=0)
+    assert [a.step(ex).loss_plus for _ in range(2)] == [b.step(ex).loss_plus for _ in range(2)]
+    assert torch.equal(a.adapter.buffer, b.adapter.buffer) and b.exchange is None and b.is_main
+    b.save(tmp_path / "ck")
+    assert MeZOTrainer.resume(tmp_path / "ck", model).config.parallel == "batch"
+
+
+def test_helpers_and_bad_config():
+    with pytest.raises(ValueError, match="parallel"):
+        MeZOConfig(lr=1e-3, parallel="tensor")
+    # blocks cover 0..q-1 once, in order, sizes differing by at most 1
+    for q in range(1, 9):
+        for world in range(1, 6):
+            blocks = [distributed.perturbation_block(q, r, world) for r in range(world)]
+            assert [i for b in blocks for i in b] == list(range(q))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    ex = W.make_examples("cls2", 7, seed=0)
+    assert sorted(id(e) for r in range(3) for e in distributed.shard(ex, r, 3)) == sorted(map(id, ex))
+    assert distributed.batch_fingerprint(ex) == distributed.batch_fingerprint(list(ex))
+    assert distributed.batch_fingerprint(ex) != distributed.batch_fingerprint(ex[::-1])
+    with pytest.raises(ValueError, match="torchrun"):
+        env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+        try:
+            distributed.init_distributed(device="cpu")
+        finally:
+            os.environ.update(env)
