@@ -264,6 +264,8 @@ def _reset_peak_rss() -> bool:
 def memory_child(spec: dict) -> dict:
     """Runs in the subprocess: build one side, reset the peak counter, run it, report the peak."""
     device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     dtype = DTYPES[spec["dtype"]]
     side = spec["side"]
     which = ("baseline",) if side == "baseline" else ("flashzo",)
@@ -364,7 +366,7 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
         torch.cuda.empty_cache()
     if not args.no_memory:
         spec = dict(model=preset, workload=workload, device=str(device), dtype=dtype_name, lr=args.lr, eps=args.eps,
-                    seed=args.seed, num_examples=args.num_examples, steps=args.memory_steps)
+                    seed=args.seed, num_examples=args.num_examples, steps=args.memory_steps, threads=args.threads)
         for side in MEMORY_SIDES:
             m = measure_memory(dict(spec, side=side), in_process=args.smoke)
             row[f"{side}_peak_mib"] = m["peak_mib"]
@@ -579,6 +581,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate of both sides")
     p.add_argument("--eps", type=float, default=1e-3, help="MeZO's perturbation size, both sides")
     p.add_argument("--seed", type=int, default=0, help="weights, adapter and data seed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both sides (default: torch's; --smoke: 1)")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI mode: opt-tiny, 4 examples, 1 rep, memory for the first workload only")
@@ -591,6 +595,10 @@ def main(argv=None) -> list[str]:
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return []
+    if args.smoke and args.threads is None:
+        args.threads = 1  # smoke figures mean nothing; one thread is fastest on a busy CI machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")

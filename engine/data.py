@@ -8,6 +8,7 @@ offline) or token-id lists. Template helpers turn raw task fields into those rec
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -92,10 +93,18 @@ def record_to_example(rec: dict, tokenizer=None, *, where: str = "record") -> Ex
         if "label" not in rec or not isinstance(rec["label"], int):
             raise ValueError(f"{where}: classification needs an integer 'label'")
         ids = [_ids(c, tokenizer, field=f"candidates[{i}]", where=where, prompt=False) for i, c in enumerate(cands)]
-        return Example(prompt=prompt, candidates=ids, label=rec["label"])
+        return _example(where, prompt=prompt, candidates=ids, label=rec["label"])
     if "target" in rec:
-        return Example(prompt=prompt, target=_ids(rec["target"], tokenizer, field="target", where=where, prompt=False))
+        return _example(where, prompt=prompt, target=_ids(rec["target"], tokenizer, field="target", where=where,
+                                                          prompt=False))
     raise ValueError(f"{where}: needs 'candidates' and 'label', or 'target'")
+
+
+def _example(where: str, **kw) -> Example:
+    try:
+        return Example(**kw)
+    except ValueError as e:  # name the record that failed
+        raise ValueError(f"{where}: {e}") from None
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -147,15 +156,33 @@ def example_to_record(ex: Example) -> dict:
 # Token ids of the synthetic vocabulary (any vocab_size >= 64 works).
 SYN_BOS, SYN_TEMPLATE, SYN_NEG, SYN_POS = 2, (4, 5), 6, 7  # "</s>", "It was", " terrible", " great"
 SYN_WORDS = 8  # positive words: 8..15, negative words: 16..23, filler: 24..vocab-1
+SYN_WORDS_PER_CLASS = 8  # room reserved per polarity; a task uses the first `words_per_class` of each
+SYN_FILLER = SYN_WORDS + 2 * SYN_WORDS_PER_CLASS
+SYN_DESIGNS = ("bag", "single")
 
 
 def synthetic_task(n: int, *, seed: int = 0, vocab_size: int = 512, min_len: int = 4, max_len: int = 12,
-                   split: str = "train", word_at: str = "random") -> list[Example]:
-    """A deterministic sentiment-like task: filler tokens with one "sentiment word" somewhere, then
-    "It was"; the label is whether the word is positive (" great") or negative (" terrible").
+                   split: str = "train", words_per_class: int = 4, sentiment_fraction: float = 0.5,
+                   design: str = "bag", word_at: str = "random") -> list[Example]:
+    """A deterministic, generated sentiment-like task: "</s> <review> It was" -> " terrible" / " great".
 
-    A model must carry the word's identity to the last position through attention, as SST-2 needs;
-    a tiny random OPT learns it with MeZO on LoRA(q_proj, v_proj) in a few hundred steps.
+    design="bag" (the default, what `flashzo demo` trains): a review is `min_len..max_len` tokens, at
+    least `sentiment_fraction` of them (at least one) sentiment words of the label's polarity (drawn
+    from `words_per_class` positive or negative words), the rest filler, in a random order. Labels
+    are exactly balanced (n // 2 of each, one extra negative when n is odd), in a random order.
+    The evidence is a bag of words spread over the prompt: the mean of the value vectors that a
+    random model's near-uniform attention computes carries it to the last position, so a rank-1
+    LoRA on v_proj of the first layer (128 parameters on opt-tiny) can pick it up, and MeZO learns
+    it in about a hundred steps (see tests/test_convergence.py).
+
+    design="single" (the earlier, harder task): one sentiment word from 8 per polarity among
+    `min_len..max_len` filler tokens, at a random place (word_at="random", then the template) or
+    last (word_at="end", no template); labels drawn independently. A single word among fillers is
+    weak evidence at the last position of a random model: first-order Adam learns it, MeZO on a
+    small LoRA barely does.
+
+    The same arguments give the same examples (torch's seeded CPU generator); splits "train", "eval"
+    and "test" are independent draws.
     """
     if vocab_size < 64:
         raise ValueError(f"vocab_size must be >= 64 for the synthetic task, got {vocab_size}")
@@ -164,11 +191,41 @@ def synthetic_task(n: int, *, seed: int = 0, vocab_size: int = 512, min_len: int
     split_key = {"train": 0, "eval": 1, "test": 2}.get(split)
     if split_key is None:
         raise ValueError(f"split must be 'train', 'eval' or 'test', got {split!r}")
+    if design not in SYN_DESIGNS:
+        raise ValueError(f"design must be one of {SYN_DESIGNS}, got {design!r}")
+    if word_at not in ("random", "end"):
+        raise ValueError(f"word_at must be 'random' or 'end', got {word_at!r}")
+    if not 1 <= int(words_per_class) <= SYN_WORDS_PER_CLASS:
+        raise ValueError(f"words_per_class must be in 1..{SYN_WORDS_PER_CLASS}, got {words_per_class}")
+    if not 0.0 <= float(sentiment_fraction) <= 1.0:
+        raise ValueError(f"sentiment_fraction must be in [0, 1], got {sentiment_fraction}")
     g = torch.Generator().manual_seed(int(seed) * 7919 + split_key)
+    if design == "single":
+        return _synthetic_single(n, g, vocab_size, min_len, max_len, word_at)
+
+    def randint(lo: int, hi: int, size: int = 1) -> list[int]:  # uniform on [lo, hi)
+        return torch.randint(lo, hi, (size,), generator=g).tolist()
+
+    labels = (torch.randperm(n, generator=g) % 2).tolist()  # exactly balanced
+    out = []
+    for label in labels:
+        length = randint(min_len, max_len + 1)[0]
+        num_words = randint(max(1, math.ceil(sentiment_fraction * length)), length + 1)[0]
+        first = SYN_WORDS + (0 if label == 1 else SYN_WORDS_PER_CLASS)
+        tokens = [first + w for w in randint(0, words_per_class, num_words)]
+        tokens += randint(SYN_FILLER, vocab_size, length - num_words) if num_words < length else []
+        review = [tokens[i] for i in torch.randperm(length, generator=g).tolist()]
+        out.append(Example(prompt=[SYN_BOS] + review + list(SYN_TEMPLATE), candidates=[[SYN_NEG], [SYN_POS]],
+                           label=label))
+    return out
+
+
+def _synthetic_single(n: int, g: torch.Generator, vocab_size: int, min_len: int, max_len: int,
+                      word_at: str) -> list[Example]:
     out = []
     for _ in range(n):
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        filler = torch.randint(SYN_WORDS + 16, vocab_size, (length,), generator=g).tolist()
+        filler = torch.randint(SYN_FILLER, vocab_size, (length,), generator=g).tolist()
         label = int(torch.randint(0, 2, (1,), generator=g))
         word = SYN_WORDS + int(torch.randint(0, 8, (1,), generator=g)) + (0 if label == 1 else 8)
         at = int(torch.randint(0, length + 1, (1,), generator=g))
