@@ -38,7 +38,6 @@ RESULTS = os.path.join(REPO, "bench", "results")
 def worker(args) -> None:
     from flashzo import LoRAConfig, MeZOConfig, MeZOTrainer, OPTConfig, OPTModel
     from flashzo.engine import distributed
-    from flashzo.engine.data import synthetic_task
 
     torch.set_num_threads(args.threads)
     world = int(os.environ["WORLD_SIZE"])
@@ -46,8 +45,7 @@ def worker(args) -> None:
         distributed.init_distributed(device="cpu", timeout_s=600, init_method=args.init_method)
     cfg = OPTConfig.from_name(args.model)
     model = OPTModel.from_config(cfg, seed=0)
-    ex = synthetic_task(args.batch_size * (args.steps + args.warmup), seed=0, vocab_size=cfg.vocab_size,
-                        min_len=args.prompt_len, max_len=args.prompt_len)
+    ex = examples(args.batch_size * (args.steps + args.warmup), args.prompt_len, cfg.vocab_size)
     tr = MeZOTrainer(model, LoRAConfig(r=args.lora_r, seed=0),
                      MeZOConfig(lr=1e-3, eps=1e-2, num_perturbations=args.q, seed=0, parallel=args.parallel))
     g = torch.Generator().manual_seed(1)
@@ -73,6 +71,17 @@ def worker(args) -> None:
                    traffic=tr.exchange.traffic.per_step() if tr.exchange else None)
     print(json.dumps(out))
     distributed.shutdown()
+
+
+def examples(n: int, prompt_len: int, vocab_size: int) -> list:
+    """n SST-2-shaped examples of random token ids (a prompt, two one-token candidates, a label); only the
+    shapes matter here, and this generator never changes under the benchmark."""
+    from flashzo import Example
+
+    g = torch.Generator().manual_seed(0)
+    return [Example(prompt=torch.randint(3, vocab_size, (prompt_len,), generator=g).tolist(),
+                    candidates=[[int(torch.randint(3, vocab_size, (1,), generator=g))] for _ in range(2)],
+                    label=int(torch.randint(0, 2, (1,), generator=g))) for _ in range(n)]
 
 
 def run(args, world: int, threads: int, parallel: str | None, tmp: str) -> dict:
@@ -135,8 +144,9 @@ def markdown(report: dict) -> str:
         "",
         f"Device: {m['device']} ({m['cpu']}, {m['cpu_count']} cores), backend gloo, dtype {m['dtype']}, "
         f"torch {m['torch']}, commit {m['commit']}, {m['date']}. LoRA r={m['lora_r']} on q_proj,v_proj "
-        f"({m['adapter_parameters']} parameters); {m['batch_size']} synthetic classification examples of "
-        f"{m['prompt_len'] + 4} prompt tokens per step; {m['steps']} timed steps after {m['warmup']} warm-up.",
+        f"({m['adapter_parameters']} parameters); {m['batch_size']} classification examples (random token ids, "
+        f"{m['prompt_len']}-token prompt, two 1-token candidates) per step; {m['steps']} timed steps after "
+        f"{m['warmup']} warm-up.",
         "",
         f"Load average (1 min) {la0:.1f} at the start and {la1:.1f} at the end, on {m['cpu_count']} cores shared "
         "with other jobs: the timings are indicative only.",
@@ -187,7 +197,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="opt-tiny and 3 steps, seconds; writes *_smoke.*")
     p.add_argument("--q", type=int, default=2, help="perturbations per step")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (the global batch)")
-    p.add_argument("--prompt-len", type=int, default=28, help="filler tokens per synthetic prompt (+4 fixed)")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (random ids)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (q_proj, v_proj)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -202,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--adapter-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.steps, args.batch_size, args.prompt_len, args.repeats = "opt-tiny", 3, 8, 8, 1
+        args.model, args.steps, args.batch_size, args.prompt_len, args.repeats = "opt-tiny", 3, 8, 12, 1
     if args.worker:
         worker(args)
         return

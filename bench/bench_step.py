@@ -360,7 +360,9 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
         row[f"{side}_gflop"] = f / 1e9
         row[f"{side}_tflops"] = f / med[side] / 1e12
         row[f"{side}_mfu"] = f / med[side] / 1e12 / peak_tflops if peak_tflops else None
-    del s, fns
+    if args.profile:
+        row["profile"] = profile_cell(args, fns, device, f"{preset}_{workload}")
+    fns = s = None  # free both sides before the memory subprocesses run
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -375,6 +377,30 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
         row["flashzo_over_infer_peak"] = row["flashzo_peak_mib"] / row["infer_peak_mib"]
         row["baseline_over_flashzo_peak"] = row["baseline_peak_mib"] / row["flashzo_peak_mib"]
     return row
+
+
+def profile_cell(args, fns, device, name: str) -> str:
+    """torch.profiler over one step of each side; the op tables go to step_profile_<device>_<cell>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    sort = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+    parts = []
+    for side in ("flashzo", "baseline"):
+        with profile(activities=activities, record_shapes=True) as prof:
+            fns[side]()
+            sync(device)
+        parts.append(f"## {side}: one step, top ops by self time\n")
+        parts.append(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.profile_rows,
+                                                                         max_name_column_width=60,
+                                                                         max_shapes_column_width=70))
+        parts.append(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60))
+    tag = device_meta(device)["tag"] if not args.smoke else "smoke"
+    path = os.path.join(args.out, f"step_profile_{tag}_{name}.txt")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return os.path.relpath(path, args.out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +471,12 @@ def _fmt(x, spec=".1f") -> str:
     return format(x, spec)
 
 
+def _mem(r: dict, side: str) -> str:
+    if r.get(f"{side}_peak_mib") is None:
+        return "-"
+    return f"{r[f'{side}_peak_mib']:.0f} ({r[f'{side}_step_mib']:.0f})"
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
     metas = {r["run"]: r for r in rows}
@@ -471,16 +503,11 @@ def markdown(results: dict) -> str:
         else:
             fl = f"{1e3 * r['flashzo_tflops']:.1f}"
 
-        def mem(side):
-            if r.get(f"{side}_peak_mib") is None:
-                return "-"
-            return f"{r[f'{side}_peak_mib']:.0f} ({r[f'{side}_step_mib']:.0f})"
-
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['dtype']} | {r['batch_tokens']} | {r['baseline_ms']:.1f} "
             f"| {r['flashzo_ms']:.1f} | **{r['speedup']:.2f}x** | {r['floor_ms']:.1f} | {r['step_over_floor']:.2f} "
-            f"| {r['flashzo_examples_per_s']:.2f} | {r['flashzo_tokens_per_s']:.0f} | {fl} | {mem('baseline')} "
-            f"| {mem('flashzo')} | {mem('infer')} | {_fmt(r.get('flashzo_over_infer_peak'), '.2f')} "
+            f"| {r['flashzo_examples_per_s']:.2f} | {r['flashzo_tokens_per_s']:.0f} | {fl} | {_mem(r, 'baseline')} "
+            f"| {_mem(r, 'flashzo')} | {_mem(r, 'infer')} | {_fmt(r.get('flashzo_over_infer_peak'), '.2f')} "
             f"| {r['load_average'][0]:.2f} | {r['commit']} |")
     lines += ["", "Runs: " + "; ".join(f"{k}: {v['date']}, load average {v['load_average']}"
                                         for k, v in metas.items())]
@@ -496,7 +523,7 @@ def plot(results: dict, path: str) -> None:
     rows = results["rows"]
     labels = [f"{r['model']}\n{r['workload']}" for r in rows]
     have_mem = any(r.get("flashzo_peak_mib") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if have_mem else 1, figsize=(max(7, 1.3 * len(rows)) * (2 if have_mem else 1), 4.5),
+    fig, axes = plt.subplots(1, 2 if have_mem else 1, figsize=(max(5, 1.2 * len(rows)) * (2 if have_mem else 1), 4.5),
                              squeeze=False)
     ax = axes[0][0]
     width = 0.27
@@ -504,18 +531,23 @@ def plot(results: dict, path: str) -> None:
         ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[f"{side}_ms"] for r in rows], width,
                label={"floor": "floor (2 inference fwd)"}.get(side, side), color=color)
     for i, r in enumerate(rows):
-        ax.annotate(f"{r['speedup']:.1f}x", (i, r["baseline_ms"]), ha="center", va="bottom", fontsize=8)
+        top = max(r["baseline_ms"], r["flashzo_ms"], r["floor_ms"])
+        ax.annotate(f"{r['speedup']:.1f}x", (i, top * 1.05), ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("ms per MeZO step (log)")
+    ax.set_ylabel("ms per MeZO step (log scale)")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.legend(fontsize=8)
     ax.set_title("step time (annotated: baseline / flashzo)", fontsize=9)
     if have_mem:
         ax = axes[0][1]
         for k, (side, color) in enumerate((("baseline", "tab:gray"), ("flashzo", "tab:blue"), ("infer", "tab:green"))):
-            ax.bar([i + (k - 1) * width for i in range(len(rows))], [r.get(f"{side}_peak_mib") or 0 for r in rows],
-                   width, label={"infer": "1 inference fwd"}.get(side, side), color=color)
-        ax.set_ylabel("peak memory, MiB (weights included)")
+            xs = [i + (k - 1) * width for i in range(len(rows))]
+            peak = [r.get(f"{side}_peak_mib") or 0 for r in rows]
+            step = [r.get(f"{side}_step_mib") or 0 for r in rows]
+            ax.bar(xs, [p - q for p, q in zip(peak, step)], width, color=color, alpha=0.35)
+            ax.bar(xs, step, width, bottom=[p - q for p, q in zip(peak, step)], color=color,
+                   label={"infer": "1 inference fwd"}.get(side, side))
+        ax.set_ylabel("peak MiB (pale: loaded, dark: the step)")
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.legend(fontsize=8)
         ax.set_title("peak memory per side (fresh process each)", fontsize=9)
@@ -586,6 +618,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI mode: opt-tiny, 4 examples, 1 rep, memory for the first workload only")
+    p.add_argument("--profile", action="store_true",
+                   help="also run torch.profiler over one step of each side per cell (step_profile_*.txt)")
+    p.add_argument("--profile-rows", type=int, default=25, help="ops listed per profile table")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
 

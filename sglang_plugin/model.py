@@ -195,6 +195,10 @@ class OPTForCausalLM(nn.Module):
                 pp_proxy_tensors=None, input_embeds: Optional[torch.Tensor] = None,
                 get_embedding: bool = False) -> LogitsProcessorOutput:
         d = self.model.decoder
+        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A captured graph would replay one batch's routes for every later batch.
+            raise RuntimeError("flashzo's SGLang OPT chooses each request's adapter and perturbation in Python "
+                               "and cannot be captured in a CUDA graph: start SGLang with --disable-cuda-graph")
         routes = self._routes(forward_batch, input_ids.shape[0])
         x = d.embed_tokens(input_ids) if input_embeds is None else input_embeds
         if d.project_in is not None:

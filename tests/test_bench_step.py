@@ -49,9 +49,11 @@ def hf(request, tiny):
 
 
 def test_smoke_writes_its_files(tmp_path):
-    paths = bench_step.main(["--smoke", "--out", str(tmp_path), "--workloads", "sst2", "lm"])
+    paths = bench_step.main(["--smoke", "--out", str(tmp_path), "--workloads", "sst2", "lm", "--profile"])
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         f"step_smoke.{ext}" for ext in ("json", "csv", "md", "png"))
+    profile = (tmp_path / "step_profile_smoke_opt-tiny_sst2.txt").read_text()
+    assert "## flashzo" in profile and "## baseline" in profile and "aten::" in profile
     for p in paths:
         assert os.path.getsize(p) > 0, p
     with open(tmp_path / "step_smoke.json") as f:

@@ -38,8 +38,8 @@ PLUGIN = "flashzo.sglang"
 # flashzo also shows that the plugin, not SGLang's OPT, served the request
 TINY = dict(vocab_size=70, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
             max_position_embeddings=96, activation_function="gelu_new")
-ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", dtype="float32", disable_cuda_graph=True,
-                   mem_fraction_static=0.05, max_total_tokens=4096, log_level="warning")
+ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", dtype="float32", mem_fraction_static=0.05,
+                   max_total_tokens=4096, log_level="warning")
 SEQS = [[2, 5], [2, 9, 17, 33, 4, 61, 8], [2] + [(7 * i + 3) % 70 for i in range(36)]]  # 2, 7, 37 tokens
 ATOL = 1e-5  # fp32 on a CPU: the issue's bound
 
@@ -352,7 +352,7 @@ def test_launch_server_serves_the_plugin(setup, tmp_path):
     env = dict(os.environ, SGLANG_EXTERNAL_MODEL_PACKAGE=PLUGIN)
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", setup["ckpt"], "--port", str(port),
            "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-           "--mem-fraction-static", "0.05", "--max-total-tokens", "4096", "--disable-cuda-graph"]
+           "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
                             start_new_session=True)
@@ -387,12 +387,22 @@ def test_launch_server_serves_the_plugin(setup, tmp_path):
                                            [Copy(0, 123, -1)], adapters=[adapter], eps=eps)
         torch.testing.assert_close(_input_logprobs(out), setup["model"].score(batch), atol=ATOL, rtol=0)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        _stop(proc)
         log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server and the workers it spawned (its own process group)."""
+    for sig, wait in ((15, 60), (9, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def _device(name):
 
 
 def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, eps: float,
-                           lora_r: int, eval_every: int) -> None:
+                           lora_r: int, eval_every: int, target_modules: str = "q_proj,v_proj",
+                           lora_layers: str | None = None) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"total MeZO steps to train (default {steps})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
@@ -38,8 +39,13 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--lora-r", type=int, default=lora_r, help=f"LoRA rank (default {lora_r})")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
-    p.add_argument("--target-modules", default="q_proj,v_proj",
-                   help="comma-separated linears to adapt: q_proj,k_proj,v_proj,out_proj,fc1,fc2")
+    p.add_argument("--target-modules", default=target_modules,
+                   help=f"comma-separated linears to adapt: q_proj,k_proj,v_proj,out_proj,fc1,fc2 "
+                        f"(default {target_modules})")
+    p.add_argument("--lora-layers", default=lora_layers,
+                   help="comma-separated indices of the decoder layers to adapt, e.g. 0 or 20,21,22,23 (default: "
+                        + (lora_layers if lora_layers is not None else "every layer")
+                        + "); layers below the lowest adapted one run once for both perturbation signs")
     p.add_argument("--num-perturbations", type=int, default=1, help="perturbations per step (q)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (perturbations, data order, LoRA init)")
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (0: only at the ends)")
@@ -56,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-size", type=int, default=512, help="synthetic training examples")
     d.add_argument("--eval-size", type=int, default=256, help="synthetic held-out examples")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    _common_training_flags(d, steps=400, batch_size=16, lr=3e-2, eps=1e-2, lora_r=8, eval_every=100)
+    # MeZO's noise grows with the number of trained parameters: the demo trains 128 (rank 1, v_proj of
+    # layer 0, which reads the review's word embeddings and whose values attention averages to the
+    # last position) and reaches ~100% held-out accuracy in 100-150 steps (tests/test_convergence.py).
+    _common_training_flags(d, steps=300, batch_size=16, lr=5e-2, eps=1e-2, lora_r=1, eval_every=25,
+                           target_modules="v_proj", lora_layers="0")
 
     t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset")
     t.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory")
@@ -88,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _layers(args) -> tuple[int, ...] | None:
+    text = getattr(args, "lora_layers", None)
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--lora-layers must be comma-separated layer indices, got {text!r}") from None
+
+
 def _trainer_from_args(args, model, *, resume_dir=None):
     from flashzo.engine.lora import LoRAConfig
     from flashzo.engine.mezo import MeZOConfig, MeZOTrainer
@@ -97,7 +117,7 @@ def _trainer_from_args(args, model, *, resume_dir=None):
         return MeZOTrainer.resume(resume_dir, model, parallel=parallel)
     targets = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
-    lora = LoRAConfig(r=args.lora_r, alpha=alpha, target_modules=targets, seed=args.seed)
+    lora = LoRAConfig(r=args.lora_r, alpha=alpha, target_modules=targets, layers=_layers(args), seed=args.seed)
     config = MeZOConfig(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
                         num_perturbations=args.num_perturbations, seed=args.seed, lr_schedule=args.lr_schedule,
                         warmup_steps=args.warmup_steps, total_steps=args.steps, parallel=parallel)
@@ -107,28 +127,43 @@ def _trainer_from_args(args, model, *, resume_dir=None):
 def cmd_demo(args) -> int:
     import torch
 
+    device = _device(args.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
+        # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores): one thread.
+        torch.set_num_threads(1)
+    try:
+        return _demo(args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(args, device) -> int:
     from flashzo.engine.config import OPTConfig
     from flashzo.engine.data import synthetic_task
     from flashzo.engine.loop import fit
     from flashzo.engine.opt import OPTModel
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    device = _device(args.device)
     cfg = OPTConfig.from_name("opt-tiny")
     model = OPTModel.from_config(cfg, seed=args.seed, device=device)
     train = synthetic_task(args.train_size, seed=args.seed, vocab_size=cfg.vocab_size, split="train")
     held_out = synthetic_task(args.eval_size, seed=args.seed, vocab_size=cfg.vocab_size, split="eval")
     trainer = _trainer_from_args(args, model)
     out = os.path.abspath(args.out)
+    layers = "every layer" if not (args.lora_layers or "").strip() else \
+        f"layer{'s' if ',' in args.lora_layers else ''} {args.lora_layers}"
     print(f"flashzo demo: tiny random OPT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {device}, "
-          f"LoRA r={args.lora_r} on {args.target_modules} ({trainer.adapter.num_parameters} parameters), "
-          f"{args.steps} MeZO steps of {args.batch_size} synthetic examples")
+          f"LoRA r={args.lora_r} on {args.target_modules} of {layers} ({trainer.adapter.num_parameters} "
+          f"parameters), {args.steps} MeZO steps of {args.batch_size} synthetic reviews "
+          f"(\"</s> <words> It was\" -> \" terrible\" / \" great\")")
     t0 = time.perf_counter()
     res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
               eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
               metrics_extra={"task": "synthetic", "model": "opt-tiny (random)", "device": str(device)})
     before, after = res["eval_before"]["accuracy"], res["eval_after"]["accuracy"]
-    print(f"held-out accuracy: {before:.3f} before -> {after:.3f} after ({time.perf_counter() - t0:.1f} s)")
+    print(f"held-out accuracy: {before:.3f} before -> {after:.3f} after ({res['steps_run']} steps: "
+          f"{res['seconds']:.1f} s in the training loop, {time.perf_counter() - t0:.1f} s in all)")
     print(f"wrote {out}/curve.png, {out}/metrics.json, {out}/adapter (PEFT format), {out}/checkpoint")
     return 0
 

@@ -1,0 +1,29 @@
+"""The microbenchmark and the sharing report run in their seconds-long smoke modes (never timed here)."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the scripts' CPU paths are plain torch
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], capture_output=True,
+                       text=True, timeout=timeout, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_perturbed_lora_microbenchmark_smoke(tmp_path):
+    out = run("bench_perturbed_lora.py", "--smoke", "--out", str(tmp_path))
+    names = os.listdir(tmp_path)
+    assert any(n.endswith(".csv") for n in names) and any(n.endswith(".png") for n in names), names
+    assert "ms" in out
+
+
+def test_sharing_report_smoke(tmp_path):
+    run("report_sharing.py", "--smoke", "--out-dir", str(tmp_path))
+    names = os.listdir(tmp_path)
+    assert any(n.endswith(".json") for n in names) and any(n.endswith(".md") for n in names), names
