@@ -211,3 +211,32 @@ def test_helpers_and_bad_config():
             distributed.init_distributed(device="cpu")
         finally:
             os.environ.update(env)
+
+
+def test_flashzo_train_under_torchrun(tmp_path):
+    """The README's command: 2 processes under torchrun, then --resume in 1 process, equals 1 process."""
+    from flashzo import save_opt
+    from flashzo.cli import main
+    from flashzo.engine.data import example_to_record, write_jsonl
+
+    save_opt(W.make_model(), tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", [example_to_record(e) for e in W.make_examples("cls2", 24, seed=4)])
+    flags = ["--model", str(tmp_path / "model"), "--train", str(tmp_path / "train.jsonl"), "--batch-size", "5",
+             "--lr", "1e-2", "--eps", "1e-2", "--num-perturbations", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flashzo",
+           "train", "--parallel", "batch", "--out", str(tmp_path / "two"), "--steps", "2"] + flags
+    out = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('"steps_run"') == 1  # only rank 0 prints
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["traffic"]["bytes_sent_per_step"] == 8 * (5 + 4 * 2)
+    assert main(["train", "--out", str(tmp_path / "two"), "--steps", "3", "--resume"] + flags) == 0
+    assert main(["train", "--out", str(tmp_path / "one"), "--steps", "3"] + flags) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=ADAPTER_ATOL)
+    assert json.load(open(tmp_path / "two" / "checkpoint" / "trainer_state.json"))["step"] == 3
