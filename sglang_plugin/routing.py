@@ -127,10 +127,14 @@ def build_routes(forward_batch, num_rows: int, *, lora_backend, adapters: Adapte
     """Group the requests of `forward_batch` (num_rows token rows) by route."""
     from sglang.srt.lora.utils import generate_sequence_lengths
 
-    lens = [int(n) for n in generate_sequence_lengths(forward_batch, device="cpu").tolist()]
-    rids = list(forward_batch.rids or [None] * len(lens))
-    perturbations = [parse_rid(r) for r in rids[:len(lens)]]
+    rids = list(forward_batch.rids or [])
+    perturbations = [parse_rid(r) for r in rids]
     batch_info = lora_backend.batch_info if lora_backend is not None else None
+    if all(p is None for p in perturbations) and not getattr(batch_info, "has_active_lora", batch_info is not None):
+        return Routes(num_rows, [Group("base", None, num_rows)])  # plain serving: no per-request work
+    lens = [int(n) for n in generate_sequence_lengths(forward_batch, device="cpu").tolist()]
+    perturbations = (perturbations + [None] * len(lens))[:len(lens)]
+    rids = (rids + [None] * len(lens))[:len(lens)]
     slots = request_slots(batch_info, lens)
     ranks = _cpu_list(batch_info, "lora_ranks") if slots is not None else None
     scalings = _cpu_list(batch_info, "scalings") if slots is not None else None

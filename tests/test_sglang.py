@@ -324,6 +324,12 @@ def test_routes_and_projection_per_request(setup, style):
                 scaling=adapter.config.scaling, eps=eps, a_offset=slot.a_offset, b_offset=slot.b_offset))
     torch.testing.assert_close(y, torch.cat(want), atol=1e-5, rtol=1e-5)
 
+    plain = SimpleNamespace(rids=["a", "b"], forward_mode=None)  # no forward mode: its lengths are never read
+    for info in (None, SimpleNamespace(has_active_lora=False)):
+        routes = build_routes(plain, 7, lora_backend=SimpleNamespace(batch_info=info),
+                              adapters=AdapterCache(model.config, "cpu"), device="cpu")
+        assert routes.plain and routes.groups[0].rows is None
+
     both = _fake_batch([3], [p[0].rid()])  # request 0 also has a LoRA slot (rank 4)
     with pytest.raises(ValueError, match="both a LoRA adapter"):
         build_routes(both, 3, lora_backend=SimpleNamespace(batch_info=_batch_infos()["per_request"]),

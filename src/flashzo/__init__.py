@@ -14,12 +14,13 @@ from flashzo.engine import (
     save_opt,
 )
 from flashzo.engine.data import load_jsonl, synthetic_task
+from flashzo.engine.distributed import DistributedError, init_distributed
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Example", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig",
+    "DistributedError", "init_distributed", "Example", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig",
     "OPTModel", "StepResult", "evaluate", "load_jsonl", "load_opt", "save_opt", "step_together",
     "synthetic_task", "__version__",
 ]
