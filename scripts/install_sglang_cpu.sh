@@ -19,7 +19,7 @@ echo "torch==${torch_before}" > "$constraints"
 
 pip install --no-deps "sglang==${SGLANG_VERSION}"
 pip install -r "${root}/requirements-sglang-cpu.txt" -c "$constraints"
-python -m flashzo.sglang.boot install
+python -m flashzo.sglang install
 
 torch_after=$(python -c "import torch; print(torch.__version__)")
 if [ "$torch_before" != "$torch_after" ]; then

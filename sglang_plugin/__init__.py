@@ -11,7 +11,8 @@ package import, which SGLang does not catch (sglang/srt/models/registry.py: impo
 
 Files: boot.py (torchvision stand-in, installed before anything imports sglang), compat.py (CPU shim
 for SGLang's LoRA batch preparation), request.py (a perturbation in a request id), routing.py (which
-LoRA each token uses; the projection), model.py (the model), scorer.py (SGLangScorer).
+LoRA each token uses; the projection), model.py (the model), scorer.py (SGLangScorer), __main__.py
+(`python -m flashzo.sglang install`: the start-up shim's .pth file).
 """
 
 if __name__ != "flashzo.sglang":

@@ -19,11 +19,11 @@ This module imports nothing heavy (no torch, no sglang), because SGLang's worker
 run it before their first `import sglang`. Three ways in:
 
     import flashzo.sglang                   in your own process, before `import sglang`
-    python -m flashzo.sglang.boot install   writes a .pth file into site-packages so every Python
+    python -m flashzo.sglang install        writes a .pth file into site-packages so every Python
                                             started with SGLANG_EXTERNAL_MODEL_PACKAGE=flashzo.sglang
                                             (SGLang's spawned workers, `python -m
                                             sglang.launch_server`) runs `install()` at start-up
-    python -m flashzo.sglang.boot status    says whether the .pth is there and what it runs
+    python -m flashzo.sglang status         says whether the .pth is there and what it runs
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def write_pth(path: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m flashzo.sglang.boot",
+    parser = argparse.ArgumentParser(prog="python -m flashzo.sglang",
                                      description="Install the start-up shim that lets SGLang's processes "
                                                  "import without torchvision (CPU installs).")
     parser.add_argument("action", choices=("install", "uninstall", "status"),
@@ -194,5 +194,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "flashzo_sglang_boot":  # run from the .pth line at interpreter start-up
     install()
-elif __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,7 @@ def _require_boot_pth():
     text = open(path).read() if os.path.isfile(path) else ""
     if os.path.abspath(boot.__file__) not in text:
         pytest.fail(f"{path} is missing or stale: SGLang's workers cannot import without torchvision. "
-                    "Run `python -m flashzo.sglang.boot install` (scripts/install_sglang_cpu.sh does).")
+                    "Run `python -m flashzo.sglang install` (scripts/install_sglang_cpu.sh does).")
 
 
 def _tokenizer(path: str, vocab_size: int) -> None:
