@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import torch
+from _meta import cpu_name, git_commit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -114,28 +115,6 @@ def run(args, world: int, threads: int, parallel: str | None, tmp: str) -> dict:
 # Report
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def markdown(report: dict) -> str:
     m = report["meta"]
     la0, la1 = m["load_average_at_start"][0], m["load_average_at_end"][0]
@@ -220,8 +199,8 @@ def main(argv=None) -> None:
     w, th = args.world_size, args.threads
     modes = [m for m in args.modes.split(",") if m]
     report = {"meta": {
-        "model": args.model, "device": "cpu", "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "dtype": "float32",
-        "torch": torch.__version__, "commit": _commit(), "q": args.q, "batch_size": args.batch_size,
+        "model": args.model, "device": "cpu", "cpu": cpu_name(), "cpu_count": os.cpu_count(), "dtype": "float32",
+        "torch": torch.__version__, "commit": git_commit(), "q": args.q, "batch_size": args.batch_size,
         "prompt_len": args.prompt_len, "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
         "threads": th, "max_world": w, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_average_at_start": list(os.getloadavg()),

@@ -40,13 +40,13 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from _meta import cpu_name, git_commit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,28 +267,6 @@ def run_measurement(args, kind: str, shape: str) -> dict:
 # Report
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [
@@ -404,9 +382,9 @@ def main(argv=None) -> None:
     cfg = model_config(args)
     lcfg = lora_config(args, cfg.num_hidden_layers)
     report = {"meta": {
-        "model": "opt-tiny" if args.smoke else args.model, "device": "cpu", "cpu": _cpu_name(),
+        "model": "opt-tiny" if args.smoke else args.model, "device": "cpu", "cpu": cpu_name(),
         "threads": torch.get_num_threads(), "dtype": "float32", "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": _commit(), "q": args.q,
+        "transformers": transformers.__version__, "commit": git_commit(), "q": args.q,
         "lora": f"r={lcfg.r} alpha={lcfg.alpha} {'+'.join(lcfg.target_modules)} layers="
                 f"{'all' if lcfg.layers is None else list(lcfg.layers)}",
         "attention_backend": "torch", "shapes": {s: SHAPES[s] for s in shapes},

@@ -20,7 +20,7 @@ from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, Ste
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistributedError", "init_distributed", "Example", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig",
-    "OPTModel", "StepResult", "evaluate", "load_jsonl", "load_opt", "save_opt", "step_together",
-    "synthetic_task", "__version__",
+    "DistributedError", "Example", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError",
+    "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed", "load_jsonl", "load_opt", "save_opt",
+    "step_together", "synthetic_task", "__version__",
 ]
