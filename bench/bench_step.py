@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from _meta import cpu_name, git_commit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss  # noqa: E402
@@ -414,25 +415,6 @@ def _version(mod: str) -> str:
         return "-"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def device_meta(device) -> dict:
     device = torch.device(device)
     if device.type == "cuda":
@@ -440,7 +422,7 @@ def device_meta(device) -> dict:
         peak = next((p for k, p in PEAK_TFLOPS if k in name), None)
         tag = "gpu-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     else:
-        name, peak, tag = f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)", None, "cpu"
+        name, peak, tag = f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)", None, "cpu"
     return {"device": name, "tag": tag, "peak_bf16_tflops": peak}
 
 
@@ -448,7 +430,7 @@ def run_meta(device) -> dict:
     return dict(
         **{k: v for k, v in device_meta(device).items() if k != "tag"},
         torch=torch.__version__, transformers=_version("transformers"), peft=_version("peft"),
-        triton=_version("triton"), python=platform.python_version(), commit=_commit(),
+        triton=_version("triton"), python=platform.python_version(), commit=git_commit(),
         load_average=[round(x, 2) for x in os.getloadavg()], cores=os.cpu_count(),
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
