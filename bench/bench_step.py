@@ -461,38 +461,48 @@ def _mem(r: dict, side: str) -> str:
 
 def markdown(results: dict) -> str:
     rows = results["rows"]
-    metas = {r["run"]: r for r in rows}
+    runs = {r["run"]: r for r in rows}
     m = results["meta"]
     gpu = m["peak_bf16_tflops"] is not None
+    rate = "TFLOP/s (MFU) baseline / flashzo" if gpu else "GFLOP/s baseline / flashzo"
     lines = [
         f"# MeZO step: flashzo vs the MeZO reference step ({m['device']})",
         "",
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, triton {m['triton']}, "
-        f"Python {m['python']}. LoRA r=8, alpha=16 on q_proj, v_proj; 1 perturbation per step; random "
-        "weights. Times: median of interleaved reps after warm-up (ms per step). baseline = HF OPT + "
-        "PEFT, the official MeZO step (bench/mezo_baseline.py); floor = flashzo's two plain inference "
-        "forwards of the batch. Memory: peak in a fresh process per side (MiB; weights included; "
-        "the part above the loaded model in parentheses); infer = one flashzo inference forward.",
+        f"Python {m['python']}. Random weights of each preset's shape; LoRA r=8, alpha=16 on q_proj, v_proj; "
+        "1 perturbation per step; 16 examples per batch; identical weights, adapter, batch, lr and eps on "
+        "both sides. **baseline**: transformers OPT + PEFT running the official MeZO step "
+        "(bench/mezo_baseline.py). **floor**: flashzo's two plain inference forwards of the batch. "
+        "Times: median ms per step over interleaved reps after warm-up. tokens: the batch's tokens "
+        "(every prompt + candidate/target sequence, unpadded) / the baseline's padded tokens per forward / "
+        "the rows flashzo's one forward computes for both signs. Memory: peak MiB in a fresh process per "
+        "side, weights included, the step's own part (above the loaded model) in parentheses; infer = one "
+        "flashzo inference forward; step/infer = flashzo's peak over infer's.",
         "",
-        "| model | workload | dtype | tokens | baseline ms | flashzo ms | speedup | floor ms | step/floor "
-        "| flashzo ex/s | flashzo tok/s | " + ("TFLOP/s (MFU) flashzo | " if gpu else "GFLOP/s flashzo | ")
-        + "baseline peak | flashzo peak | infer peak | step/infer mem | load avg | commit |",
-        "|" + "---|" * 18,
+        f"| model | workload | dtype | tokens | baseline ms | flashzo ms | speedup | floor ms | step/floor "
+        f"| flashzo ex/s | flashzo tok/s | GFLOP baseline / flashzo | {rate} | baseline peak | flashzo peak "
+        "| infer peak | step/infer | loss diff | load avg | commit |",
+        "|" + "---|" * 20,
     ]
     for r in rows:
         if gpu:
-            fl = f"{r['flashzo_tflops']:.1f} ({100 * (r['flashzo_mfu'] or 0):.1f}%)"
+            fl = (f"{r['baseline_tflops']:.1f} ({100 * (r['baseline_mfu'] or 0):.1f}%) / "
+                  f"{r['flashzo_tflops']:.1f} ({100 * (r['flashzo_mfu'] or 0):.1f}%)")
         else:
-            fl = f"{1e3 * r['flashzo_tflops']:.1f}"
-
+            fl = f"{1e3 * r['baseline_tflops']:.1f} / {1e3 * r['flashzo_tflops']:.1f}"
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['dtype']} | {r['batch_tokens']} | {r['baseline_ms']:.1f} "
+            f"| {r['model']} | {r['workload']} | {r['dtype']} "
+            f"| {r['batch_tokens']} / {r['baseline_padded_tokens']} / {r['flashzo_rows']} | {r['baseline_ms']:.1f} "
             f"| {r['flashzo_ms']:.1f} | **{r['speedup']:.2f}x** | {r['floor_ms']:.1f} | {r['step_over_floor']:.2f} "
-            f"| {r['flashzo_examples_per_s']:.2f} | {r['flashzo_tokens_per_s']:.0f} | {fl} | {_mem(r, 'baseline')} "
+            f"| {r['flashzo_examples_per_s']:.2f} | {r['flashzo_tokens_per_s']:.0f} "
+            f"| {r['baseline_gflop']:.0f} / {r['flashzo_gflop']:.0f} | {fl} | {_mem(r, 'baseline')} "
             f"| {_mem(r, 'flashzo')} | {_mem(r, 'infer')} | {_fmt(r.get('flashzo_over_infer_peak'), '.2f')} "
-            f"| {r['load_average'][0]:.2f} | {r['commit']} |")
-    lines += ["", "Runs: " + "; ".join(f"{k}: {v['date']}, load average {v['load_average']}"
-                                        for k, v in metas.items())]
+            f"| {abs(r['loss_baseline'] - r['loss_flashzo']):.1e} | {r['load_average'][0]:.2f} | {r['commit']} |")
+    lines += ["", "loss diff: |baseline loss - flashzo loss| at the starting weights (sign 0), the check that both "
+              "sides compute the same task.", "", "Runs (start time, commit, 1/5/15-min load average at start; "
+              f"{m.get('cores', '?')} cores): " + "; ".join(
+                  f"{v['date']} {v['commit']} {v['load_average']} reps {v['reps']}+{v['warmup']} warm-up"
+                  for v in runs.values())]
     return "\n".join(lines) + "\n"
 
 
@@ -599,10 +609,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads for both sides (default: torch's; --smoke: 1)")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long CI mode: opt-tiny, 4 examples, 1 rep, memory for the first workload only")
+                   help="seconds-long CI mode: opt-tiny on the CPU (unless --device), 4 examples, 1 rep, memory "
+                        "for the first workload only")
     p.add_argument("--profile", action="store_true",
                    help="also run torch.profiler over one step of each side per cell (step_profile_*.txt)")
     p.add_argument("--profile-rows", type=int, default=25, help="ops listed per profile table")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the CSV, markdown and plot from this device's JSON without measuring")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
 
@@ -616,7 +629,8 @@ def main(argv=None) -> list[str]:
         args.threads = 1  # smoke figures mean nothing; one thread is fastest on a busy CI machine
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"  # smoke: CPU, fp32 (CI)
+    device = torch.device(args.device or default)
     on_gpu = device.type == "cuda"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     if args.smoke:
@@ -628,6 +642,10 @@ def main(argv=None) -> list[str]:
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     args.reps = args.reps if args.reps is not None else (20 if on_gpu else 5)
     dm = device_meta(device)
+    if args.render_only:
+        stem = os.path.join(args.out, "step_smoke" if args.smoke else f"step_{dm['tag']}")
+        with open(stem + ".json") as f:
+            return write_outputs(json.load(f), stem)
     meta = run_meta(device)
     run_id = f"{meta['date']} {meta['commit']}"
     cells = [(m, w) for m in models for w in args.workloads]

@@ -183,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{path} does not exist")
     else:
-        if os.path.exists(path):
-            with open(path) as f:
-                print(f"{path}:\n{f.read()}", end="")
-            return 0
-        print(f"{path} does not exist")
-        return 1
+        if not os.path.exists(path):
+            print(f"{path} does not exist: run `python -m flashzo.sglang install`")
+            return 1
+        with open(path) as f:
+            text = f.read()
+        print(f"{path}:\n{text}", end="")
+        if text != pth_line():
+            print(f"stale: it does not run this installation's {os.path.abspath(__file__)}; "
+                  "run `python -m flashzo.sglang install`")
+            return 1
+        print("up to date")
     return 0
 
 

@@ -143,3 +143,16 @@ def test_workload_shapes():
             else:
                 assert len(ex.target) == w.target_len
             assert 1 not in [t for toks, _ in ex.sequences() for t in toks]  # never the pad id
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_reports_tflops_and_cuda_memory(tmp_path):
+    """On a lent GPU: the bf16 path runs end to end (both sides, the Triton kernels, CUDA memory stats)."""
+    bench_step.main(["--smoke", "--device", "cuda", "--dtype", "bf16", "--out", str(tmp_path),
+                     "--workloads", "sst2"])
+    with open(tmp_path / "step_smoke.json") as f:
+        results = json.load(f)
+    (row,) = results["rows"]
+    assert row["dtype"] == "bf16" and row["flashzo_tflops"] > 0 and row["baseline_tflops"] > 0
+    assert row["memory_method"].startswith("in-process") and row["flashzo_peak_mib"] > 0
+    assert results["meta"]["device"] == torch.cuda.get_device_name()

@@ -19,8 +19,21 @@ import urllib.request
 import pytest
 import torch
 
-pytest.importorskip("sglang", reason="SGLang is not installed (CPU: scripts/install_sglang_cpu.sh; GPU: "
-                                     "pip install -e '.[sglang]')")
+# FLASHZO_REQUIRE_SGLANG=1 (CI's SGLang step) turns every "not set up" skip below into a failure.
+REQUIRED = os.environ.get("FLASHZO_REQUIRE_SGLANG", "") == "1"
+SETUP_HINT = "CPU: scripts/install_sglang_cpu.sh; GPU: pip install -e '.[sglang]'"
+
+
+def _not_set_up(reason: str):
+    if REQUIRED:
+        pytest.fail(f"{reason} ({SETUP_HINT}); FLASHZO_REQUIRE_SGLANG=1 forbids skipping", pytrace=False)
+    pytest.skip(f"{reason} ({SETUP_HINT})", allow_module_level=True)
+
+
+try:
+    import sglang  # noqa: F401
+except ImportError as e:
+    _not_set_up(f"SGLang is not installed ({e})")
 pytest.importorskip("transformers")
 
 from test_loading import LAYOUTS, hf_opt, write_checkpoint  # noqa: E402  (tests/ is on sys.path)
@@ -61,8 +74,9 @@ def _require_boot_pth():
     path = boot.pth_path()
     text = open(path).read() if os.path.isfile(path) else ""
     if os.path.abspath(boot.__file__) not in text:
-        pytest.fail(f"{path} is missing or stale: SGLang's workers cannot import without torchvision. "
-                    "Run `python -m flashzo.sglang install` (scripts/install_sglang_cpu.sh does).")
+        state = "names another flashzo checkout" if text else "is missing"
+        _not_set_up(f"SGLang's CPU start-up shim {path} {state}, so SGLang's workers cannot import without "
+                    f"torchvision; `python -m flashzo.sglang install` writes it for this checkout")
 
 
 def _tokenizer(path: str, vocab_size: int) -> None:
@@ -165,6 +179,20 @@ def test_torchvision_stand_in_is_invisible_outside_sglang():
         assert importlib.util.find_spec("torchvision") is None
     finally:
         sys.modules["torchvision"] = tv
+
+
+def test_shim_install_status_uninstall(tmp_path, capsys):
+    pth = str(tmp_path / boot.PTH_NAME)
+    assert boot.main(["status", "--pth", pth]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    assert boot.main(["install", "--pth", pth]) == 0
+    assert boot.main(["status", "--pth", pth]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("up to date")
+    with open(pth, "w") as f:  # as left by a checkout that has moved since
+        f.write(boot.pth_line("/elsewhere/flashzo/sglang/boot.py"))
+    assert boot.main(["status", "--pth", pth]) == 1
+    assert "stale" in capsys.readouterr().out
+    assert boot.main(["uninstall", "--pth", pth]) == 0 and not os.path.exists(pth)
 
 
 def test_pinning_shim_only_where_pinning_is_impossible():
