@@ -214,6 +214,9 @@ def flashzo_flops(s: Sides, examples) -> int:
     if batch.trunk_meta is not None:
         flops += below * _attention_flops(batch.trunk_meta, h)
     flops += 2 * h * cfg.vocab_size * batch.logit_rows.numel()
+    if batch.fork_index is not None and batch.fork_layer < L:  # the fork layer's unadapted q/k/v: trunk rows only
+        shared = [n for n in ("q_proj", "k_proj", "v_proj") if (batch.fork_layer, n) not in s.trainer.adapter.slots]
+        flops -= len(shared) * 2 * h * h * (batch.num_tokens - batch.trunk_tokens)
     return flops
 
 

@@ -6,8 +6,8 @@ runs, so a run shared by several sequences (a classification prompt under its ca
 few-shot prefix under many prompts, a duplicated prompt) is computed once per copy; a node's page
 table lists its ancestors' slots, then its own. Copies are laid out copy-major, so each copy is one
 segment of the perturbed LoRA kernel. Layers below the lowest adapted layer are identical for every
-copy: they run once on an unsigned "trunk" copy and the hidden states fork into the copies at that
-layer (DESIGN.md section 5).
+copy: they run once on an unsigned "trunk" copy and the hidden states fork into the copies inside
+that layer, whose projections without an adapter also run once on the trunk (DESIGN.md section 5).
 
 Only the rows whose next-token distribution a loss reads get logits (`logit_rows`).
 """
@@ -87,9 +87,9 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T0] trunk tokens
     positions: torch.Tensor  # [T0]
     meta: AttentionMetadata  # signed rows (all copies), layers >= fork_layer
-    trunk_meta: AttentionMetadata | None  # trunk rows, layers < fork_layer (None: no fork)
-    fork_layer: int
-    fork_index: torch.Tensor | None  # [T] trunk row of each signed row
+    trunk_meta: AttentionMetadata | None  # trunk rows, layers < fork_layer (None: no fork or fork_layer 0)
+    fork_layer: int  # the layer whose input is the trunk and whose output the signed rows
+    fork_index: torch.Tensor | None  # [T] trunk row of each signed row (None: no fork)
     lora: LoRABatch | None
     logit_rows: torch.Tensor  # [U] signed rows whose next-token log-probs are read
     # readout: request k reads log p(target[k]) at logit_rows[req_row[k]] for group req_group[k]
@@ -113,7 +113,7 @@ class ForwardBatch:
     @property
     def trunk_tokens(self) -> int:
         """Rows of the trunk (0 without a fork): what layers < fork_layer compute."""
-        return self.trunk_meta.num_tokens if self.trunk_meta is not None else 0
+        return self.input_ids.numel() if self.fork_index is not None else 0
 
     @property
     def token_layers(self) -> int:
@@ -235,8 +235,8 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
     sharing: "all" (radix tree over every sequence: prompts under their candidates, common prefixes,
     duplicates), "candidates" (a prompt per example, shared by its candidates only) or "none" (every
     sequence computed on its own: the reference the sharing paths are tested against).
-    fork: run the layers below the lowest adapted layer once on an unsigned trunk (needs every copy
-    to score the same examples).
+    fork: run the layers below the lowest adapted layer, and that layer's projections without an
+    adapter, once on an unsigned trunk (needs every copy to score the same examples).
     """
     if sharing not in SHARING:
         raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
@@ -262,7 +262,7 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
 
     same_layout = all(ex == per_copy[0] for ex in per_copy)
     lowest = min((a.lowest_layer for a in adapters), default=num_layers)
-    use_fork = fork and same_layout and len(copies) > 1 and lowest > 0
+    use_fork = fork and same_layout and len(copies) > 1
 
     ids, pos, copy_start, qo_lens, tables, locs = [], [], [], [], [], []
     logit_rows: dict[int, int] = {}
@@ -298,7 +298,8 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
         # Every copy has copy 0's layout, so copy ci's row r is trunk row r - ci * trunk_rows.
         n0 = len(layouts[per_copy[0]].nodes)
         trunk_rows = layouts[per_copy[0]].num_rows
-        trunk_meta = AttentionMetadata.build(qo_lens[:n0], tables[:n0], locs[:trunk_rows], device)
+        if lowest > 0:
+            trunk_meta = AttentionMetadata.build(qo_lens[:n0], tables[:n0], locs[:trunk_rows], device)
         fork_index = torch.arange(trunk_rows, device=device).repeat(len(copies))
         fork_layer = lowest
 

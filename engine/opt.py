@@ -34,6 +34,10 @@ class ZOLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.key = (layer_id, name)
 
+    def adapted(self, batch: ForwardBatch | None) -> bool:
+        """Whether the batch carries an adapter for this layer (else every copy computes the same)."""
+        return batch is not None and batch.lora is not None and self.key in batch.lora.adapters[0].slots
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None) -> torch.Tensor:
         lora = batch.lora if batch is not None else None
         slot = lora.adapters[0].slots.get(self.key) if lora is not None else None
@@ -75,9 +79,22 @@ class OPTAttention(nn.Module):
         self.out_proj = ZOLinear(h, h, bias, layer_id, "out_proj")
         self.attn = Attention(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim ** -0.5, layer_id)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.q_proj(x, batch), self.k_proj(x, batch), self.v_proj(x, batch)
-        return self.out_proj(self.attn(q, k, v, batch), batch)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, fork: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, h] -> [T, h]; with `fork`, x holds the trunk's rows [T0, h] and this layer forks them
+        if fork is None:
+            q, k, v = self.q_proj(x, batch), self.k_proj(x, batch), self.v_proj(x, batch)
+            return self.out_proj(self.attn(q, k, v, batch), batch)
+        # Every copy feeds this layer the same input, so a projection without an adapter gives every
+        # copy the same q/k/v: it runs once on the trunk. Adapted ones run on the signed rows.
+        signed = None
+        qkv = []
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            if proj.adapted(batch):
+                signed = x[fork] if signed is None else signed
+                qkv.append(proj(signed, batch))
+            else:
+                qkv.append(proj(x, None)[fork])
+        return self.out_proj(self.attn(*qkv, batch), batch)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -92,12 +109,12 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine)
         self.act = _ACT[cfg.activation_function]
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # x: [T, h]
-        r = x
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, fork: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, h] -> [T, h]; with `fork` ([T] trunk row of each signed row), x is the trunk [T0, h]
+        r = x if fork is None else x[fork]
         if self.pre_ln:
             x = self.self_attn_layer_norm(x)
-        x = r + self.self_attn(x, batch)
+        x = r + self.self_attn(x, batch, fork)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         r = x
@@ -180,9 +197,8 @@ class OPTModel(nn.Module):
             x = d.project_in(x)
         x = x + d.embed_positions(positions + POSITION_OFFSET)
         for i, layer in enumerate(d.layers):
-            if batch.fork_index is not None and i == batch.fork_layer:
-                x = x[batch.fork_index]  # [T0, h] -> [T, h]: the trunk forks into the signed copies
-            x = layer(x, batch)
+            # [T0, h] -> [T, h]: the trunk forks into the signed copies inside the first adapted layer
+            x = layer(x, batch, batch.fork_index if i == batch.fork_layer else None)
         if batch.fork_index is not None and batch.fork_layer >= len(d.layers):
             x = x[batch.fork_index]
         return x

@@ -50,7 +50,7 @@ class LoRAKernelConfig:
     """Block sizes of the Triton path. ``None`` picks a heuristic. z never depends on any of these;
     the fp32 summation order of the LoRA dots does (tile shapes, the K step, the K split).
 
-    NOTE: the defaults are not timed yet (no GPU in the session that wrote them). They are the
+    NOTE: the defaults are not timed yet (not yet run on a GPU). They are the
     largest tiles that compiled for sm_90 (triton 3.9) without register spills (cuobjdump
     -res-usage): shrink row tiles of 256 at r <= 32 and 128 at r = 64 for bf16/fp16 (64 and 32 for
     fp32), K step 32, 8 warps; expand 64x64, 8 warps. Large shrink row tiles matter: every row
@@ -439,8 +439,8 @@ def perturbed_lora_linear(
     # epilogue. The base GEMM is ~99% of the FLOPs (2*T*N*K against 2*T*r*(K+N), r <= 64 << K, N)
     # and cuBLAS runs it near the H100's peak, where a Triton GEMM usually trails it by 10-30%; the
     # LoRA part is bound by memory (reading x, read-modify-write of y) and by regenerating z, so
-    # fusing it into the GEMM would save little traffic and cost the faster GEMM. NOT YET MEASURED:
-    # this session had no GPU. bench/bench_perturbed_lora.py checks it: fused vs the unfused torch
+    # fusing it into the GEMM would save little traffic and cost the faster GEMM. NOT YET MEASURED on a
+    # GPU; bench/bench_perturbed_lora.py checks it: fused vs the unfused torch
     # code a user would write vs the bare base GEMM (the floor), on OPT q_proj shapes in bf16.
     y = F.linear(x, weight, bias)  # [T, N] in x.dtype, contiguous
     if T == 0 or N == 0:

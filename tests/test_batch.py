@@ -106,13 +106,51 @@ def test_each_copy_equals_scoring_it_alone(model, sharing):
             [info[1:] for info in batch.group_info if info[0] == ci]
 
 
-def test_adapter_in_layer_zero_does_not_fork(model):
+def _rows_per_projection(model, batch):
+    """{(layer, name): rows} that each q/k/v projection of the forward was called on."""
+    rows, hooks = {}, []
+    for layer in model.decoder.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            hooks.append(proj.register_forward_hook(
+                lambda mod, args, out: rows.__setitem__(mod.key, args[0].shape[0])))
+    try:
+        out = model.score(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows, out
+
+
+@pytest.mark.parametrize("layers,targets", [(None, ("q_proj", "v_proj", "fc1")), ((2, 3), ("k_proj",)),
+                                            (None, ("q_proj", "k_proj", "v_proj"))])
+def test_fork_layer_runs_unadapted_projections_once(model, layers, targets):
+    """The fork layer's input is the same for every copy: its projections without an adapter run on
+    the trunk's rows only (DESIGN.md section 5, layer-0 K/V of an unadapted projection), and the
+    scores equal the computation that shares nothing."""
     exs = EXAMPLES["few_shot"]
-    ad = _adapter(layers=None)
-    batch, out = _score(model, exs, SIGNED[:2], adapters=[ad], eps=0.05)
-    assert batch.trunk_meta is None and batch.fork_index is None
-    _, ref = _score(model, exs, SIGNED[:2], adapters=[ad], eps=0.05, sharing="none")
+    ad = LoRAAdapter.init(LoRAConfig(r=4, target_modules=targets, layers=layers), CFG)
+    ad.buffer.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    kw = dict(adapters=[ad], eps=0.05)
+    batch = model.build_batch(exs, SIGNED, **kw)
+    lowest = ad.lowest_layer
+    assert batch.fork_layer == lowest and batch.fork_index is not None
+    assert (batch.trunk_meta is None) == (lowest == 0)
+    trunk, signed = batch.trunk_tokens, batch.num_tokens
+    assert signed == len(SIGNED) * trunk
+    rows, out = _rows_per_projection(model, batch)
+    for (layer, name), n in rows.items():
+        if layer < lowest:
+            assert n == trunk
+        elif layer == lowest:
+            assert n == (signed if (layer, name) in ad.slots else trunk), (layer, name)
+        else:
+            assert n == signed, (layer, name)
+    ref_batch = model.build_batch(exs, SIGNED, sharing="none", fork=False, **kw)
+    ref_rows, ref = _rows_per_projection(model, ref_batch)
+    assert set(ref_rows.values()) == {ref_batch.num_tokens}
     torch.testing.assert_close(out, ref, **TOL)
+    per_copy = ref.view(len(SIGNED), -1)  # the copies differ: the test could fail
+    assert (per_copy[0] - per_copy[1]).abs().max() > 1e-3
 
 
 def test_examples_per_copy(model):
