@@ -69,7 +69,12 @@ def test_smoke_writes_its_files(tmp_path):
     assert results["meta"]["commit"] and results["meta"]["torch"] == torch.__version__
     with open(tmp_path / "step_smoke.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
-    assert "| opt-tiny | sst2 |" in (tmp_path / "step_smoke.md").read_text()
+    md = (tmp_path / "step_smoke.md").read_text()
+    assert "| opt-tiny | sst2 |" in md
+    # --render-only rebuilds the table and plot from the JSON alone, without measuring
+    os.remove(tmp_path / "step_smoke.md")
+    bench_step.main(["--smoke", "--out", str(tmp_path), "--render-only"])
+    assert (tmp_path / "step_smoke.md").read_text() == md
 
 
 @pytest.mark.parametrize("workload", list(bench_step.WORKLOADS))
