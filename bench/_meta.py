@@ -1,10 +1,12 @@
-"""What every benchmark records beside its numbers: the commit and the CPU it ran on."""
+"""What every benchmark shares: the commit and CPU it records, and how it writes its report."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +32,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_report(stem: str, report: dict, markdown: Callable[[dict], str], plot: Callable[[dict, str], None]
+                 ) -> list[str]:
+    """Write `stem`.json, .md (markdown(report)) and .png (plot(report, path)); print the table."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot(report, stem + ".png")
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return [stem + ext for ext in (".json", ".md", ".png")]

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import torch
-from _meta import cpu_name, git_commit
+from _meta import cpu_name, git_commit, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -232,16 +232,8 @@ def main(argv=None) -> None:
     report["baseline_1"] = report["results"][0]["steps_per_second"]
     report["baseline_w"] = report["results"][1]["steps_per_second"]
 
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "distributed_cpu" + ("_smoke" if args.smoke else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    plot(report, stem + ".png")
-    print(md)
-    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    write_report(stem, report, markdown, plot)
 
 
 if __name__ == "__main__":

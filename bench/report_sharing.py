@@ -46,7 +46,7 @@ import tempfile
 import time
 
 import torch
-from _meta import cpu_name, git_commit
+from _meta import cpu_name, git_commit, write_report
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -406,16 +406,8 @@ def main(argv=None) -> None:
             "lora_layers": f"{half}-{cfg.num_hidden_layers - 1}", "fork_layer": half,
             "flashzo_sharing_tokens": {s: token_counts(variant, s)["flashzo_sharing_tokens"] for s in shapes}}
 
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "sharing_report" + ("_smoke" if args.smoke else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    plot(report, stem + ".png")
-    print(md)
-    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    write_report(stem, report, markdown, plot)
 
 
 if __name__ == "__main__":
