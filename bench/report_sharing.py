@@ -134,7 +134,7 @@ def token_counts(args, shape: str) -> dict:
                        "mean": sum(prompt_lens) / len(prompt_lens)},
         "copies": len(copies),
         "lowest_adapted_layer": ad.lowest_layer,
-        "fork_layer": shared.fork_layer if shared.trunk_meta is not None else None,
+        "fork_layer": shared.fork_layer if shared.fork_index is not None else None,
         "flashzo_sharing_rows": shared.num_tokens,
         "flashzo_sharing_trunk_rows": shared.trunk_tokens,
         "flashzo_sharing_tokens": shared.token_layers / L,
