@@ -221,10 +221,8 @@ class MeZOTrainer:
         validate_examples(examples, self.model)
         ex = self.exchange
         if ex is None:
-            batch = self.model.build_batch(examples, self.copies(), adapters=[self.adapter], eps=self.config.eps,
-                                           sharing=self.config.sharing)
-            scores = copy_losses(batch, self.model.score(batch), examples)
-            return self.apply(scores.loss, tokens=batch.num_tokens)
+            scores, tokens = self._score_copies(examples, self.copies())
+            return self.apply(scores.loss, tokens=tokens)
         before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
         losses, tokens = distributed.step_losses(
             ex, self.config.parallel, self._scores, examples, q=self.config.num_perturbations,
@@ -236,11 +234,15 @@ class MeZOTrainer:
     def _scores(self, examples: Sequence[Example], perturbations: Sequence[int]):
         """(loss_sum, loss_count, rows) of the copies (+, -) of some perturbations of the current step."""
         seeds = self.seeds(self.counters.step)
-        copies = [Copy(0, seeds[i], sign) for i in perturbations for sign in (+1, -1)]
+        scores, tokens = self._score_copies(
+            examples, [Copy(0, seeds[i], sign) for i in perturbations for sign in (+1, -1)])
+        return scores.loss_sum, scores.loss_count, tokens
+
+    def _score_copies(self, examples: Sequence[Example], copies: Sequence[Copy]):
+        """(CopyScores, rows of the forward) of `examples` under `copies` of this trainer's adapter."""
         batch = self.model.build_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
                                        sharing=self.config.sharing)
-        scores = copy_losses(batch, self.model.score(batch), examples)
-        return scores.loss_sum, scores.loss_count, batch.num_tokens
+        return copy_losses(batch, self.model.score(batch), examples), batch.num_tokens
 
     # torch.distributed ----------------------------------------------------------------------------
     @property
