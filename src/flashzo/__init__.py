@@ -15,12 +15,13 @@ from flashzo.engine import (
 )
 from flashzo.engine.data import load_jsonl, synthetic_task
 from flashzo.engine.distributed import DistributedError, init_distributed
+from flashzo.errors import InputError
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistributedError", "Example", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError",
+    "DistributedError", "Example", "InputError", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError",
     "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed", "load_jsonl", "load_opt", "save_opt",
     "step_together", "synthetic_task", "__version__",
 ]
