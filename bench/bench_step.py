@@ -171,7 +171,7 @@ def run_flashzo(s: Sides, examples) -> float:
 def run_infer(s: Sides, examples) -> float:
     """One plain inference forward of the batch: one copy, sign 0, the adapter unperturbed."""
     batch = s.model.build_batch(examples, [Copy()], adapters=[s.trainer.adapter])
-    return copy_losses(batch, s.model.score(batch), examples).loss[0]
+    return copy_losses(batch.readout, s.model.score(batch), examples).loss[0]
 
 
 def run_floor(s: Sides, examples) -> float:
@@ -207,16 +207,17 @@ def flashzo_flops(s: Sides, examples) -> int:
     batch = s.model.build_batch(examples, s.trainer.copies(), adapters=[s.trainer.adapter],
                                 eps=s.trainer.config.eps, sharing=s.trainer.config.sharing)
     L, h = cfg.num_hidden_layers, cfg.hidden_size
-    below = min(batch.fork_layer, L) if batch.trunk_meta is not None else 0
+    inputs, stats = batch.inputs, batch.stats
+    below = min(inputs.fork_layer, L) if inputs.trunk_meta is not None else 0
     per_row = _linear_flops_per_row(cfg, 8, 2)
-    flops = batch.token_layers * per_row
-    flops += (L - below) * _attention_flops(batch.meta, h)
-    if batch.trunk_meta is not None:
-        flops += below * _attention_flops(batch.trunk_meta, h)
-    flops += 2 * h * cfg.vocab_size * batch.logit_rows.numel()
-    if batch.fork_index is not None and batch.fork_layer < L:  # the fork layer's unadapted q/k/v: trunk rows only
-        shared = [n for n in ("q_proj", "k_proj", "v_proj") if (batch.fork_layer, n) not in s.trainer.adapter.slots]
-        flops -= len(shared) * 2 * h * h * (batch.num_tokens - batch.trunk_tokens)
+    flops = stats.token_layers * per_row
+    flops += (L - below) * _attention_flops(inputs.meta, h)
+    if inputs.trunk_meta is not None:
+        flops += below * _attention_flops(inputs.trunk_meta, h)
+    flops += 2 * h * cfg.vocab_size * batch.readout.rows.numel()
+    if inputs.fork_index is not None and inputs.fork_layer < L:  # the fork layer's unadapted q/k/v: trunk rows only
+        shared = [n for n in ("q_proj", "k_proj", "v_proj") if (inputs.fork_layer, n) not in s.trainer.adapter.slots]
+        flops -= len(shared) * 2 * h * h * (stats.num_tokens - stats.trunk_tokens)
     return flops
 
 
@@ -234,8 +235,8 @@ def infer_flops(s: Sides, examples) -> int:
     cfg = s.model.config
     batch = s.model.build_batch(examples, [Copy()], adapters=[s.trainer.adapter])
     L, h = cfg.num_hidden_layers, cfg.hidden_size
-    return (batch.token_layers * _linear_flops_per_row(cfg, 8, 2) + L * _attention_flops(batch.meta, h)
-            + 2 * h * cfg.vocab_size * batch.logit_rows.numel())
+    return (batch.stats.token_layers * _linear_flops_per_row(cfg, 8, 2) + L * _attention_flops(batch.inputs.meta, h)
+            + 2 * h * cfg.vocab_size * batch.readout.rows.numel())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
     row = dict(
         model=preset, workload=workload, dtype=dtype_name, examples=len(examples),
         batch_tokens=batch_tokens(examples), baseline_padded_tokens=padded.padded_tokens,
-        flashzo_rows=s.model.build_batch(examples, s.trainer.copies(), adapters=[s.trainer.adapter]).num_tokens,
+        flashzo_rows=s.model.build_batch(examples, s.trainer.copies(), adapters=[s.trainer.adapter]).stats.num_tokens,
         reps=args.reps, warmup=args.warmup,
         baseline_ms=1e3 * med["baseline"], flashzo_ms=1e3 * med["flashzo"], floor_ms=1e3 * med["floor"],
         speedup=med["baseline"] / med["flashzo"], step_over_floor=med["flashzo"] / med["floor"],

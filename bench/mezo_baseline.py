@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flashzo.engine import Example, LoRAAdapter, OPTModel, save_opt
+from flashzo.engine.model import checkpoint_names
 
 PAD_MULTIPLE = 8
 
@@ -64,7 +65,9 @@ def hf_from_flashzo(model: OPTModel, adapter: LoRAAdapter, *, dtype: torch.dtype
         cfg._attn_implementation = attn_implementation
         with torch.device("meta"):
             hf = transformers.OPTForCausalLM(cfg)
-        state = {f"model.{name}": p for name, p in model.named_parameters()}
+        params = dict(model.named_parameters())  # stacked projections give views of their rows
+        state = {f"model.{key}": params[pname] if rows is None else params[pname][rows[0]:rows[1]]
+                 for key, (pname, rows) in checkpoint_names(model).items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"weights do not map onto transformers' OPT: missing {missing}, unexpected {unexpected}")

@@ -1,4 +1,4 @@
-"""flashzo.engine: OPT on a paged KV cache, LoRA adapters, batching and the MeZO trainer."""
+"""flashzo.engine: the model families on a paged KV cache, LoRA adapters, batching and the MeZO trainer."""
 
 if __name__ != "flashzo.engine":
     raise ImportError(
@@ -7,13 +7,17 @@ if __name__ != "flashzo.engine":
     )
 
 from .attention import KVPool, force_backend, resolve_backend
-from .batch import Copy, Example, ForwardBatch, build_batch
+from .batch import Copy, ModelInputs, Readout, SignedPair, StepBatch, build_batch
 from .config import PRESETS, OPTConfig
-from .loading import load_opt, save_opt
+from .example import Example, Limits
+from .family import FAMILIES
+from .loading import load_model, load_opt, save_model, save_opt
 from .lora import LoRAAdapter, LoRAConfig
+from .model import CausalLM
 from .opt import OPTModel
 
 __all__ = [
-    "Copy", "Example", "ForwardBatch", "KVPool", "LoRAAdapter", "LoRAConfig", "OPTConfig", "OPTModel",
-    "PRESETS", "build_batch", "force_backend", "load_opt", "resolve_backend", "save_opt",
+    "FAMILIES", "CausalLM", "Copy", "Example", "KVPool", "Limits", "LoRAAdapter", "LoRAConfig", "ModelInputs",
+    "OPTConfig", "OPTModel", "PRESETS", "Readout", "SignedPair", "StepBatch", "build_batch", "force_backend",
+    "load_model", "load_opt", "resolve_backend", "save_model", "save_opt",
 ]

@@ -7,8 +7,12 @@ prompts); that sharing is all in the page tables, the kernels never know about i
 
 Backends implement the same small interface and are resolved once:
 
-    backend.plan(meta, *, num_heads, head_dim, dtype, stage=0)   once per forward stage
-    backend.forward(q, meta, pool, layer_id, scaling) -> o       once per layer
+    plan = backend.plan(meta, *, num_heads, num_kv_heads, head_dim, dtype, stage=0)   once per stage
+    backend.forward(q, meta, plan, pool, layer_id, scaling) -> o                        once per layer
+
+A plan is what the backend prepared for one stage's metadata; the model keeps it in the forward's
+context (engine/model.py), never on the metadata or the batch. With grouped-query attention
+(num_kv_heads < num_heads) query head h reads K/V head h // (num_heads // num_kv_heads).
 
 `torch` is exact and runs anywhere (the reference). `flashinfer` uses FlashInfer's paged prefill on
 CUDA (fp16/bf16, head_dim 64/128/256; anything else falls back to the torch path).
@@ -25,11 +29,12 @@ tests/test_attention.py has a GPU-marked test comparing it with the torch backen
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from flashzo.errors import InputError
 
 
 class KVPool:
@@ -95,7 +100,6 @@ class AttentionMetadata:
     out_cache_loc: torch.Tensor  # [T] int64
     qo_indptr_host: list[int] = field(default_factory=list)
     kv_indptr_host: list[int] = field(default_factory=list)
-    plan: object = None  # backend-specific, filled by backend.plan()
 
     @property
     def num_seqs(self) -> int:
@@ -105,16 +109,11 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.qo_indptr_host[-1]
 
-    @property
-    def kv_last_page_len(self) -> torch.Tensor:
-        # page size 1: every last page is full
-        return torch.ones(self.num_seqs, dtype=torch.int32, device=self.qo_indptr.device)
-
     @classmethod
     def build(cls, qo_lens: list[int], page_tables: list[list[int]], out_cache_loc: list[int],
               device) -> "AttentionMetadata":
         if len(qo_lens) != len(page_tables):
-            raise ValueError(f"{len(qo_lens)} sequences but {len(page_tables)} page tables")
+            raise InputError(f"{len(qo_lens)} sequences but {len(page_tables)} page tables")
         qo_indptr = [0]
         for n in qo_lens:
             qo_indptr.append(qo_indptr[-1] + n)
@@ -125,10 +124,10 @@ class AttentionMetadata:
             kv_indptr.append(len(flat))
         for s, (n, pt) in enumerate(zip(qo_lens, page_tables)):
             if not 0 < n <= len(pt):
-                raise ValueError(f"sequence {s}: {n} new tokens and a page table of {len(pt)} slots "
+                raise InputError(f"sequence {s}: {n} new tokens and a page table of {len(pt)} slots "
                                  "(need 0 < new tokens <= slots)")
         if len(out_cache_loc) != qo_indptr[-1]:
-            raise ValueError(f"{len(out_cache_loc)} output slots for {qo_indptr[-1]} query rows")
+            raise InputError(f"{len(out_cache_loc)} output slots for {qo_indptr[-1]} query rows")
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
             qo_indptr=torch.tensor(qo_indptr, **i32),
@@ -190,7 +189,7 @@ class TorchAttentionBackend:
             chunks.append(group)
         return chunks
 
-    def plan(self, meta: AttentionMetadata, *, num_heads: int = 1, head_dim: int = 1, **_) -> None:
+    def plan(self, meta: AttentionMetadata, *, num_heads: int = 1, head_dim: int = 1, **_) -> list[_TorchChunk]:
         qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
         device = meta.qo_indptr.device
         kv_indices = meta.kv_indices.long()
@@ -216,17 +215,20 @@ class TorchAttentionBackend:
                 q_rows=q_rows.to(device), dst_rows=q_rows[q_valid].to(device), q_valid=q_valid.to(device),
                 kv_slots=kv_indices[kv_pos.to(device)], mask=mask.unsqueeze(1).to(device),
             ))
-        meta.plan = planned
+        return planned
 
-    def forward(self, q: torch.Tensor, meta: AttentionMetadata, pool: KVPool, layer_id: int,
-                scaling: float) -> torch.Tensor:
-        # q: [T, H, D] -> o: [T, H, D]
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata, plan: list[_TorchChunk], pool: KVPool,
+                layer_id: int, scaling: float) -> torch.Tensor:
+        # q: [T, H, D] -> o: [T, H, D]; the pool holds KV <= H heads (grouped-query attention)
         kb, vb = pool.buffers(layer_id)
+        group = q.shape[1] // kb.shape[1]
         o = torch.empty_like(q)
-        for c in meta.plan:
+        for c in plan:
             qc = q[c.q_rows].transpose(1, 2)  # [n, H, L, D]
-            kc = kb[c.kv_slots].transpose(1, 2).to(q.dtype)  # [n, H, S, D]
+            kc = kb[c.kv_slots].transpose(1, 2).to(q.dtype)  # [n, KV, S, D]
             vc = vb[c.kv_slots].transpose(1, 2).to(q.dtype)
+            if group > 1:  # [n, KV, S, D] -> [n, H, S, D]: query head h reads KV head h // group
+                kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling)
             oc = oc.transpose(1, 2)  # [n, L, H, D]
             o[c.dst_rows] = oc[c.q_valid]
@@ -247,7 +249,7 @@ def flashinfer_supports(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 def flashinfer_plan_args(meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
-                         sm_scale: float | None = None) -> tuple[tuple, dict]:
+                         num_kv_heads: int | None = None, sm_scale: float | None = None) -> tuple[tuple, dict]:
     """(args, kwargs) of BatchPrefillWithPagedKVCacheWrapper.plan for one stage (no flashinfer import).
 
     The three indptr-like arrays are int32 host tensors: plan reads them on the host anyway
@@ -261,7 +263,7 @@ def flashinfer_plan_args(meta: AttentionMetadata, *, num_heads: int, head_dim: i
         meta.kv_indices,  # paged_kv_indices [nnz] int32
         torch.ones(meta.num_seqs, **i32),  # paged_kv_last_page_len [S]
         num_heads,  # num_qo_heads
-        num_heads,  # num_kv_heads (OPT: no GQA)
+        num_kv_heads or num_heads,  # num_kv_heads (grouped-query attention: fewer than num_qo_heads)
         head_dim,  # head_dim_qk
         1,  # page_size
     )
@@ -280,7 +282,6 @@ class FlashInferAttentionBackend:
     """
 
     name = "flashinfer"
-    SUPPORTED_HEAD_DIMS = FLASHINFER_HEAD_DIMS
 
     def __init__(self, workspace_bytes: int = 256 << 20, device: str | torch.device = "cuda"):
         import flashinfer  # noqa: F401  (fails here, not mid-forward, if missing)
@@ -297,27 +298,25 @@ class FlashInferAttentionBackend:
         return self._wrappers[key]
 
     def plan(self, meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
-             stage: int = 0, sm_scale: float | None = None) -> None:
+             num_kv_heads: int | None = None, stage: int = 0, sm_scale: float | None = None) -> tuple:
         if not flashinfer_supports(head_dim, dtype):
             # NOTE: FlashInfer's prefill kernels cover fp16/bf16 and these head dims; fp32 models and
             # opt-2.7b (head_dim 80) use the exact torch path instead.
-            self._fallback.plan(meta, num_heads=num_heads, head_dim=head_dim)
-            meta.plan = ("torch", meta.plan)
-            return
+            return ("torch", self._fallback.plan(meta, num_heads=num_heads, head_dim=head_dim))
         args, kwargs = flashinfer_plan_args(meta, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
-                                            sm_scale=sm_scale)
+                                            num_kv_heads=num_kv_heads, sm_scale=sm_scale)
         w = self._wrapper(stage)
         w.plan(*args, **kwargs)
-        meta.plan = ("flashinfer", (w, kwargs["sm_scale"]))
+        return ("flashinfer", (w, kwargs["sm_scale"]))
 
-    def forward(self, q: torch.Tensor, meta: AttentionMetadata, pool: KVPool, layer_id: int,
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata, plan: tuple, pool: KVPool, layer_id: int,
                 scaling: float) -> torch.Tensor:
-        kind, plan = meta.plan
+        kind, plan = plan
         if kind == "torch":
-            return self._fallback.forward(q, dataclasses.replace(meta, plan=plan), pool, layer_id, scaling)
+            return self._fallback.forward(q, meta, plan, pool, layer_id, scaling)
         wrapper, sm_scale = plan
         if abs(scaling - sm_scale) > 1e-6 * sm_scale:
-            raise ValueError(f"layer {layer_id} asks for softmax scale {scaling}, the plan has {sm_scale}")
+            raise InputError(f"layer {layer_id} asks for softmax scale {scaling}, the plan has {sm_scale}")
         kb, vb = pool.buffers(layer_id)
         # pool: [capacity, H, D] -> pages of one token: [capacity, 1, H, D] (NHD)
         return wrapper.run(q.contiguous(), (kb.unsqueeze(1), vb.unsqueeze(1)))
@@ -347,16 +346,16 @@ def resolve_backend(name: str | None = None, device: torch.device | str | None =
         return TorchAttentionBackend()
     if name == "flashinfer":
         if dev is not None and dev.type != "cuda":
-            raise ValueError(f"attention backend 'flashinfer' needs a CUDA device, the model is on {dev}")
+            raise InputError(f"attention backend 'flashinfer' needs a CUDA device, the model is on {dev}")
         if not flashinfer_available():
-            raise ValueError("attention backend 'flashinfer' needs CUDA and the flashinfer-python package")
+            raise InputError("attention backend 'flashinfer' needs CUDA and the flashinfer-python package")
         return FlashInferAttentionBackend(device=dev if dev is not None else "cuda")
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'flashinfer'")
+    raise InputError(f"unknown attention backend {name!r}; choose 'torch' or 'flashinfer'")
 
 
 def force_backend(name: str | None) -> None:
     """Force every later resolve_backend() call (tests); None restores automatic choice."""
     global _FORCED
     if name not in (None, "torch", "flashinfer"):
-        raise ValueError(f"unknown attention backend {name!r}")
+        raise InputError(f"unknown attention backend {name!r}")
     _FORCED = name

@@ -1,69 +1,46 @@
-"""Building one ragged, padding-free forward batch for everything a MeZO step computes.
+"""A step's data: one ragged, padding-free forward for everything a MeZO step computes.
 
-A step scores every example under 2q signed copies of the adapter. Every sequence it needs
-(prompt + candidate for classification, prompt + target for LM) goes into a radix tree of token
-runs, so a run shared by several sequences (a classification prompt under its candidates, a
-few-shot prefix under many prompts, a duplicated prompt) is computed once per copy; a node's page
-table lists its ancestors' slots, then its own. Copies are laid out copy-major, so each copy is one
-segment of the perturbed LoRA kernel. Layers below the lowest adapted layer are identical for every
-copy: they run once on an unsigned "trunk" copy and the hidden states fork into the copies inside
-that layer, whose projections without an adapter also run once on the trunk (DESIGN.md section 5).
+A step scores its examples under 2q signed copies of the adapter (q SignedPairs). What the model
+and the losses need is three explicit things (docs/design.md, "A step's data"):
 
-Only the rows whose next-token distribution a loss reads get logits (`logit_rows`).
+- ModelInputs: what the forward reads (the trunk's token ids and positions, the attention
+  metadata of each stage, the fork, the LoRA segments and weights);
+- Readout: what the losses read (the rows that get logits, and for every scored token its row,
+  its target and its group: a (copy, example, candidate) record);
+- BatchStats: what the batch costs (tokens per copy, what sharing saved), for reports.
+
+The runtime state a forward needs besides these (the KV pool, the attention backend and its plans)
+belongs to the model (engine/model.py: CausalLM.prepare), never to the batch.
+
+Every sequence a step needs (prompt + candidate for classification, prompt + target for LM) goes
+into a radix tree of token runs, so a run shared by several sequences (a classification prompt
+under its candidates, a few-shot prefix under many prompts, a duplicated prompt) is computed once
+per copy; a node's page table lists its ancestors' slots, then its own. Copies are laid out
+copy-major, so each copy is one segment of the perturbed LoRA kernel. Layers below the lowest
+adapted layer are identical for every copy: they run once on an unsigned "trunk" copy and the
+hidden states fork into the copies inside that layer, whose projections without an adapter also
+run once on the trunk (docs/design.md, "Sharing"). Only the rows whose next-token distribution a
+loss reads get logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 
+from flashzo.errors import InputError
 from flashzo.kernels import Segments
 
 from .attention import AttentionMetadata
+from .example import Example, Limits, check_examples
 from .lora import LoRAAdapter
 
 SHARING = ("all", "candidates", "none")
 
 
-@dataclass
-class Example:
-    """A training example in token ids: a prompt plus candidates and a label, or a target."""
-
-    prompt: Sequence[int]
-    candidates: Sequence[Sequence[int]] | None = None
-    label: int | None = None
-    target: Sequence[int] | None = None
-
-    def __post_init__(self):
-        if (self.candidates is None) == (self.target is None):
-            raise ValueError("an Example needs either candidates (classification) or a target (LM), not "
-                             f"{'both' if self.candidates is not None else 'neither'}")
-        if len(self.prompt) == 0:
-            raise ValueError("an Example's prompt is empty: the first scored token needs a context")
-        if self.candidates is not None:
-            if len(self.candidates) == 0:
-                raise ValueError("an Example's candidates list is empty")
-            for i, c in enumerate(self.candidates):
-                if len(c) == 0:
-                    raise ValueError(f"candidate {i} is empty (its score, a mean over its tokens, is undefined)")
-            if self.label is not None and not 0 <= int(self.label) < len(self.candidates):
-                raise ValueError(f"label {self.label} is out of range for {len(self.candidates)} candidates")
-
-    @property
-    def is_classification(self) -> bool:
-        return self.candidates is not None
-
-    def sequences(self) -> list[tuple[list[int], int]]:
-        """(full token list, index where the scored part starts) of every sequence this example needs."""
-        p = [int(t) for t in self.prompt]
-        if self.candidates is not None:
-            return [(p + [int(t) for t in c], len(p)) for c in self.candidates]
-        return [(p + [int(t) for t in self.target], len(p))]
-
-
-@dataclass
+@dataclass(frozen=True)
 class Copy:
     """One signed copy of the batch: which adapter, which perturbation seed, which sign."""
 
@@ -72,38 +49,58 @@ class Copy:
     sign: int = 0
 
 
+@dataclass(frozen=True)
+class SignedPair:
+    """The +eps and -eps copies of one perturbation: the unit of MeZO's two-sided difference."""
+
+    seed: int
+    adapter: int = 0
+
+    @property
+    def plus(self) -> Copy:
+        return Copy(self.adapter, self.seed, +1)
+
+    @property
+    def minus(self) -> Copy:
+        return Copy(self.adapter, self.seed, -1)
+
+
+def pair_copies(pairs: Sequence[SignedPair]) -> list[Copy]:
+    """The copies of some pairs, each pair's + then its - (the order pair_losses reads back)."""
+    return [c for p in pairs for c in (p.plus, p.minus)]
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One adapted matrix pair for every adapter of a batch, stacked once per batch."""
+
+    a: torch.Tensor  # [n_adapters, r, in]
+    b: torch.Tensor  # [n_adapters, out, r]
+    a_offset: int  # flat index of A[0, 0] in the adapter's parameter space (z is indexed there)
+    b_offset: int
+
+
 @dataclass
 class LoRABatch:
-    adapters: list[LoRAAdapter]
-    segments: Segments  # one segment per copy, over the signed rows
+    """The adapters a forward applies: per adapted (layer, module) its weights; one segment per copy."""
+
+    weights: dict[tuple[int, str], LoRAWeights]
+    segments: Segments  # over the signed rows, one per copy
     eps: float
     scaling: float
 
 
 @dataclass
-class ForwardBatch:
-    """Inputs of OPTModel.forward: trunk tokens, the fork, attention metadata and what to read out."""
+class ModelInputs:
+    """What CausalLM.forward reads: the trunk's tokens, each stage's attention metadata, the fork, LoRA."""
 
-    input_ids: torch.Tensor  # [T0] trunk tokens
+    input_ids: torch.Tensor  # [T0] trunk tokens (T0 = T without a fork)
     positions: torch.Tensor  # [T0]
-    meta: AttentionMetadata  # signed rows (all copies), layers >= fork_layer
-    trunk_meta: AttentionMetadata | None  # trunk rows, layers < fork_layer (None: no fork or fork_layer 0)
+    meta: AttentionMetadata  # the signed rows (all copies): layers >= fork_layer
+    trunk_meta: AttentionMetadata | None  # the trunk: layers < fork_layer (None: no fork, or fork at 0)
     fork_layer: int  # the layer whose input is the trunk and whose output the signed rows
     fork_index: torch.Tensor | None  # [T] trunk row of each signed row (None: no fork)
     lora: LoRABatch | None
-    logit_rows: torch.Tensor  # [U] signed rows whose next-token log-probs are read
-    # readout: request k reads log p(target[k]) at logit_rows[req_row[k]] for group req_group[k]
-    req_row: torch.Tensor  # [R]
-    req_target: torch.Tensor  # [R]
-    req_group: torch.Tensor  # [R]
-    num_groups: int
-    group_info: list[tuple[int, int, int]] = field(default_factory=list)  # (copy, example, candidate)
-    num_copies: int = 1
-    tokens_per_copy: int = 0
-    tokens_unshared: int = 0  # what the same copy costs with no sharing at all
-    num_layers: int = 0
-    pool: object = None  # KVPool, attached by OPTModel.prepare
-    backend: object = None  # attention backend, likewise
 
     @property
     def num_tokens(self) -> int:
@@ -115,18 +112,71 @@ class ForwardBatch:
         """Rows of the trunk (0 without a fork): what layers < fork_layer compute."""
         return self.input_ids.numel() if self.fork_index is not None else 0
 
-    @property
-    def token_layers(self) -> int:
-        """Token-layers the forward computes: sum over layers of the rows that layer runs on."""
-        if self.trunk_meta is None:
-            return self.num_tokens * self.num_layers
-        below = min(self.fork_layer, self.num_layers)
-        return self.trunk_tokens * below + self.num_tokens * (self.num_layers - below)
+    def forks_at(self, layer_id: int) -> bool:
+        return self.fork_index is not None and layer_id == self.fork_layer
 
     def stage(self, layer_id: int) -> AttentionMetadata:
         if self.trunk_meta is not None and layer_id < self.fork_layer:
             return self.trunk_meta
         return self.meta
+
+
+class ReadoutGroup(NamedTuple):
+    """The scored tokens of one sequence under one copy: a candidate, or an LM target."""
+
+    copy: int
+    example: int
+    candidate: int  # 0 for an LM target
+
+
+@dataclass
+class Readout:
+    """What the losses read: request k is log p(target[k]) at row rows[req_row[k]], of group req_group[k].
+
+    Groups are ordered copy -> example -> candidate and a group's requests are contiguous, so every
+    reduction over them is a segment sum in a fixed order (engine/loss.py).
+    """
+
+    rows: torch.Tensor  # [U] signed rows whose next-token log-probs are read (logits only there)
+    req_row: torch.Tensor  # [R] index into rows
+    req_target: torch.Tensor  # [R] token ids
+    req_group: torch.Tensor  # [R] index into groups
+    groups: list[ReadoutGroup]
+    num_copies: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What a batch costs, for reports and benchmarks (nothing here is read by the forward)."""
+
+    num_copies: int
+    num_layers: int
+    tokens_per_copy: int  # rows one copy computes with this batch's sharing
+    tokens_unshared: int  # what the same copy costs with no sharing at all
+    num_tokens: int  # signed rows (all copies)
+    trunk_tokens: int  # trunk rows (0 without a fork)
+    fork_layer: int | None  # None: no fork
+
+    @property
+    def token_layers(self) -> int:
+        """Token-layers the forward computes: sum over layers of the rows that layer runs on."""
+        if self.fork_layer is None:
+            return self.num_tokens * self.num_layers
+        below = min(self.fork_layer, self.num_layers)
+        return self.trunk_tokens * below + self.num_tokens * (self.num_layers - below)
+
+
+@dataclass
+class StepBatch:
+    """One forward's inputs, what its losses read, and what it costs."""
+
+    inputs: ModelInputs
+    readout: Readout
+    stats: BatchStats
 
 
 class _Node:
@@ -226,9 +276,9 @@ class _Layout:
 
 def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
                 adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, num_layers: int,
-                max_positions: int, device, sharing: str = "all", fork: bool = True,
-                examples_per_copy: Sequence[Sequence[int]] | None = None) -> ForwardBatch:
-    """One forward batch scoring `examples` under every copy.
+                max_positions: int, vocab_size: int | None = None, device, sharing: str = "all",
+                fork: bool = True, examples_per_copy: Sequence[Sequence[int]] | None = None) -> StepBatch:
+    """One forward batch scoring `examples` under every copy (the examples are checked first).
 
     examples_per_copy: which examples each copy scores (default: all of them in every copy); used
     when several jobs with different batches share one forward.
@@ -238,27 +288,31 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
     fork: run the layers below the lowest adapted layer, and that layer's projections without an
     adapter, once on an unsigned trunk (needs every copy to score the same examples).
     """
+    limits = Limits(vocab_size if vocab_size is not None else 2**63, max_positions)
+    check_examples(examples, limits, what="examples", training=False)
+    return plan_batch(examples, copies, adapters=adapters, eps=eps, num_layers=num_layers, device=device,
+                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy)
+
+
+def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters: Sequence[LoRAAdapter] = (),
+               eps: float = 0.0, num_layers: int, device, sharing: str = "all", fork: bool = True,
+               examples_per_copy: Sequence[Sequence[int]] | None = None) -> StepBatch:
+    """build_batch for examples an entry point has already checked (engine/example.py)."""
     if sharing not in SHARING:
-        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+        raise InputError(f"sharing must be one of {SHARING}, got {sharing!r}")
     if not copies:
-        raise ValueError("copies is empty")
+        raise InputError("copies is empty")
     all_ex = tuple(range(len(examples)))
     per_copy = [tuple(e) for e in examples_per_copy] if examples_per_copy is not None else [all_ex] * len(copies)
     if len(per_copy) != len(copies):
-        raise ValueError(f"examples_per_copy has {len(per_copy)} entries for {len(copies)} copies")
+        raise InputError(f"examples_per_copy has {len(per_copy)} entries for {len(copies)} copies")
 
     layouts: dict[tuple[int, ...], _Layout] = {}
     for ex_ids in per_copy:
-        if ex_ids in layouts:
-            continue
-        seqs = []
-        for e in ex_ids:
-            for c, (toks, scored_from) in enumerate(examples[e].sequences()):
-                if len(toks) > max_positions:
-                    raise ValueError(f"example {e}: a sequence of {len(toks)} tokens exceeds the model's "
-                                     f"{max_positions} positions")
-                seqs.append((e, c, toks, scored_from))
-        layouts[ex_ids] = _Layout(seqs, sharing)
+        if ex_ids not in layouts:
+            seqs = [(e, c, toks, scored_from) for e in ex_ids
+                    for c, (toks, scored_from) in enumerate(examples[e].sequences())]
+            layouts[ex_ids] = _Layout(seqs, sharing)
 
     same_layout = all(ex == per_copy[0] for ex in per_copy)
     lowest = min((a.lowest_layer for a in adapters), default=num_layers)
@@ -266,7 +320,7 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
 
     ids, pos, copy_start, qo_lens, tables, locs = [], [], [], [], [], []
     logit_rows: dict[int, int] = {}
-    req_row, req_target, req_group, group_info = [], [], [], []
+    req_row, req_target, req_group, groups = [], [], [], []
     base = 0
     for ci, ex_ids in enumerate(per_copy):
         lay = layouts[ex_ids]
@@ -279,8 +333,8 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
                 ids.extend(node.tokens)
                 pos.extend(range(node.start, node.start + len(node.tokens)))
         for (e, c, toks, scored_from), chain in zip(lay.seqs, lay.chains):
-            g = len(group_info)
-            group_info.append((ci, e, c))
+            g = len(groups)
+            groups.append(ReadoutGroup(ci, e, c))
             for p in range(scored_from, len(toks)):
                 node, off = lay.locate(chain, p - 1)  # the row whose output predicts token p
                 r = base + node.row + off
@@ -308,16 +362,39 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
         seg_lens = [copy_start[i + 1] - copy_start[i] for i in range(len(copies))]
         segments = Segments.from_lists(seg_lens, [c.adapter for c in copies], [c.seed for c in copies],
                                        [c.sign for c in copies], device=device)
-        lora = LoRABatch(list(adapters), segments, float(eps), adapters[0].config.scaling)
+        lora = LoRABatch(stack_weights(adapters), segments, float(eps), adapters[0].config.scaling)
 
-    first = layouts[per_copy[0]]
     lt = dict(dtype=torch.long, device=device)
-    return ForwardBatch(
-        input_ids=torch.tensor(ids, **lt), positions=torch.tensor(pos, **lt),
-        meta=meta, trunk_meta=trunk_meta, fork_layer=fork_layer, fork_index=fork_index, lora=lora,
-        logit_rows=torch.tensor(list(logit_rows), **lt),
-        req_row=torch.tensor(req_row, **lt), req_target=torch.tensor(req_target, **lt),
-        req_group=torch.tensor(req_group, **lt), num_groups=len(group_info), group_info=group_info,
-        num_copies=len(copies), tokens_per_copy=first.num_rows,
-        tokens_unshared=sum(len(toks) for _, _, toks, _ in first.seqs), num_layers=num_layers,
-    )
+    inputs = ModelInputs(input_ids=torch.tensor(ids, **lt), positions=torch.tensor(pos, **lt), meta=meta,
+                         trunk_meta=trunk_meta, fork_layer=fork_layer, fork_index=fork_index, lora=lora)
+    readout = Readout(rows=torch.tensor(list(logit_rows), **lt), req_row=torch.tensor(req_row, **lt),
+                      req_target=torch.tensor(req_target, **lt), req_group=torch.tensor(req_group, **lt),
+                      groups=groups, num_copies=len(copies))
+    first = layouts[per_copy[0]]
+    stats = BatchStats(num_copies=len(copies), num_layers=num_layers, tokens_per_copy=first.num_rows,
+                       tokens_unshared=sum(len(toks) for _, _, toks, _ in first.seqs), num_tokens=meta.num_tokens,
+                       trunk_tokens=inputs.trunk_tokens, fork_layer=fork_layer if use_fork else None)
+    return StepBatch(inputs, readout, stats)
+
+
+def stack_weights(adapters: Sequence[LoRAAdapter]) -> dict[tuple[int, str], LoRAWeights]:
+    """Each adapted matrix of every adapter, stacked on a leading adapter axis, once per batch.
+
+    One adapter needs no copy (views of its flat buffer). Several adapters (several jobs sharing a
+    forward) must have one structure; their matrices are stacked here rather than in every
+    projection of every forward. The stacked copies hold the adapters' values at build time: build
+    a new batch after an update.
+    """
+    first = adapters[0]
+    for j, ad in enumerate(adapters[1:], start=1):
+        if ad.structure() != first.structure():
+            raise InputError(f"adapter {j} has another structure (r, modules, layers) than adapter 0")
+    out = {}
+    for key, slot in first.slots.items():
+        if len(adapters) == 1:
+            a, b = slot.a.unsqueeze(0), slot.b.unsqueeze(0)
+        else:
+            a = torch.stack([ad.slots[key].a for ad in adapters])
+            b = torch.stack([ad.slots[key].b for ad in adapters])
+        out[key] = LoRAWeights(a, b, slot.a_offset, slot.b_offset)
+    return out

@@ -1,10 +1,18 @@
-"""OPT model configuration: one dataclass for the whole family, with the real shapes as presets."""
+"""OPT model configuration: one dataclass for the whole family, with the real shapes as presets.
+
+Besides Hugging Face's fields, a family config answers what the rest of flashzo asks of any model
+(docs/design.md, "Model families"): its attention shape (heads, KV heads, head dim), its adaptable
+linears in the adapter's buffer order (`lora_modules`), each one's (in, out) shape, and the key PEFT
+gives it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from flashzo.errors import InputError
 
 # OPT's learned positional embedding is indexed by position + 2 (a fairseq leftover).
 POSITION_OFFSET = 2
@@ -12,6 +20,10 @@ POSITION_OFFSET = 2
 
 @dataclass
 class OPTConfig:
+    family: ClassVar[str] = "opt"
+    # the adaptable linears, in the order an adapter's flat buffer holds them within a layer
+    lora_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -33,23 +45,39 @@ class OPTConfig:
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise InputError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                 f"{self.num_attention_heads}"
             )
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"activation_function {self.activation_function!r} is not one of {sorted(ACTIVATIONS)}"
             )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
                      "max_position_embeddings", "word_embed_proj_dim"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
 
     # Derived shapes -----------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads  # OPT has no grouped-query attention
+
+    def lora_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of one adaptable linear."""
+        h, f = self.hidden_size, self.ffn_dim
+        return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h),
+                "fc1": (h, f), "fc2": (f, h)}[name]
+
+    @staticmethod
+    def peft_prefix(layer: int, name: str) -> str:
+        """PEFT's key for a module of OPTForCausalLM (adapter name removed, as saved files have it)."""
+        sub = f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "out_proj") else name
+        return f"base_model.model.model.decoder.layers.{layer}.{sub}"
 
     @property
     def has_projections(self) -> bool:
@@ -78,7 +106,7 @@ class OPTConfig:
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
         if model_type != "opt" and not any(str(a).startswith("OPT") for a in archs):
-            raise ValueError(
+            raise InputError(
                 f"not an OPT config: model_type={model_type!r}, architectures={archs!r} "
                 "(flashzo runs the OPT family)"
             )
@@ -117,7 +145,7 @@ class OPTConfig:
     def from_name(cls, name: str) -> "OPTConfig":
         key = name.lower().split("/")[-1]
         if key not in PRESETS:
-            raise ValueError(f"unknown OPT preset {name!r}; presets: {', '.join(PRESETS)}")
+            raise InputError(f"unknown OPT preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls(**PRESETS[key])
 
 

@@ -1,4 +1,4 @@
-"""MeZO across processes and GPUs with torch.distributed (DESIGN.md section 8).
+"""MeZO across processes and GPUs with torch.distributed (docs/design.md, "Where it runs").
 
 Every rank holds the whole model and the whole adapter and can regenerate every z from its seed, so
 a step only exchanges scalars. `MeZOConfig.parallel` says how a step is split over W ranks:
@@ -41,6 +41,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from flashzo.errors import InputError
+
+from .loss import PairLoss, pair_losses
+
 PARALLEL = ("perturbations", "batch")
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; `flashzo train --dist-timeout` sets it
 _HEADER = 5  # failed, step, batch fingerprint, adapter checksum, rows computed
@@ -63,17 +67,17 @@ def init_distributed(*, device: str | torch.device | None = None, backend: str |
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except KeyError as e:
-        raise ValueError(f"{e.args[0]} is not set: start the processes with torchrun "
+        raise InputError(f"{e.args[0]} is not set: start the processes with torchrun "
                          "(torchrun --nproc-per-node N ...), which sets RANK, WORLD_SIZE and LOCAL_RANK") from None
     local = int(os.environ.get("LOCAL_RANK", rank))
     if not timeout_s > 0:
-        raise ValueError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
+        raise InputError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
     dev = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         if dev.index is None:
             if local >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices: start at "
+                raise InputError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices: start at "
                                  "most one process per GPU, or pass --device cpu")
             dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -148,7 +152,7 @@ class Exchange:
 
     def __init__(self, timeout_s: float | None = None):
         if not active():
-            raise ValueError("no process group of more than one rank: call init_distributed() first")
+            raise InputError("no process group of more than one rank: call init_distributed() first")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.timeout_s = timeout_s if timeout_s is not None else _timeout_s
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
@@ -208,15 +212,15 @@ ScoresFn = Callable[[Sequence, Sequence[int]], tuple[list[float], list[float], i
 
 
 def step_losses(ex: Exchange, parallel: str, scores_fn: ScoresFn, examples: Sequence, *, q: int, step: int,
-                checksum: float) -> tuple[list[float], int]:
-    """The 2q losses (+, - per perturbation) of one step on the global batch, identical on every rank,
-    and the rows all ranks computed.
+                checksum: float) -> tuple[list[PairLoss], int]:
+    """The q pair losses of one step on the global batch, identical on every rank, and the rows all
+    ranks computed.
 
     scores_fn(examples, perturbation_indices) -> (loss_sum, loss_count, rows) for the copies of those
     perturbations, + then - for each, as engine.loss.copy_losses gives them.
     """
     if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+        raise InputError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     rank, world = ex.rank, ex.world
     if parallel == "perturbations":
         mine, idx, width = examples, perturbation_block(q, rank, world), 2 * math.ceil(q / world)
@@ -244,10 +248,10 @@ def step_losses(ex: Exchange, parallel: str, scores_fn: ScoresFn, examples: Sequ
         losses = []
         for r in range(world):
             losses += got[r, _HEADER:_HEADER + 2 * len(perturbation_block(q, r, world))].tolist()
-        return losses, tokens
+        return pair_losses(losses), tokens
     sums = [math.fsum(got[:, _HEADER + c].tolist()) for c in range(2 * q)]  # exactly rounded, order-free
     counts = [math.fsum(got[:, _HEADER + 2 * q + c].tolist()) for c in range(2 * q)]
-    return [s / c if c else float("nan") for s, c in zip(sums, counts)], tokens
+    return pair_losses([s / c if c else float("nan") for s, c in zip(sums, counts)]), tokens
 
 
 def eval_sums(ex: Exchange, sums_fn: Callable[[Sequence], tuple[float, float, int]],

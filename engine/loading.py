@@ -1,18 +1,21 @@
-"""Reading and writing Hugging Face OPT checkpoints without a second copy of the weights.
+"""Reading and writing Hugging Face checkpoints without a second copy of the weights.
 
-`load_opt` accepts every layout the OPT checkpoints in the wild use:
+`load_model` reads a checkpoint directory of any family flashzo runs (engine/family.py picks it
+from config.json); `load_opt` is the same for OPT only. Every layout checkpoints in the wild use:
 
     model.safetensors                                  transformers' default
     model.safetensors.index.json + model-0000k-of-n    sharded (opt-13b and up)
     pytorch_model.bin                                  older transformers, facebook/opt-*
     pytorch_model.bin.index.json + shards              sharded .bin
 
-with keys named `model.decoder.*` (OPTForCausalLM) or `decoder.*` (the original facebook/opt-*
-files), with or without `lm_head.weight` (tied to the token embedding: only its shape is checked).
-The model is built on the meta device and every tensor is read, checked, and copied into its own
-final-dtype, final-device parameter one at a time, so peak memory is the model plus one tensor.
-A checkpoint that does not fit the config is refused with a ValueError that names the file or the
-tensor at fault, before a half-loaded model can be used.
+with the family's key names (OPT: `model.decoder.*` as OPTForCausalLM writes them, or `decoder.*`
+as the original facebook/opt-* files do, with or without the tied `lm_head.weight`, of which only
+the shape is checked). Checkpoint tensors map to the model's parameters through
+`checkpoint_names` (engine/model.py): q_proj, k_proj and v_proj land in their rows of the stacked
+qkv_proj. The model is built on the meta device and every tensor is read, checked, and copied into
+its final-dtype, final-device parameter one at a time, so peak memory is the model plus one tensor.
+A checkpoint that does not fit the config is refused with an InputError that names the file or
+the tensor at fault, before a half-loaded model can be used.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import OPTConfig
+from flashzo.errors import InputError
+
+from .family import FAMILIES, Family, family_for, family_of
+from .model import CausalLM, checkpoint_names
 from .opt import OPTModel
 
 CONFIG_NAME = "config.json"
@@ -34,71 +40,135 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-LM_HEAD = "lm_head.weight"
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
 
-def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None) -> OPTModel:
-    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path`.
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
+               family: str | None = None) -> CausalLM:
+    """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names.
 
     dtype: the parameters' dtype (a torch.dtype or its name); None or "auto" keeps the checkpoint's
     (config.json's `torch_dtype`/`dtype`), float32 when the config names none.
     device: where the parameters live (default CPU); tensors are copied there one at a time.
+    family: insist on one family ("opt"); None: the one config.json names.
     """
     path = os.fspath(path)
-    config = read_config(path)
+    fam, config = read_config(path, family=family)
     dtype = _resolve_dtype(dtype if dtype not in (None, "auto") else config.torch_dtype, "dtype")
     device = torch.device(device if device is not None else "cpu")
 
-    model = OPTModel(config, device="meta")  # shapes only: no memory, no random init
-    params = dict(model.named_parameters())
+    model = fam.model_cls(config, device="meta")  # shapes only: no memory, no random init
+    fill = CheckpointFill(model, fam, dtype=dtype, device=device,
+                          tied_shape=tuple(model.lm_head_weight.shape) if fam.tied_head else None)
     shards = _weight_files(path)
 
     # Every name (and, for safetensors, every shape) is known up front for safetensors and indexed
     # .bin files: refuse a checkpoint that does not fit before reading gigabytes of it.
-    seen: dict[str, str] = {}
     for file, header in shards:
         for key, shape in (header or {}).items():
-            name = _check_name(key, file, params, seen)
+            name = fill.check_name(key, file)
             if shape is not None:
-                _check_shape(file, key, name, shape, config, params)
+                fill.check_shape(key, name, shape, file)
 
     for file, header in shards:
         for key, tensor in _read_tensors(file):
-            name = _param_name(key) if key in (header or {}) else _check_name(key, file, params, seen)
-            _check_shape(file, key, name, tuple(tensor.shape), config, params)
-            if name != LM_HEAD:  # lm_head.weight is tied to decoder.embed_tokens.weight
-                _assign(model, name, tensor, dtype, device)
+            fill.put(key, tensor, file, named=key in (header or {}))
             del tensor  # one tensor resident at a time
-
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"{path}: tensor {missing[0]!r}{more} missing from the checkpoint")
+    fill.finish(path)
     return model
 
 
-def read_config(path: str) -> OPTConfig:
-    """The OPTConfig of a checkpoint directory (ValueError if there is none or it is not OPT)."""
+class CheckpointFill:
+    """Fills a module's parameters from checkpoint tensors: each once, by the family's names, checked.
+
+    root: the module whose parameters `checkpoint_names` maps (an engine model, or the SGLang
+    plugin's model). Meta parameters are replaced by tensors in `dtype` on `device`; others are
+    written in place. row_limits: parameter -> the rows the checkpoint fills (SGLang pads the
+    vocabulary rows of its embedding). tied_shape: the shape of the family's tied head, if any.
+    """
+
+    def __init__(self, root: nn.Module, fam: Family, *, dtype=None, device=None,
+                 tied_shape: tuple[int, ...] | None = None, row_limits: dict[str, int] | None = None):
+        self.root, self.fam, self.dtype, self.device = root, fam, dtype, device
+        self.names = checkpoint_names(root)  # checkpoint name -> (parameter, rows)
+        self.params = dict(root.named_parameters())
+        self.tied_shape, self.row_limits = tied_shape, row_limits or {}
+        self.seen: dict[str, str] = {}
+        self.filled: set[str] = set()
+
+    def check_name(self, key: str, where: str) -> str:
+        name = self.fam.checkpoint_key(key)
+        if name != self.fam.tied_head and name not in self.names:
+            raise InputError(f"{where}: unexpected tensor {key!r}: the {self.fam.name.upper()} config has no such "
+                             "parameter")
+        if name in self.seen:
+            raise InputError(f"{where}: tensor {key!r} is given twice (also as {self.seen[name]!r})")
+        self.seen[name] = key
+        return name
+
+    def check_shape(self, key: str, name: str, shape, where: str) -> None:
+        if name == self.fam.tied_head:
+            expected = self.tied_shape
+        else:
+            pname, rows = self.names[name]
+            expected = tuple(self.params[pname].shape)
+            n = rows[1] - rows[0] if rows is not None else self.row_limits.get(pname, expected[0])
+            expected = (n,) + expected[1:]
+        if tuple(shape) != expected:
+            raise InputError(f"{where}: tensor {key!r} has shape {tuple(shape)}, but the config expects {expected}")
+
+    def put(self, key: str, tensor: torch.Tensor, where: str, *, named: bool = False) -> None:
+        """Check one checkpoint tensor and copy it into place (named: check_name already saw it)."""
+        name = self.fam.checkpoint_key(key) if named else self.check_name(key, where)
+        self.check_shape(key, name, tuple(tensor.shape), where)
+        if name == self.fam.tied_head:
+            return
+        pname, rows = self.names[name]
+        module_name, _, leaf = pname.rpartition(".")
+        module = self.root.get_submodule(module_name)
+        param = getattr(module, leaf)
+        if param.is_meta:  # a fresh tensor in dtype on device; never aliases the file's (memory-mapped) storage
+            param = nn.Parameter(torch.empty(param.shape, dtype=self.dtype, device=self.device), requires_grad=False)
+            setattr(module, leaf, param)
+        if rows is None:
+            rows = (0, self.row_limits.get(pname, param.shape[0]))
+        param.data[rows[0]:rows[1]].copy_(tensor)  # casts
+        self.filled.add(name)
+
+    def finish(self, where: str) -> None:
+        missing = [n for n in self.names if n not in self.filled]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise InputError(f"{where}: tensor {missing[0]!r}{more} missing from the checkpoint")
+
+
+def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None) -> OPTModel:
+    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path` (see load_model)."""
+    return load_model(path, dtype=dtype, device=device, family="opt")
+
+
+def read_config(path: str, *, family: str | None = None) -> tuple[Family, object]:
+    """(family, config) of a checkpoint directory (InputError if there is none or it is not supported)."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a checkpoint directory")
+        raise InputError(f"{path}: not a checkpoint directory")
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path}: no {CONFIG_NAME}, not a Hugging Face checkpoint directory")
+        raise InputError(f"{path}: no {CONFIG_NAME}, not a Hugging Face checkpoint directory")
     try:
         with open(cfg_path) as f:
             d = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_path}: cannot be read: {e}") from e
+        raise InputError(f"{cfg_path}: cannot be read: {e}") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{cfg_path}: not a JSON object")
+        raise InputError(f"{cfg_path}: not a JSON object")
+    fam = FAMILIES[family] if family is not None else family_for(d, where=cfg_path)
     try:
-        return OPTConfig.from_hf(d)
+        return fam, fam.config_cls.from_hf(d)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from e
+        raise InputError(f"{cfg_path}: {e}") from e
 
 
 def _resolve_dtype(dtype, what: str) -> torch.dtype:
@@ -108,10 +178,10 @@ def _resolve_dtype(dtype, what: str) -> torch.dtype:
         name = dtype.replace("torch.", "")
         resolved = getattr(torch, name, None)
         if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"{what} {dtype!r} is not a torch dtype")
+            raise InputError(f"{what} {dtype!r} is not a torch dtype")
         dtype = resolved
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{what} {dtype!r} is not a floating-point torch dtype")
+        raise InputError(f"{what} {dtype!r} is not a floating-point torch dtype")
     return dtype
 
 
@@ -127,7 +197,7 @@ def _weight_files(path: str) -> list[tuple[str, Header | None]]:
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
             return _read_index(index)
-    raise ValueError(f"{path}: no weights: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
+    raise InputError(f"{path}: no weights: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
                      f"or {BIN_INDEX}")
 
 
@@ -136,25 +206,25 @@ def _read_index(index: str) -> list[tuple[str, Header]]:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError("weight_map is empty or not an object")
+            raise InputError("weight_map is empty or not an object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{index}: cannot be read as a checkpoint index: {e!r}") from e
+        raise InputError(f"{index}: cannot be read as a checkpoint index: {e!r}") from e
     base = os.path.dirname(index)
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or os.path.basename(shard) != shard:
-            raise ValueError(f"{index}: tensor {key!r} points at {shard!r}, not a file name in {base}")
+            raise InputError(f"{index}: tensor {key!r} points at {shard!r}, not a file name in {base}")
         by_shard.setdefault(shard, []).append(key)
     out = []
     for shard in sorted(by_shard):
         file = os.path.join(base, shard)
         if not os.path.isfile(file):
-            raise ValueError(f"{index}: points at shard {shard!r}, which is missing")
+            raise InputError(f"{index}: points at shard {shard!r}, which is missing")
         if file.endswith(".safetensors"):
             header = _safetensors_header(file)
             absent = sorted(set(by_shard[shard]) - set(header))
             if absent:
-                raise ValueError(f"{index}: lists tensor {absent[0]!r} in shard {shard!r}, which lacks it")
+                raise InputError(f"{index}: lists tensor {absent[0]!r} in shard {shard!r}, which lacks it")
             # a tensor the index does not list is still read (and checked like any other)
         else:
             header = dict.fromkeys(by_shard[shard])
@@ -169,7 +239,7 @@ def _safetensors_header(file: str) -> Header:
         with safe_open(file, framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as e:  # SafetensorError, OSError: truncated, corrupt or foreign file
-        raise ValueError(f"{file}: cannot be read as safetensors: {e}") from e
+        raise InputError(f"{file}: cannot be read as safetensors: {e}") from e
 
 
 def _read_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,7 +252,7 @@ def _read_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         except Exception as e:
-            raise ValueError(f"{file}: cannot be read as safetensors: {e}") from e
+            raise InputError(f"{file}: cannot be read as safetensors: {e}") from e
         return
     # mmap: tensors stay on disk until copied into their parameter. Files from torch < 1.6 (not zip
     # archives) cannot be mapped and are read whole.
@@ -191,59 +261,24 @@ def _read_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
         state = torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:  # truncated, corrupt, or a pickle of more than tensors
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{file}: cannot be read as a torch checkpoint (truncated or corrupt?): "
+        raise InputError(f"{file}: cannot be read as a torch checkpoint (truncated or corrupt?): "
                          f"{type(e).__name__}: {reason}") from e
     if not isinstance(state, dict):
-        raise ValueError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
+        raise InputError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
     for key in list(state):
         tensor = state.pop(key)
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{file}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise InputError(f"{file}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
         yield key, tensor
-
-
-def _param_name(key: str) -> str:
-    """Checkpoint key -> flashzo parameter name (`model.decoder.x` and `decoder.x` -> `decoder.x`)."""
-    return key[len("model."):] if key.startswith("model.decoder.") else key
-
-
-def _check_name(key: str, file: str, params: dict, seen: dict[str, str]) -> str:
-    name = _param_name(key)
-    if name != LM_HEAD and name not in params:
-        raise ValueError(f"{file}: unexpected tensor {key!r}: the OPT config has no such parameter")
-    if name in seen:
-        raise ValueError(f"{file}: tensor {key!r} is given twice (also as {seen[name]!r})")
-    seen[name] = key
-    return name
-
-
-def _check_shape(file: str, key: str, name: str, shape: tuple[int, ...], config: OPTConfig,
-                 params: dict) -> None:
-    if name == LM_HEAD:
-        expected = (config.vocab_size, config.word_embed_proj_dim)
-    else:
-        expected = tuple(params[name].shape)
-    if tuple(shape) != expected:
-        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(shape)}, but the config expects "
-                         f"{expected}")
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
-    """Replace the meta parameter `name` with a fresh tensor holding `tensor` in dtype, on device."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    value = torch.empty(tensor.shape, dtype=dtype, device=device)
-    value.copy_(tensor)  # casts; never aliases the file's (possibly memory-mapped) storage
-    setattr(module, leaf, nn.Parameter(value, requires_grad=False))
 
 
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
 
-def save_opt(model: OPTModel, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> None:
-    """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors, `model.decoder.*`
-    names, lm_head tied) that transformers' OPTForCausalLM and load_opt both read.
+def save_model(model: CausalLM, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> None:
+    """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors, the family's key
+    names, a tied head left out) that transformers and load_model both read.
 
     dtype: the saved dtype (default: the model's). Tensors already in that dtype on the CPU are written
     without a copy; others are converted for the write.
@@ -253,8 +288,12 @@ def save_opt(model: OPTModel, path: str | os.PathLike, *, dtype: torch.dtype | s
     path = os.fspath(path)
     dtype = _resolve_dtype(dtype, "dtype") if dtype is not None else model.dtype
     os.makedirs(path, exist_ok=True)
-    tensors = {f"model.{name}": p.detach().to(device="cpu", dtype=dtype).contiguous()
-               for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    tensors = {}
+    for key, (pname, rows) in checkpoint_names(model).items():
+        t = params[pname].detach()
+        t = t if rows is None else t[rows[0]:rows[1]]
+        tensors[family_of(model).hf_key(key)] = t.to(device="cpu", dtype=dtype).contiguous()
     tmp = os.path.join(path, f".{SAFETENSORS_NAME}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, SAFETENSORS_NAME))
@@ -264,3 +303,9 @@ def save_opt(model: OPTModel, path: str | os.PathLike, *, dtype: torch.dtype | s
         json.dump(config.to_hf(), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, os.path.join(path, CONFIG_NAME))
+
+
+def save_opt(model: OPTModel, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> None:
+    """Write an OPTModel as a Hugging Face checkpoint (`model.decoder.*` names, lm_head tied); see save_model."""
+    save_model(model, path, dtype=dtype)
+

@@ -1,9 +1,13 @@
 """LoRA adapters: one flat fp32 buffer, a view per matrix, PEFT's on-disk format.
 
 Every A and B matrix of an adapter is a view into one contiguous fp32 buffer, in a fixed order
-(layer ascending, then q_proj, k_proj, v_proj, out_proj, fc1, fc2, A before B), so one zo_update_
-call updates the whole adapter and `offset` of a matrix is its start in that flat space (the index
-its perturbation z is regenerated at).
+(layer ascending, then the model family's `lora_modules` order, A before B; for OPT q_proj, k_proj,
+v_proj, out_proj, fc1, fc2), so one zo_update_ call updates the whole adapter and `offset` of a
+matrix is its start in that flat space (the index its perturbation z is regenerated at;
+docs/design.md, "The random numbers").
+
+An adapter is made for a model config of any family: the config says which linears can be adapted
+(`lora_modules`), their shapes (`lora_shape(name)`) and PEFT's key for each (`peft_prefix`).
 """
 
 from __future__ import annotations
@@ -15,27 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import OPTConfig
+from flashzo.errors import InputError
+from flashzo.kernels.perturbed_lora import MAX_RANK
 
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The adaptable linears of every family flashzo runs, in one canonical order: a LoRAConfig lists its
+# targets in this order whatever order it was given (PEFT saves a set), so equal sets are equal configs.
+KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1", "fc2", "gate_proj", "up_proj",
+                 "down_proj")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
-
-
-def module_shape(cfg: OPTConfig, name: str) -> tuple[int, int]:
-    """(in_features, out_features) of one adaptable linear."""
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h),
-            "fc1": (h, f), "fc2": (f, h)}[name]
-
-
-def peft_prefix(layer: int, name: str) -> str:
-    """PEFT's key for a module of OPTForCausalLM (adapter name removed, as saved files have it)."""
-    sub = f"self_attn.{name}" if name in ATTN_MODULES else name
-    return f"base_model.model.model.decoder.layers.{layer}.{sub}"
 
 
 @dataclass(frozen=True)
@@ -52,19 +46,19 @@ class LoRAConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
-        if not (1 <= int(self.r) <= 64):
-            raise ValueError(f"r must be in 1..64, got {self.r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
+            raise InputError(f"r must be an integer in 1..{MAX_RANK}, got {self.r!r}")
         if not self.target_modules:
-            raise ValueError("target_modules is empty")
-        bad = [m for m in self.target_modules if m not in MODULE_ORDER]
+            raise InputError("target_modules is empty")
+        bad = [m for m in self.target_modules if m not in KNOWN_MODULES]
         if bad:
-            raise ValueError(f"target_modules {bad} are not OPT linears; choose from {MODULE_ORDER}")
+            raise InputError(f"target_modules {bad} are not linears flashzo adapts; choose from {KNOWN_MODULES}")
         # canonical order (PEFT saves a set in any order): equal sets give equal configs and structures
-        object.__setattr__(self, "target_modules", tuple(m for m in MODULE_ORDER if m in self.target_modules))
+        object.__setattr__(self, "target_modules", tuple(m for m in KNOWN_MODULES if m in self.target_modules))
         if not math.isfinite(float(self.alpha)) or float(self.alpha) <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+            raise InputError(f"alpha must be positive, got {self.alpha}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError(f"layers must be a non-empty list of layer indices, got {self.layers}")
+            raise InputError(f"layers must be a non-empty list of layer indices, got {self.layers}")
 
     @property
     def scaling(self) -> float:
@@ -74,7 +68,7 @@ class LoRAConfig:
         if self.layers is None:
             return tuple(range(num_layers))
         if max(self.layers) >= num_layers:
-            raise ValueError(f"layers {list(self.layers)} out of range for a model with {num_layers} layers")
+            raise InputError(f"layers {list(self.layers)} out of range for a model with {num_layers} layers")
         return self.layers
 
 
@@ -90,26 +84,31 @@ class LoRASlot:
 
 @dataclass
 class LoRAAdapter:
-    """A LoRA adapter for an OPT model: `buffer` holds every parameter; `slots` are views into it."""
+    """A LoRA adapter for a model: `buffer` holds every parameter; `slots` are views into it."""
 
     config: LoRAConfig
-    model_config: OPTConfig
+    model_config: object  # a family config (engine/config.py's OPTConfig ...)
     buffer: torch.Tensor
     slots: dict[tuple[int, str], LoRASlot] = field(default_factory=dict)
 
     # Construction ---------------------------------------------------------------------------------
     @classmethod
-    def empty(cls, config: LoRAConfig, model_config: OPTConfig, device=None) -> "LoRAAdapter":
+    def empty(cls, config: LoRAConfig, model_config, device=None) -> "LoRAAdapter":
+        modules = model_config.lora_modules
+        bad = [m for m in config.target_modules if m not in modules]
+        if bad:
+            raise InputError(f"target_modules {bad} are not linears of a {model_config.family} model; choose from "
+                             f"{modules}")
         layers = config.resolved_layers(model_config.num_hidden_layers)
         sizes = []
         for layer in layers:
-            for name in MODULE_ORDER:
+            for name in modules:
                 if name in config.target_modules:
-                    k, n = module_shape(model_config, name)
+                    k, n = model_config.lora_shape(name)
                     sizes.append((layer, name, k, n))
         total = sum(config.r * (k + n) for _, _, k, n in sizes)
         if total >= 2**31:
-            raise ValueError(f"adapter has {total} parameters; the flat index space is limited to 2**31")
+            raise InputError(f"adapter has {total} parameters; the flat index space is limited to 2**31")
         buffer = torch.zeros(total, dtype=torch.float32, device=device)
         adapter = cls(config, model_config, buffer)
         off, r = 0, config.r
@@ -121,7 +120,7 @@ class LoRAAdapter:
         return adapter
 
     @classmethod
-    def init(cls, config: LoRAConfig, model_config: OPTConfig, device=None) -> "LoRAAdapter":
+    def init(cls, config: LoRAConfig, model_config, device=None) -> "LoRAAdapter":
         """PEFT's initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
         adapter = cls.empty(config, model_config, device=device)
         gen = torch.Generator().manual_seed(int(config.seed))
@@ -144,6 +143,13 @@ class LoRAAdapter:
     def device(self) -> torch.device:
         return self.buffer.device
 
+    def fits(self, model_config) -> bool:
+        """Whether this adapter's matrices have the shapes of `model_config`'s linears."""
+        if model_config.family != self.model_config.family or \
+                model_config.num_hidden_layers != self.model_config.num_hidden_layers:
+            return False
+        return all(model_config.lora_shape(m) == self.model_config.lora_shape(m) for m in self.config.target_modules)
+
     def structure(self) -> tuple:
         """What must match for two adapters to share one kernel call (same shapes and offsets)."""
         return (self.config.r, self.config.target_modules,
@@ -153,7 +159,7 @@ class LoRAAdapter:
         """PEFT key -> view, in buffer order."""
         out = {}
         for (layer, name), slot in self.slots.items():
-            prefix = peft_prefix(layer, name)
+            prefix = self.model_config.peft_prefix(layer, name)
             out[f"{prefix}.lora_A.weight"] = slot.a
             out[f"{prefix}.lora_B.weight"] = slot.b
         return out
@@ -161,10 +167,10 @@ class LoRAAdapter:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A flat tensor laid out like `buffer` (a perturbation z, say) as PEFT key -> tensor."""
         if flat.shape != self.buffer.shape:
-            raise ValueError(f"flat tensor has shape {tuple(flat.shape)}, the adapter {tuple(self.buffer.shape)}")
+            raise InputError(f"flat tensor has shape {tuple(flat.shape)}, the adapter {tuple(self.buffer.shape)}")
         out = {}
         for (layer, name), slot in self.slots.items():
-            prefix = peft_prefix(layer, name)
+            prefix = self.model_config.peft_prefix(layer, name)
             out[f"{prefix}.lora_A.weight"] = flat[slot.a_offset:slot.a_offset + slot.a.numel()].view_as(slot.a)
             out[f"{prefix}.lora_B.weight"] = flat[slot.b_offset:slot.b_offset + slot.b.numel()].view_as(slot.b)
         return out
@@ -218,33 +224,32 @@ class LoRAAdapter:
         os.replace(tmp, os.path.join(path, ADAPTER_CONFIG))
 
     @classmethod
-    def from_pretrained(cls, path: str, model_config: OPTConfig, *, seed: int = 0,
-                        device=None) -> "LoRAAdapter":
-        """Read a PEFT LoRA adapter of an OPT model (safetensors or .bin)."""
+    def from_pretrained(cls, path: str, model_config, *, seed: int = 0, device=None) -> "LoRAAdapter":
+        """Read a PEFT LoRA adapter of a model with config `model_config` (safetensors or .bin)."""
         cfg_path = os.path.join(path, ADAPTER_CONFIG)
         if not os.path.isfile(cfg_path):
-            raise ValueError(f"{path}: no {ADAPTER_CONFIG}, not a PEFT adapter directory")
+            raise InputError(f"{path}: no {ADAPTER_CONFIG}, not a PEFT adapter directory")
         try:
             with open(cfg_path) as f:
                 pc = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_path}: cannot be read: {e}") from e
+            raise InputError(f"{cfg_path}: cannot be read: {e}") from e
         if pc.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r} is not LORA")
+            raise InputError(f"{cfg_path}: peft_type {pc.get('peft_type')!r} is not LORA")
         for key, ok in (("bias", ("none", None)), ("use_dora", (False, None)), ("use_rslora", (False, None)),
                         ("fan_in_fan_out", (False, None))):
             if pc.get(key) not in ok:
-                raise ValueError(f"{cfg_path}: {key}={pc.get(key)!r} is not supported")
+                raise InputError(f"{cfg_path}: {key}={pc.get(key)!r} is not supported")
         for key in ("rank_pattern", "alpha_pattern"):
             if pc.get(key):
-                raise ValueError(f"{cfg_path}: {key} (per-module ranks or alphas) is not supported")
+                raise InputError(f"{cfg_path}: {key} (per-module ranks or alphas) is not supported")
         targets = pc.get("target_modules")
         if not targets:
-            raise ValueError(f"{cfg_path}: no target_modules")
+            raise InputError(f"{cfg_path}: no target_modules")
         if isinstance(targets, str):
-            targets = [m for m in MODULE_ORDER if m in targets.split("|") or targets == m]
+            targets = [m for m in model_config.lora_modules if m in targets.split("|") or targets == m]
             if not targets:
-                raise ValueError(f"{cfg_path}: target_modules regex {pc['target_modules']!r} is not supported")
+                raise InputError(f"{cfg_path}: target_modules regex {pc['target_modules']!r} is not supported")
         layers = pc.get("layers_to_transform")
         if isinstance(layers, int):
             layers = [layers]
@@ -257,13 +262,13 @@ class LoRAAdapter:
         missing = [k for k in expected if k not in given]
         unexpected = [k for k in given if k not in expected]
         if missing or unexpected:
-            raise ValueError(f"{path}: adapter tensors do not match its config: missing {missing[:4]}"
+            raise InputError(f"{path}: adapter tensors do not match its config: missing {missing[:4]}"
                              f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
                              f"{'...' if len(unexpected) > 4 else ''}")
         for k, view in expected.items():
             t = given[k]
             if tuple(t.shape) != tuple(view.shape):
-                raise ValueError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(view.shape)}")
+                raise InputError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(view.shape)}")
             view.copy_(t.to(torch.float32))
         return adapter
 
@@ -284,5 +289,5 @@ def _read_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
         if os.path.isfile(bn):
             return torch.load(bn, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: adapter weights cannot be read: {e}") from e
-    raise ValueError(f"{path}: neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN} found")
+        raise InputError(f"{path}: adapter weights cannot be read: {e}") from e
+    raise InputError(f"{path}: neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN} found")

@@ -1,4 +1,4 @@
-"""Losses of DESIGN.md section 4, computed per signed copy from a batch's readout log-probs.
+"""The losses (docs/design.md, "Losses"), computed per signed copy from a batch's readout log-probs.
 
 Requests of one group (a candidate, or an LM target) are contiguous in the batch, and groups are
 ordered copy -> example -> candidate, so every reduction is a deterministic segment sum (a cumsum
@@ -12,7 +12,27 @@ from typing import Sequence
 
 import torch
 
-from .batch import Example, ForwardBatch
+from .batch import Readout
+from .example import Example
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """The losses of one SignedPair's two copies (engine/batch.py): theta + eps z and theta - eps z."""
+
+    plus: float
+    minus: float
+
+    def projected_grad(self, eps: float) -> float:
+        """MeZO's g = (L+ - L-) / (2 eps)."""
+        return (self.plus - self.minus) / (2 * eps)
+
+
+def pair_losses(copy_loss: Sequence[float]) -> list[PairLoss]:
+    """Per-copy losses laid out as engine.batch.pair_copies lays out copies (+ then - per pair) -> pairs."""
+    if len(copy_loss) % 2:
+        raise ValueError(f"{len(copy_loss)} copy losses do not form +/- pairs")
+    return [PairLoss(float(copy_loss[i]), float(copy_loss[i + 1])) for i in range(0, len(copy_loss), 2)]
 
 
 @dataclass
@@ -25,26 +45,30 @@ class CopyScores:
     scores: list[list[list[float]]]  # per copy, per example, per candidate: mean log-prob
 
 
-def group_sums(batch: ForwardBatch, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def group_sums(readout: Readout, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs, token count) of every group, fp64 on the CPU."""
-    counts = torch.bincount(batch.req_group, minlength=batch.num_groups).cpu()
+    counts = torch.bincount(readout.req_group, minlength=readout.num_groups).cpu()
     cs = torch.cat([torch.zeros(1, dtype=torch.float64), logprobs.double().cpu().cumsum(0)])
     ends = counts.cumsum(0)
     starts = ends - counts
     return cs[ends] - cs[starts], counts.double()
 
 
-def copy_losses(batch: ForwardBatch, logprobs: torch.Tensor, examples: Sequence[Example]) -> CopyScores:
-    sums, counts = group_sums(batch, logprobs)
-    n = batch.num_copies
+def copy_losses(readout: Readout, logprobs: torch.Tensor, examples: Sequence[Example]) -> CopyScores:
+    """Every copy's loss (and sums, correct predictions, candidate scores) from the readout's log-probs.
+
+    logprobs: [R], one per readout request (CausalLM.score). examples: what the readout's groups index.
+    """
+    sums, counts = group_sums(readout, logprobs)
+    n = readout.num_copies
     loss = [0.0] * n
     correct, num_ex = [0] * n, [0] * n
     scores: list[list[list[float]]] = [[] for _ in range(n)]
     tok_sum, tok_cnt = [0.0] * n, [0.0] * n
     g = 0
-    info = batch.group_info
-    while g < len(info):
-        c, e, _ = info[g]
+    groups = readout.groups
+    while g < len(groups):
+        c, e, _ = groups[g]
         ex = examples[e]
         k = len(ex.candidates) if ex.is_classification else 1
         if ex.is_classification:

@@ -1,4 +1,4 @@
-"""The MeZO trainer (DESIGN.md section 1): 2q signed passes in one forward, one fused update.
+"""The MeZO trainer (docs/design.md, "The algorithm"): 2q signed passes in one forward, one fused update.
 
     z_i     regenerated from seed(t, i) inside the kernels, never stored
     g_i   = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps)
@@ -20,13 +20,15 @@ from typing import Sequence
 
 import torch
 
+from flashzo.errors import InputError
 from flashzo.kernels import gaussian, zo_update_
 
 from . import distributed
-from .batch import SHARING, Copy, Example
+from .batch import SHARING, Copy, SignedPair, pair_copies
+from .example import Example, check_examples
 from .lora import LoRAAdapter, LoRAConfig
-from .loss import copy_losses
-from .opt import OPTModel
+from .loss import PairLoss, copy_losses, pair_losses
+from .model import CausalLM
 
 SCHEDULES = ("constant", "linear", "cosine")
 STATE_FILE = "trainer_state.json"
@@ -49,27 +51,27 @@ class MeZOConfig:
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+            raise InputError(f"lr must be a finite number >= 0, got {self.lr}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+            raise InputError(f"eps must be a finite number > 0, got {self.eps}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if int(self.num_perturbations) < 1:
-            raise ValueError(f"num_perturbations must be >= 1, got {self.num_perturbations}")
+            raise InputError(f"num_perturbations must be >= 1, got {self.num_perturbations}")
         if not 0 <= int(self.seed) < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+            raise InputError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr_schedule != "constant" and not self.total_steps:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r} needs total_steps")
+            raise InputError(f"lr_schedule {self.lr_schedule!r} needs total_steps")
         if self.max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+            raise InputError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.sharing not in SHARING:
-            raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+            raise InputError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
         if self.parallel is not None and self.parallel not in distributed.PARALLEL:
-            raise ValueError(f"parallel must be None or one of {distributed.PARALLEL}, got {self.parallel!r}")
+            raise InputError(f"parallel must be None or one of {distributed.PARALLEL}, got {self.parallel!r}")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step `step` (0-based)."""
@@ -124,69 +126,22 @@ class _Counters:
     history: list = field(default_factory=list)
 
 
-def validate_examples(examples: Sequence[Example], model: OPTModel, *, what: str = "batch") -> str:
-    """Refuse a bad batch before any work; returns "classification" or "lm"."""
-    if examples is None or len(examples) == 0:
-        raise ValueError(f"{what} is empty")
-    vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
-    kinds = set()
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, Example):
-            raise ValueError(f"{what}[{i}] is a {type(ex).__name__}, not a flashzo.Example")
-        if ex.candidates is not None and ex.target is not None:
-            raise ValueError(f"{what}[{i}] has both candidates and a target")
-        if ex.candidates is None and ex.target is None:
-            raise ValueError(f"{what}[{i}] has neither candidates nor a target")
-        kinds.add("classification" if ex.candidates is not None else "lm")
-        if len(ex.prompt) == 0:
-            raise ValueError(f"{what}[{i}] has an empty prompt")
-        parts = [("prompt", ex.prompt)]
-        if ex.candidates is not None:
-            if len(ex.candidates) < 2:
-                raise ValueError(f"{what}[{i}] has {len(ex.candidates)} candidates; classification needs >= 2")
-            if ex.label is None or not 0 <= int(ex.label) < len(ex.candidates):
-                raise ValueError(f"{what}[{i}]: label {ex.label} out of range for {len(ex.candidates)} candidates")
-            for c, cand in enumerate(ex.candidates):
-                if len(cand) == 0:
-                    raise ValueError(f"{what}[{i}]: candidate {c} is empty")
-                parts.append((f"candidate {c}", cand))
-                if len(ex.prompt) + len(cand) > max_pos:
-                    raise ValueError(f"{what}[{i}]: prompt + candidate {c} is {len(ex.prompt) + len(cand)} "
-                                     f"tokens, longer than the model's {max_pos} positions")
-        else:
-            if len(ex.target) == 0:
-                raise ValueError(f"{what}[{i}] has an empty target")
-            parts.append(("target", ex.target))
-            if len(ex.prompt) + len(ex.target) > max_pos:
-                raise ValueError(f"{what}[{i}]: prompt + target is {len(ex.prompt) + len(ex.target)} tokens, "
-                                 f"longer than the model's {max_pos} positions")
-        for name, toks in parts:
-            for t in toks:
-                if not 0 <= int(t) < vocab:
-                    raise ValueError(f"{what}[{i}]: {name} has token id {int(t)} outside the vocabulary "
-                                     f"(vocab_size {vocab})")
-    if len(kinds) > 1:
-        raise ValueError(f"{what} mixes classification and LM examples; step them separately")
-    return kinds.pop()
-
-
 class MeZOTrainer:
-    """MeZO on LoRA adapters of an OPTModel."""
+    """MeZO on LoRA adapters of a flashzo model (any family: engine/model.py's CausalLM)."""
 
-    def __init__(self, model: OPTModel, lora: LoRAConfig | LoRAAdapter, config: MeZOConfig):
-        if not isinstance(model, OPTModel):
-            raise ValueError(f"model must be a flashzo OPTModel, got {type(model).__name__}")
+    def __init__(self, model: CausalLM, lora: LoRAConfig | LoRAAdapter, config: MeZOConfig):
+        if not isinstance(model, CausalLM):
+            raise InputError(f"model must be a flashzo model (OPTModel ...), got {type(model).__name__}")
         if not isinstance(config, MeZOConfig):
-            raise ValueError(f"config must be a MeZOConfig, got {type(config).__name__}")
+            raise InputError(f"config must be a MeZOConfig, got {type(config).__name__}")
         if isinstance(lora, LoRAConfig):
             adapter = LoRAAdapter.init(lora, model.config, device=model.device)
         elif isinstance(lora, LoRAAdapter):
-            if lora.model_config.hidden_size != model.config.hidden_size or \
-                    lora.model_config.num_hidden_layers != model.config.num_hidden_layers:
-                raise ValueError("the adapter was made for a model of another shape")
+            if not lora.fits(model.config):
+                raise InputError("the adapter was made for a model of another shape")
             adapter = lora.to(model.device)
         else:
-            raise ValueError(f"lora must be a LoRAConfig or a LoRAAdapter, got {type(lora).__name__}")
+            raise InputError(f"lora must be a LoRAConfig or a LoRAAdapter, got {type(lora).__name__}")
         self.model, self.config, self.adapter = model, config, adapter
         self.counters = _Counters()
         self._exchange: distributed.Exchange | None = None
@@ -202,27 +157,29 @@ class MeZOTrainer:
     def perturbation(self, step: int, i: int = 0) -> dict[str, torch.Tensor]:
         """The exact z of perturbation i at step `step`, as {PEFT parameter name: tensor}."""
         if not 0 <= i < self.config.num_perturbations:
-            raise ValueError(f"perturbation index {i} out of range (num_perturbations "
+            raise InputError(f"perturbation index {i} out of range (num_perturbations "
                              f"{self.config.num_perturbations})")
         if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+            raise InputError(f"step must be >= 0, got {step}")
         z = gaussian(self.seeds(step)[i], self.adapter.num_parameters, device=self.adapter.device)
         return {k: v.clone() for k, v in self.adapter.unflatten(z).items()}
 
     # One step -------------------------------------------------------------------------------------
+    def pairs(self, adapter_index: int = 0) -> list[SignedPair]:
+        """The current step's q perturbations, each a pair of signed copies of adapter `adapter_index`."""
+        return [SignedPair(s, adapter_index) for s in self.seeds(self.counters.step)]
+
     def copies(self, adapter_index: int = 0) -> list[Copy]:
-        out = []
-        for s in self.seeds(self.counters.step):
-            out += [Copy(adapter_index, s, +1), Copy(adapter_index, s, -1)]
-        return out
+        """The current step's 2q copies (each pair's + then -)."""
+        return pair_copies(self.pairs(adapter_index))
 
     def step(self, examples: Sequence[Example]) -> StepResult:
         """One step on the global batch `examples` (under torch.distributed every rank passes the same)."""
-        validate_examples(examples, self.model)
+        check_examples(examples, self.model.limits)
         ex = self.exchange
         if ex is None:
             scores, tokens = self._score_copies(examples, self.copies())
-            return self.apply(scores.loss, tokens=tokens)
+            return self.apply(pair_losses(scores.loss), tokens=tokens)
         before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
         losses, tokens = distributed.step_losses(
             ex, self.config.parallel, self._scores, examples, q=self.config.num_perturbations,
@@ -233,16 +190,15 @@ class MeZOTrainer:
 
     def _scores(self, examples: Sequence[Example], perturbations: Sequence[int]):
         """(loss_sum, loss_count, rows) of the copies (+, -) of some perturbations of the current step."""
-        seeds = self.seeds(self.counters.step)
-        scores, tokens = self._score_copies(
-            examples, [Copy(0, seeds[i], sign) for i in perturbations for sign in (+1, -1)])
+        pairs = self.pairs()
+        scores, tokens = self._score_copies(examples, pair_copies([pairs[i] for i in perturbations]))
         return scores.loss_sum, scores.loss_count, tokens
 
     def _score_copies(self, examples: Sequence[Example], copies: Sequence[Copy]):
-        """(CopyScores, rows of the forward) of `examples` under `copies` of this trainer's adapter."""
-        batch = self.model.build_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
-                                       sharing=self.config.sharing)
-        return copy_losses(batch, self.model.score(batch), examples), batch.num_tokens
+        """(CopyScores, rows of the forward) of checked `examples` under `copies` of this trainer's adapter."""
+        batch = self.model.plan_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
+                                      sharing=self.config.sharing)
+        return copy_losses(batch.readout, self.model.score(batch), examples), batch.stats.num_tokens
 
     # torch.distributed ----------------------------------------------------------------------------
     @property
@@ -260,11 +216,14 @@ class MeZOTrainer:
         """Whether this process writes files (rank 0, or the only process)."""
         return self.exchange is None or self.exchange.rank == 0
 
-    def apply(self, copy_losses_: Sequence[float], *, tokens: int = 0) -> StepResult:
-        """Turn the 2q losses of the current step (+, - per perturbation) into the update."""
+    def apply(self, losses: Sequence[PairLoss], *, tokens: int = 0) -> StepResult:
+        """Turn the losses of the current step's q signed pairs into the update."""
         cfg, t = self.config, self.counters.step
-        plus, minus = list(copy_losses_[0::2]), list(copy_losses_[1::2])
-        grads = [(p - m) / (2 * cfg.eps) for p, m in zip(plus, minus)]
+        if len(losses) != cfg.num_perturbations or not all(isinstance(p, PairLoss) for p in losses):
+            raise InputError(f"apply needs {cfg.num_perturbations} PairLoss values (one per perturbation), got "
+                             f"{len(losses)}")
+        plus, minus = [p.plus for p in losses], [p.minus for p in losses]
+        grads = [p.projected_grad(cfg.eps) for p in losses]
         loss = (sum(plus) + sum(minus)) / (2 * len(plus))
         lr = cfg.lr_at(t)
         finite = all(math.isfinite(x) for x in plus + minus + grads)
@@ -297,7 +256,7 @@ class MeZOTrainer:
         ex = self.exchange
         if ex is None:
             return evaluate(self.model, self.adapter, examples, batch_size=batch_size, sharing=self.config.sharing)
-        kind = validate_examples(examples, self.model, what="eval set")
+        kind = check_examples(examples, self.model.limits, what="eval set")
         loss_sum, loss_cnt, correct = distributed.eval_sums(
             ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing), examples)
         return _eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
@@ -345,7 +304,7 @@ class MeZOTrainer:
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def resume(cls, path: str, model: OPTModel, **overrides) -> "MeZOTrainer":
+    def resume(cls, path: str, model: CausalLM, **overrides) -> "MeZOTrainer":
         """A trainer that continues the run saved at `path` (bit-identically on the same device)."""
         path = os.path.abspath(path)
         old = path + ".old"
@@ -353,7 +312,7 @@ class MeZOTrainer:
             path = old  # a crash between the two renames of save()
         state_file = os.path.join(path, STATE_FILE)
         if not os.path.isfile(state_file):
-            raise ValueError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")
+            raise InputError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")
         with open(state_file) as f:
             state = json.load(f)
         cfg = dict(state["mezo_config"], **overrides)
@@ -367,10 +326,10 @@ class MeZOTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: OPTModel, adapter: LoRAAdapter | None, examples: Sequence[Example], *,
+def evaluate(model: CausalLM, adapter: LoRAAdapter | None, examples: Sequence[Example], *,
              batch_size: int = 32, sharing: str = "all") -> dict:
     """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
-    kind = validate_examples(examples, model, what="eval set")
+    kind = check_examples(examples, model.limits, what="eval set")
     return _eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
 
 
@@ -379,9 +338,9 @@ def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, fl
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i:i + batch_size])
-        batch = model.build_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
-                                  sharing=sharing)
-        s = copy_losses(batch, model.score(batch), chunk)
+        batch = model.plan_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
+                                 sharing=sharing)
+        s = copy_losses(batch.readout, model.score(batch), chunk)
         loss_sum += s.loss_sum[0]
         loss_cnt += s.loss_count[0]
         correct += s.correct[0]
@@ -403,33 +362,30 @@ def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Ex
     it alone.
     """
     if len(trainers) != len(batches):
-        raise ValueError(f"{len(trainers)} trainers but {len(batches)} batches")
+        raise InputError(f"{len(trainers)} trainers but {len(batches)} batches")
     if not trainers:
-        raise ValueError("trainers is empty")
+        raise InputError("trainers is empty")
     model = trainers[0].model
     for j, tr in enumerate(trainers):
         if tr.model is not model:
-            raise ValueError(f"trainer {j} uses another model; step_together needs one shared model")
+            raise InputError(f"trainer {j} uses another model; step_together needs one shared model")
         if tr.config.eps != trainers[0].config.eps:
-            raise ValueError(f"trainer {j} has eps {tr.config.eps}, trainer 0 has {trainers[0].config.eps}")
+            raise InputError(f"trainer {j} has eps {tr.config.eps}, trainer 0 has {trainers[0].config.eps}")
         if tr.adapter.structure() != trainers[0].adapter.structure() or \
                 tr.adapter.config.scaling != trainers[0].adapter.config.scaling:
-            raise ValueError(f"trainer {j}'s adapter has another structure (r, alpha, modules, layers)")
-        validate_examples(batches[j], model, what=f"batches[{j}]")
-    examples, per_copy, copies, owners = [], [], [], []
+            raise InputError(f"trainer {j}'s adapter has another structure (r, alpha, modules, layers)")
+        check_examples(batches[j], model.limits, what=f"batches[{j}]")
+    examples, per_copy, copies, spans = [], [], [], []
     for j, (tr, b) in enumerate(zip(trainers, batches)):
         ids = list(range(len(examples), len(examples) + len(b)))
         examples.extend(b)
-        for c in tr.copies(adapter_index=j):
-            copies.append(c)
-            per_copy.append(ids)
-            owners.append(j)
-    batch = model.build_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
-                              eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
-                              examples_per_copy=per_copy)
-    scores = copy_losses(batch, model.score(batch), examples)
-    results = []
-    for j, tr in enumerate(trainers):
-        losses = [scores.loss[c] for c in range(len(copies)) if owners[c] == j]
-        results.append(tr.apply(losses, tokens=batch.num_tokens))
-    return results
+        job_copies = tr.copies(adapter_index=j)
+        spans.append((len(copies), len(copies) + len(job_copies)))
+        copies.extend(job_copies)
+        per_copy.extend([ids] * len(job_copies))
+    batch = model.plan_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
+                             eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
+                             examples_per_copy=per_copy)
+    scores = copy_losses(batch.readout, model.score(batch), examples)
+    return [tr.apply(pair_losses(scores.loss[a:b]), tokens=batch.stats.num_tokens)
+            for tr, (a, b) in zip(trainers, spans)]

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import flashzo  # noqa: E402
 import flashzo.sglang  # noqa: E402  (before sglang: CPU start-up shims)
-from flashzo.engine.data import synthetic_task  # noqa: E402
+from flashzo.tasks import synthetic_task  # noqa: E402
 
 
 def main() -> None:

@@ -1,24 +1,28 @@
-"""flashzo's OPT as an SGLang model: RadixAttention over SGLang's KV cache, flashzo's LoRA kernel.
+"""flashzo's OPT as an SGLang model: the engine's own OPT block, run with SGLang's layers and KV cache.
 
 SGLang builds it from the checkpoint's config (`architectures: ["OPTForCausalLM"]`) and calls
-`forward(input_ids, positions, forward_batch)` with the ragged tokens of a batch. Attention is
-SGLang's RadixAttention (its KV pool, its attention backend: torch_native on a CPU). Every adapted
-projection is `zo_linear` (routing.py): flashzo's perturbed LoRA linear over the batch's requests,
-each with its own adapter, seed and sign.
+`forward(input_ids, positions, forward_batch)` with the ragged tokens of a batch. The decoder block,
+embeddings, final norm and checkpoint name mapping are engine/opt.py's, built with the ops here:
+projections are `SGLangProjection`s (SGLang's ReplicatedLinear, so its LoRA manager can wrap them),
+attention is SGLang's RadixAttention (its KV pool, its attention backend: torch_native on a CPU),
+the token embedding is SGLang's VocabParallelEmbedding. Every adapted projection runs `zo_linear`
+(routing.py): flashzo's perturbed LoRA linear over the batch's requests, each with its own adapter,
+seed and sign. This module holds only that glue.
 
 What SGLang's LoRA manager needs for OPT, and where it is:
 - adaptable modules named as SGLang normalizes PEFT targets: q/k/v -> one stacked `qkv_proj`,
-  `out_proj`, `fc1`, `fc2` (sglang/srt/lora/utils.py: get_normalized_target_modules);
+  `out_proj`, `fc1`, `fc2` (sglang/srt/lora/utils.py: get_normalized_target_modules); the engine's
+  OPT block stacks q/k/v the same way;
 - of a layer type it can wrap: `ReplicatedLinear` (single GPU / CPU; no tensor parallelism);
 - `get_hidden_dim(module, layer)`: their (in, out) sizes, which SGLang's default only knows for
   Llama-style names; `should_apply_lora(name)`: decoder-layer projections only.
 The LoRA wrapper is never run: zo_linear reads the pool buffers it was given (`A_buffer`,
 `B_buffer`) and the backend's batch_info, and computes with flashzo's kernel.
 
-Weights: every layout flashzo's load_opt reads arrives through SGLang's loader as (name, tensor);
-names `model.decoder.*` and `decoder.*` map 1:1, q/k/v land in their rows of qkv_proj,
-`lm_head.weight` (tied) is checked and skipped, and an unknown, misshapen or missing tensor is a
-ValueError naming it, as in flashzo.load_opt.
+Weights: every layout flashzo's load_opt reads arrives through SGLang's loader as (name, tensor) and
+goes through the engine's CheckpointFill (engine/loading.py): q/k/v land in their rows of qkv_proj,
+`lm_head.weight` (tied) is checked and skipped, and an unknown, misshapen or missing tensor is an
+InputError naming it, as in flashzo.load_opt.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from torch import nn
 
-from flashzo.engine.config import POSITION_OFFSET, OPTConfig
-from flashzo.engine.opt import _ACT
+from flashzo.engine.config import OPTConfig
+from flashzo.engine.family import FAMILIES
+from flashzo.engine.loading import CheckpointFill
+from flashzo.engine.opt import OPTDecoder
+from flashzo.errors import InputError
 
 from .routing import AdapterCache, Routes, build_routes, zo_linear
 
-QKV = ("q_proj", "k_proj", "v_proj")
 LORA_MODULES = ("qkv_proj", "out_proj", "fc1", "fc2")
 
 
@@ -51,97 +57,65 @@ def _tp_size() -> int:
         return 1
 
 
-class ZOLinear(ReplicatedLinear):
-    """A (possibly stacked) projection: parts (flashzo module name, rows of the weight) under zo_linear."""
+class SGLangProjection(ReplicatedLinear):
+    """A (possibly stacked) projection SGLang's LoRA manager can wrap; parts as in engine ZOProjection."""
 
-    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, layer_id: int,
-                 params_dtype: torch.dtype | None, prefix: str):
+    def __init__(self, in_features: int, parts, bias: bool, layer_id: int, params_dtype, prefix: str):
         super().__init__(in_features, sum(n for _, n in parts), bias=bias, params_dtype=params_dtype, prefix=prefix)
         self.layer_id = layer_id
         self.parts, start = [], 0
         for name, n in parts:
-            self.parts.append((name, (start, start + n)))
+            self.parts.append((name, start, start + n))
             start += n
 
 
-def apply_zo(module: nn.Module, x: torch.Tensor, routes: Routes | None) -> list[torch.Tensor]:
-    """Every part's output of a ZOLinear, or of SGLang's LoRA wrapper around one: [T, n_part] each."""
-    base = getattr(module, "base_layer", module)
-    pool = (module.A_buffer, module.B_buffer) if getattr(module, "set_lora", False) else None
-    outs = []
-    for i, (name, (o0, o1)) in enumerate(base.parts):
-        bias = base.bias[o0:o1] if base.bias is not None else None
-        outs.append(zo_linear(x, base.weight[o0:o1], bias, routes, layer_id=base.layer_id, name=name,
-                              part=i, out=(o0, o1), pool=pool))
-    return outs
+class SGLangOps:
+    """Builds the shared OPT block (engine/opt.py) out of SGLang's layers, in SGLang's default dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def projection(self, in_features, parts, bias, layer_id, *, prefix="", fork_input=False) -> SGLangProjection:
+        return SGLangProjection(in_features, parts, bias, layer_id, self.dtype, prefix)
+
+    def attention(self, num_heads, num_kv_heads, head_dim, scaling, layer_id, *, prefix="") -> RadixAttention:
+        return RadixAttention(num_heads, head_dim, scaling, num_kv_heads=num_kv_heads, layer_id=layer_id,
+                              prefix=prefix)
+
+    def embedding(self, num, dim, *, prefix="") -> VocabParallelEmbedding:
+        return VocabParallelEmbedding(num, dim, params_dtype=self.dtype, prefix=prefix)
 
 
-class OPTAttention(nn.Module):
-    def __init__(self, cfg: OPTConfig, layer_id: int, dtype, prefix: str):
+class SGLangContext:
+    """The block's forward context inside SGLang: its batch, and the route every request's rows take."""
+
+    def __init__(self, forward_batch: ForwardBatch, routes: Routes | None):
+        self.forward_batch, self.routes = forward_batch, routes
+
+    def residual(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
+        return x  # SGLang's batches never fork: every request carries its own rows
+
+    def project(self, module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every part's output of an SGLangProjection, or of SGLang's LoRA wrapper around one: [T, n] each."""
+        base = getattr(module, "base_layer", module)
+        pool = (module.A_buffer, module.B_buffer) if getattr(module, "set_lora", False) else None
+        outs = []
+        for i, (name, o0, o1) in enumerate(base.parts):
+            bias = base.bias[o0:o1] if base.bias is not None else None
+            outs.append(zo_linear(x, base.weight[o0:o1], bias, self.routes, layer_id=base.layer_id, name=name,
+                                  part=i, out=(o0, o1), pool=pool))
+        return outs
+
+    def attend(self, attn: RadixAttention, q, k, v) -> torch.Tensor:
+        return attn(q, k, v, self.forward_batch)
+
+
+class _DecoderHolder(nn.Module):
+    """Holds the decoder under `model.` so parameters are named as OPTForCausalLM's checkpoints name them."""
+
+    def __init__(self, decoder: OPTDecoder):
         super().__init__()
-        h, bias = cfg.hidden_size, cfg.enable_bias
-        self.qkv_proj = ZOLinear(h, tuple((n, h) for n in QKV), bias, layer_id, dtype, f"{prefix}.qkv_proj")
-        self.out_proj = ZOLinear(h, (("out_proj", h),), bias, layer_id, dtype, f"{prefix}.out_proj")
-        self.attn = RadixAttention(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   num_kv_heads=cfg.num_attention_heads, layer_id=layer_id, prefix=f"{prefix}.attn")
-
-    def forward(self, x: torch.Tensor, forward_batch: ForwardBatch, routes: Routes | None) -> torch.Tensor:
-        q, k, v = apply_zo(self.qkv_proj, x, routes)  # [T, h] each
-        o = self.attn(q, k, v, forward_batch)
-        return apply_zo(self.out_proj, o, routes)[0]
-
-
-class OPTDecoderLayer(nn.Module):
-    def __init__(self, cfg: OPTConfig, layer_id: int, dtype, prefix: str):
-        super().__init__()
-        h, affine = cfg.hidden_size, cfg.layer_norm_elementwise_affine
-        self.pre_ln = cfg.do_layer_norm_before
-        self.self_attn = OPTAttention(cfg, layer_id, dtype, f"{prefix}.self_attn")
-        self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=affine, dtype=dtype)
-        self.fc1 = ZOLinear(h, (("fc1", cfg.ffn_dim),), cfg.enable_bias, layer_id, dtype, f"{prefix}.fc1")
-        self.fc2 = ZOLinear(cfg.ffn_dim, (("fc2", h),), cfg.enable_bias, layer_id, dtype, f"{prefix}.fc2")
-        self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine, dtype=dtype)
-        self.act = _ACT[cfg.activation_function]
-
-    def forward(self, x: torch.Tensor, forward_batch: ForwardBatch, routes: Routes | None) -> torch.Tensor:
-        # x: [T, h]; the same block as flashzo.engine.opt.OPTDecoderLayer
-        r = x
-        if self.pre_ln:
-            x = self.self_attn_layer_norm(x)
-        x = r + self.self_attn(x, forward_batch, routes)
-        if not self.pre_ln:
-            x = self.self_attn_layer_norm(x)
-        r = x
-        if self.pre_ln:
-            x = self.final_layer_norm(x)
-        x = r + apply_zo(self.fc2, self.act(apply_zo(self.fc1, x, routes)[0]), routes)[0]
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
-        return x
-
-
-class OPTDecoder(nn.Module):
-    def __init__(self, cfg: OPTConfig, dtype, prefix: str):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.word_embed_proj_dim, params_dtype=dtype,
-                                                   prefix=f"{prefix}.embed_tokens")
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
-                                            dtype=dtype)
-        if cfg.has_projections:
-            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False, dtype=dtype)
-            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False, dtype=dtype)
-        else:
-            self.project_in = self.project_out = None
-        self.final_layer_norm = (nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine,
-                                              dtype=dtype) if cfg.has_final_layer_norm else None)
-        self.layers = nn.ModuleList([OPTDecoderLayer(cfg, i, dtype, f"{prefix}.layers.{i}")
-                                     for i in range(cfg.num_hidden_layers)])
-
-
-class OPTModel(nn.Module):
-    def __init__(self, cfg: OPTConfig, dtype, prefix: str = "model"):
-        super().__init__()
-        self.decoder = OPTDecoder(cfg, dtype, f"{prefix}.decoder")
+        self.decoder = decoder
 
 
 class OPTForCausalLM(nn.Module):
@@ -150,15 +124,15 @@ class OPTForCausalLM(nn.Module):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
         if quant_config is not None:
-            raise ValueError("flashzo's SGLang OPT runs unquantized checkpoints only (quantization="
+            raise InputError("flashzo's SGLang OPT runs unquantized checkpoints only (quantization="
                              f"{type(quant_config).__name__})")
         if _tp_size() != 1:
-            raise ValueError("flashzo's SGLang OPT runs on one device (tp_size 1): its projections are "
+            raise InputError("flashzo's SGLang OPT runs on one device (tp_size 1): its projections are "
                              "ReplicatedLinear and its LoRA kernel is not tensor-parallel")
         self.config = config  # the HF config object SGLang reads (vocab_size, num_hidden_layers ...)
         self.zo_config = OPTConfig.from_hf(config)
-        dtype = torch.get_default_dtype()
-        self.model = OPTModel(self.zo_config, dtype)
+        self.model = _DecoderHolder(OPTDecoder(self.zo_config, SGLangOps(torch.get_default_dtype()),
+                                               prefix="model.decoder"))
         self.lm_head = self.model.decoder.embed_tokens  # tied
         self.logits_processor = LogitsProcessor(config)
         self._adapters: AdapterCache | None = None
@@ -170,7 +144,7 @@ class OPTForCausalLM(nn.Module):
         h, f = self.zo_config.hidden_size, self.zo_config.ffn_dim
         dims = {"qkv_proj": (h, 3 * h), "out_proj": (h, h), "fc1": (h, f), "fc2": (f, h)}
         if module_name not in dims:
-            raise ValueError(f"flashzo's SGLang OPT adapts {', '.join(LORA_MODULES)} (q/k/v as qkv_proj); "
+            raise InputError(f"flashzo's SGLang OPT adapts {', '.join(LORA_MODULES)} (q/k/v as qkv_proj); "
                              f"an adapter targets {module_name!r}")
         return dims[module_name]
 
@@ -200,67 +174,23 @@ class OPTForCausalLM(nn.Module):
             raise RuntimeError("flashzo's SGLang OPT chooses each request's adapter and perturbation in Python "
                                "and cannot be captured in a CUDA graph: start SGLang with --disable-cuda-graph")
         routes = self._routes(forward_batch, input_ids.shape[0])
-        x = d.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        if d.project_in is not None:
-            x = d.project_in(x)
-        x = x + d.embed_positions(positions + POSITION_OFFSET)
-        for layer in d.layers:
-            x = layer(x, forward_batch, routes)
-        if d.final_layer_norm is not None:
-            x = d.final_layer_norm(x)
-        if d.project_out is not None:
-            x = d.project_out(x)
         if get_embedding:
-            raise ValueError("flashzo's SGLang OPT is a causal LM; it does not serve embeddings")
-        return self.logits_processor(input_ids, x, self.lm_head, forward_batch)
+            raise InputError("flashzo's SGLang OPT is a causal LM; it does not serve embeddings")
+        ctx = SGLangContext(forward_batch, routes)
+        x = d.embed(input_ids, positions, input_embeds)
+        for layer in d.layers:
+            x = layer(x, ctx)
+        return self.logits_processor(input_ids, d.final(x), self.lm_head, forward_batch)
 
     # Weights ------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
         cfg = self.zo_config
+        embed = "decoder.embed_tokens.weight"
+        fill = CheckpointFill(self.model, FAMILIES["opt"], tied_shape=(cfg.vocab_size, cfg.word_embed_proj_dim),
+                              row_limits={embed: cfg.vocab_size})  # SGLang pads the vocabulary rows
         for key, tensor in weights:
-            name = key[len("model."):] if key.startswith("model.decoder.") else key
-            if name == "lm_head.weight":
-                expected = (cfg.vocab_size, cfg.word_embed_proj_dim)
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, the config "
-                                     f"expects {expected}")
-                continue  # tied to the token embedding
-            if not name.startswith("decoder."):
-                raise ValueError(f"unexpected checkpoint tensor {key!r}: the OPT config has no such parameter")
-            name = "model." + name
-            shard = None
-            for i, proj in enumerate(QKV):
-                if f".self_attn.{proj}." in name:
-                    name, shard = name.replace(f".self_attn.{proj}.", ".self_attn.qkv_proj."), i
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"unexpected checkpoint tensor {key!r}: the OPT config has no such parameter")
-            target = param.data
-            if shard is not None:
-                h = cfg.hidden_size
-                target = target[shard * h:(shard + 1) * h]
-                name = f"{name}#{QKV[shard]}"
-            elif name.endswith("embed_tokens.weight"):
-                target = target[:cfg.vocab_size]  # SGLang pads the vocabulary rows
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, the config "
-                                 f"expects {tuple(target.shape)}")
-            if name in loaded:
-                raise ValueError(f"checkpoint tensor {key!r} is given twice")
-            target.copy_(tensor)
-            loaded.add(name)
-        expected = set()
-        for name, _ in self.named_parameters():
-            if ".qkv_proj." in name:
-                expected.update(f"{name}#{proj}" for proj in QKV)
-            else:
-                expected.add(name)
-        missing = sorted(expected - loaded)
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ValueError(f"checkpoint tensor for {missing[0]!r}{more} is missing")
+            fill.put(key, tensor, "checkpoint")
+        fill.finish("checkpoint")
         self.model.decoder.embed_tokens.weight.data[cfg.vocab_size:].zero_()  # SGLang's padding rows
 
 

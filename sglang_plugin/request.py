@@ -24,6 +24,8 @@ import math
 import uuid
 from dataclasses import dataclass
 
+from flashzo.errors import InputError
+
 RID_PREFIX = "flashzo-zo:"
 
 
@@ -39,16 +41,16 @@ class Perturbation:
 
     def __post_init__(self):
         if not isinstance(self.adapter, str) or not self.adapter:
-            raise ValueError(f"adapter must be a non-empty directory path, got {self.adapter!r}")
+            raise InputError(f"adapter must be a non-empty directory path, got {self.adapter!r}")
         if not isinstance(self.version, str):
-            raise ValueError(f"version must be a string, got {type(self.version).__name__}")
+            raise InputError(f"version must be a string, got {type(self.version).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+            raise InputError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.sign not in (-1, 0, 1) or isinstance(self.sign, bool):
-            raise ValueError(f"sign must be -1, 0 or +1, got {self.sign!r}")
+            raise InputError(f"sign must be -1, 0 or +1, got {self.sign!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) \
                 or self.eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+            raise InputError(f"eps must be a finite number >= 0, got {self.eps!r}")
 
     @property
     def key(self) -> str:
@@ -74,10 +76,10 @@ def parse_rid(rid: str | None) -> Perturbation | None:
     body = rid[len(RID_PREFIX):]
     encoded, sep, _ = body.partition(":")
     if not sep:
-        raise ValueError(f"request id {rid!r} starts with {RID_PREFIX!r} but has no ':<unique>' suffix")
+        raise InputError(f"request id {rid!r} starts with {RID_PREFIX!r} but has no ':<unique>' suffix")
     try:
         payload = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
         return Perturbation(adapter=payload["adapter"], version=payload["version"], seed=payload["seed"],
                             sign=payload["sign"], eps=float.fromhex(payload["eps"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"request id {rid!r} carries a malformed flashzo perturbation: {e}") from e
+        raise InputError(f"request id {rid!r} carries a malformed flashzo perturbation: {e}") from e

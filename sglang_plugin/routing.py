@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from flashzo.engine.config import OPTConfig
 from flashzo.engine.lora import LoRAAdapter
+from flashzo.errors import InputError
 from flashzo.kernels import Segments, perturbed_lora_linear
 
 from .request import Perturbation, parse_rid
@@ -150,7 +151,7 @@ def build_routes(forward_batch, num_rows: int, *, lora_backend, adapters: Adapte
         rank = int(ranks[slot]) if ranks is not None else 0
         if p is not None:
             if rank > 0:
-                raise ValueError(f"request {rids[i]!r} names both a LoRA adapter (lora_path) and a flashzo "
+                raise InputError(f"request {rids[i]!r} names both a LoRA adapter (lora_path) and a flashzo "
                                  "perturbation; a perturbed request carries its adapter in its request id")
             key = ("perturbed", p.adapter, p.version, float(p.eps))
             if key not in keyed:

@@ -19,15 +19,16 @@ import hashlib
 import json
 import os
 import tempfile
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
-from flashzo.engine.batch import Copy, Example
+from flashzo.engine.batch import Copy, Readout, ReadoutGroup
+from flashzo.engine.example import Example, Limits, check_examples
 from flashzo.engine.lora import LoRAAdapter
-from flashzo.engine.loss import copy_losses
-from flashzo.engine.mezo import MeZOTrainer, StepResult, validate_examples
+from flashzo.engine.loss import copy_losses, pair_losses
+from flashzo.engine.mezo import MeZOTrainer, StepResult
+from flashzo.errors import InputError
 
 from .request import Perturbation
 
@@ -61,17 +62,20 @@ class SGLangScorer:
     def copy_losses(self, examples: Sequence[Example], adapter: LoRAAdapter, copies: Sequence[Copy],
                     eps: float) -> list[float]:
         """The loss of `examples` under each copy (adapter + copy.sign * eps * z(copy.seed)), via SGLang."""
-        validate_examples(examples, SimpleNamespace(config=adapter.model_config))
+        check_examples(examples, Limits.of(adapter.model_config))
+        return self._copy_losses(examples, adapter, copies, eps)
+
+    def _copy_losses(self, examples, adapter, copies, eps) -> list[float]:
         path, version = self.publish(adapter)
         input_ids, starts, rids, salts, group_of_request, group_info = [], [], [], [], [], []
         for c, copy in enumerate(copies):
             if copy.adapter != 0:
-                raise ValueError(f"copy {c} names adapter {copy.adapter}; SGLangScorer scores one adapter")
+                raise InputError(f"copy {c} names adapter {copy.adapter}; SGLangScorer scores one adapter")
             p = Perturbation(adapter=path, version=version, seed=int(copy.seed), sign=int(copy.sign), eps=float(eps))
             for e, ex in enumerate(examples):
                 for k, (toks, scored_from) in enumerate(ex.sequences()):
                     group_of_request.append(len(group_info))
-                    group_info.append((c, e, k))
+                    group_info.append(ReadoutGroup(c, e, k))
                     input_ids.append(toks)
                     starts.append(scored_from - 1)  # SGLang's first entry has no log-prob (see below)
                     fields = p.request_fields()
@@ -79,20 +83,24 @@ class SGLangScorer:
                     salts.append(fields["cache_salt"])
         outputs = self.engine.generate(input_ids=input_ids, sampling_params={"max_new_tokens": 0},
                                        return_logprob=True, logprob_start_len=starts, rid=rids, cache_salt=salts)
-        logprobs, req_group = [], []
+        logprobs, req_group, req_target = [], [], []
         for r, (out, toks, start) in enumerate(zip(outputs, input_ids, starts)):
             got = _scored_logprobs(out, toks, start)
             logprobs.extend(got)
             req_group.extend([group_of_request[r]] * len(got))
-        batch = SimpleNamespace(req_group=torch.tensor(req_group, dtype=torch.long), num_groups=len(group_info),
-                                group_info=group_info, num_copies=len(copies))
-        return copy_losses(batch, torch.tensor(logprobs, dtype=torch.float64), examples).loss
+            req_target.extend(toks[start + 1:])
+        # SGLang computed one log-prob per scored position: request k reads the k-th of them.
+        lt = dict(dtype=torch.long)
+        scored = torch.arange(len(logprobs), **lt)
+        readout = Readout(rows=scored, req_row=scored, req_target=torch.tensor(req_target, **lt),
+                          req_group=torch.tensor(req_group, **lt), groups=group_info, num_copies=len(copies))
+        return copy_losses(readout, torch.tensor(logprobs, dtype=torch.float64), examples).loss
 
     def step(self, trainer: MeZOTrainer, examples: Sequence[Example]) -> StepResult:
         """One MeZO step of `trainer` whose 2q forward passes SGLang serves (same result as trainer.step)."""
-        validate_examples(examples, trainer.model)
-        losses = self.copy_losses(examples, trainer.adapter, trainer.copies(), trainer.config.eps)
-        return trainer.apply(losses)
+        check_examples(examples, trainer.model.limits)
+        losses = self._copy_losses(examples, trainer.adapter, trainer.copies(), trainer.config.eps)
+        return trainer.apply(pair_losses(losses))
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -109,12 +117,12 @@ def _scored_logprobs(out: dict, toks: list[int], start: int) -> list[float]:
     """
     entries = out["meta_info"]["input_token_logprobs"]
     if len(entries) != len(toks) - start:
-        raise ValueError(f"SGLang returned {len(entries)} input log-probs for tokens {start}..{len(toks) - 1}")
+        raise InputError(f"SGLang returned {len(entries)} input log-probs for tokens {start}..{len(toks) - 1}")
     got = []
     for i, entry in enumerate(entries[1:], start=start + 1):
         lp, tok = entry[0], entry[1]
         if tok != toks[i] or lp is None:
-            raise ValueError(f"SGLang's input log-prob for position {i} is ({lp}, token {tok}), expected a "
+            raise InputError(f"SGLang's input log-prob for position {i} is ({lp}, token {tok}), expected a "
                              f"log-prob of token {toks[i]}")
         got.append(float(lp))
     return got

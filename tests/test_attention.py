@@ -79,10 +79,10 @@ def test_torch_backend_matches_dense_fp64(qo_lens, ctx_lens, max_chunk_elems):
     fill_pool(pool, 1, num_slots, seed=1)
     q = torch.randn(meta.num_tokens, H, D, generator=torch.Generator().manual_seed(2))
     backend = TorchAttentionBackend(max_chunk_elems=max_chunk_elems)
-    backend.plan(meta)
+    plan = backend.plan(meta)
     if max_chunk_elems == 1:
-        assert len(meta.plan) == len(qo_lens)  # one chunk per sequence
-    o = backend.forward(q, meta, pool, 1, D ** -0.5)
+        assert len(plan) == len(qo_lens)  # one chunk per sequence
+    o = backend.forward(q, meta, plan, pool, 1, D ** -0.5)
     ref = dense_reference(q, *pool.buffers(1), meta, D ** -0.5)
     torch.testing.assert_close(o.double(), ref, rtol=0, atol=1e-6)
 
@@ -90,9 +90,9 @@ def test_torch_backend_matches_dense_fp64(qo_lens, ctx_lens, max_chunk_elems):
 def test_torch_backend_chunks_cover_every_row_once():
     meta, _ = random_meta([5, 1, 1, 9, 2, 1], [0, 4, 8, 2, 7, 0], shared=8)
     backend = TorchAttentionBackend(max_chunk_elems=40)
-    backend.plan(meta)
-    assert len(meta.plan) > 1
-    rows = torch.cat([c.dst_rows for c in meta.plan])
+    plan = backend.plan(meta)
+    assert len(plan) > 1
+    rows = torch.cat([c.dst_rows for c in plan])
     assert sorted(rows.tolist()) == list(range(meta.num_tokens))
 
 
@@ -123,7 +123,7 @@ def test_flashinfer_plan_args_hand_example():
     # Rows: prompt 0..2, candidate [21] row 3, candidate [22, 23] rows 4..5.
     ex = Example([11, 12, 13], candidates=[[21], [22, 23]], label=0)
     batch = build_batch([ex], [Copy()], num_layers=2, max_positions=64, device="cpu", sharing="all")
-    meta = batch.meta
+    meta = batch.inputs.meta
     args, kwargs = flashinfer_plan_args(meta, num_heads=4, head_dim=64, dtype=torch.bfloat16)
     qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo, num_kv, head_dim, page_size = args
     assert qo_indptr.tolist() == [0, 3, 4, 6]
@@ -141,7 +141,7 @@ def test_flashinfer_plan_args_hand_example():
     assert qo_indptr.tolist() == meta.qo_indptr.tolist() == meta.qo_indptr_host
     assert kv_indptr.tolist() == meta.kv_indptr.tolist() == meta.kv_indptr_host
     assert kv_indices.tolist() == meta.kv_indices.tolist()
-    assert last_page_len.tolist() == meta.kv_last_page_len.tolist()
+    assert last_page_len.tolist() == [1] * meta.num_seqs  # page size 1: every last page holds one token
 
 
 def test_flashinfer_plan_args_forked_batch():
@@ -149,12 +149,12 @@ def test_flashinfer_plan_args_forked_batch():
     exs = [Example([5, 6, 7], candidates=[[8]]), Example([5, 6, 9], target=[10])]
     batch = build_batch(exs, [Copy(sign=1), Copy(sign=-1)], num_layers=2, max_positions=64, device="cpu")
     # Rows of a copy: [5, 6] 0..1, [7, 8] 2..3, [9, 10] 4..5 (the split happens after 6).
-    trunk, _ = flashinfer_plan_args(batch.trunk_meta, num_heads=2, head_dim=64, dtype=torch.float16)
+    trunk, _ = flashinfer_plan_args(batch.inputs.trunk_meta, num_heads=2, head_dim=64, dtype=torch.float16)
     assert trunk[0].tolist() == [0, 2, 4, 6]
     assert trunk[1].tolist() == [0, 2, 6, 10]
     assert trunk[2].tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5]
     assert trunk[3].tolist() == [1, 1, 1]
-    signed, _ = flashinfer_plan_args(batch.meta, num_heads=2, head_dim=64, dtype=torch.float16)
+    signed, _ = flashinfer_plan_args(batch.inputs.meta, num_heads=2, head_dim=64, dtype=torch.float16)
     assert signed[0].tolist() == [0, 2, 4, 6, 8, 10, 12]
     assert signed[1].tolist() == [0, 2, 6, 10, 12, 16, 20]
     assert signed[2].tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 6, 7, 8, 9, 6, 7, 10, 11]
@@ -205,7 +205,7 @@ def test_model_reuses_pool_across_batches():
     big = [Example(list(range(1, 40)), candidates=[[4], [5]])]
     batch = model.build_batch(big * 4, sharing="none")
     model.score(batch)
-    assert model._pool is pool and pool.capacity >= batch.num_tokens > capacity
+    assert model._pool is pool and pool.capacity >= batch.stats.num_tokens > capacity
 
 
 def test_resolve_backend():
@@ -239,12 +239,11 @@ def test_flashinfer_matches_torch_backend(dtype):
     q = torch.randn(meta.num_tokens, H, D, generator=torch.Generator().manual_seed(4)).to(dev, dtype)
     ref = dense_reference(q, *pool.buffers(0), meta, D ** -0.5)
     fi = FlashInferAttentionBackend(device=dev)
-    fi.plan(meta, num_heads=H, head_dim=D, dtype=dtype)
-    assert meta.plan[0] == "flashinfer"
-    o_fi = fi.forward(q, meta, pool, 0, D ** -0.5)
+    plan = fi.plan(meta, num_heads=H, head_dim=D, dtype=dtype)
+    assert plan[0] == "flashinfer"
+    o_fi = fi.forward(q, meta, plan, pool, 0, D ** -0.5)
     th = TorchAttentionBackend()
-    th.plan(meta)
-    o_th = th.forward(q, meta, pool, 0, D ** -0.5)
+    o_th = th.forward(q, meta, th.plan(meta), pool, 0, D ** -0.5)
     err_fi = (o_fi.double() - ref).abs().max().item()
     err_th = (o_th.double() - ref).abs().max().item()
     assert err_fi <= 2 * err_th + 1e-3, (err_fi, err_th)
@@ -262,7 +261,7 @@ def test_flashinfer_model_scores_match_torch_backend():
     model.set_attention_backend("flashinfer")
     batch = model.build_batch(exs, [Copy(), Copy()])
     out = model.score(batch)
-    assert batch.meta.plan[0] == "flashinfer"
+    assert model.prepare(batch.inputs).stage(0)[1][0] == "flashinfer"
     model32 = OPTModel.from_config(cfg, seed=0, device="cuda")
     model32.set_attention_backend("torch")
     exact = model32.score(model32.build_batch(exs, [Copy(), Copy()]))

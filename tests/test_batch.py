@@ -71,7 +71,7 @@ def test_sharing_equals_no_sharing_plain(model, name):
     for sharing in ("all", "candidates"):
         batch, out = _score(model, exs, sharing=sharing)
         torch.testing.assert_close(out, ref, **TOL)
-    assert batch.tokens_per_copy <= batch.tokens_unshared
+    assert batch.stats.tokens_per_copy <= batch.stats.tokens_unshared
 
 
 @pytest.mark.parametrize("name", ["four_candidates", "mixed"])
@@ -80,11 +80,11 @@ def test_sharing_and_fork_equal_no_sharing_signed(model, name):
     ad = _adapter(layers=(2, 3))
     kw = dict(adapters=[ad], eps=0.05)
     ref_batch, ref = _score(model, exs, SIGNED, sharing="none", fork=False, **kw)
-    assert ref_batch.trunk_meta is None
+    assert ref_batch.inputs.trunk_meta is None
     for sharing in ("all", "candidates", "none"):
         for fork in (True, False):
             batch, out = _score(model, exs, SIGNED, sharing=sharing, fork=fork, **kw)
-            assert (batch.trunk_meta is not None) == fork and batch.fork_layer == (2 if fork else 0)
+            assert (batch.inputs.trunk_meta is not None) == fork and batch.inputs.fork_layer == (2 if fork else 0)
             torch.testing.assert_close(out, ref, **TOL)
     # The signed copies differ (the test could fail), and +eps / -eps are not mirror images of 0.
     per_copy = ref.view(len(SIGNED), -1)
@@ -97,27 +97,23 @@ def test_each_copy_equals_scoring_it_alone(model, sharing):
     exs = EXAMPLES["mixed"] + EXAMPLES["two_candidates"]
     ad = _adapter(layers=(2, 3))
     batch, out = _score(model, exs, SIGNED, adapters=[ad], eps=0.05, sharing=sharing)
-    assert batch.trunk_meta is not None
+    assert batch.inputs.trunk_meta is not None
     for ci, copy in enumerate(SIGNED):
         alone_batch, alone = _score(model, exs, [copy], adapters=[ad], eps=0.05, sharing=sharing)
-        sel = torch.tensor([batch.group_info[g][0] == ci for g in batch.req_group.tolist()])
+        sel = torch.tensor([batch.readout.groups[g][0] == ci for g in batch.readout.req_group.tolist()])
         torch.testing.assert_close(out[sel], alone, **TOL)
-        assert [info[1:] for info in alone_batch.group_info] == \
-            [info[1:] for info in batch.group_info if info[0] == ci]
+        assert [info[1:] for info in alone_batch.readout.groups] == \
+            [info[1:] for info in batch.readout.groups if info[0] == ci]
 
 
 def _rows_per_projection(model, batch):
-    """{(layer, name): rows} that each q/k/v projection of the forward was called on."""
-    rows, hooks = {}, []
-    for layer in model.decoder.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            hooks.append(proj.register_forward_hook(
-                lambda mod, args, out: rows.__setitem__(mod.key, args[0].shape[0])))
+    """{(layer, name): rows} that each q/k/v projection of the forward was computed on."""
+    model.trace = []
     try:
         out = model.score(batch)
+        rows = {(layer, name): n for layer, name, n in model.trace if name in ("q_proj", "k_proj", "v_proj")}
     finally:
-        for h in hooks:
-            h.remove()
+        model.trace = None
     return rows, out
 
 
@@ -125,7 +121,7 @@ def _rows_per_projection(model, batch):
                                             (None, ("q_proj", "k_proj", "v_proj"))])
 def test_fork_layer_runs_unadapted_projections_once(model, layers, targets):
     """The fork layer's input is the same for every copy: its projections without an adapter run on
-    the trunk's rows only (DESIGN.md section 5, layer-0 K/V of an unadapted projection), and the
+    the trunk's rows only (docs/design.md, "Sharing": K/V of an unadapted projection), and the
     scores equal the computation that shares nothing."""
     exs = EXAMPLES["few_shot"]
     ad = LoRAAdapter.init(LoRAConfig(r=4, target_modules=targets, layers=layers), CFG)
@@ -133,9 +129,9 @@ def test_fork_layer_runs_unadapted_projections_once(model, layers, targets):
     kw = dict(adapters=[ad], eps=0.05)
     batch = model.build_batch(exs, SIGNED, **kw)
     lowest = ad.lowest_layer
-    assert batch.fork_layer == lowest and batch.fork_index is not None
-    assert (batch.trunk_meta is None) == (lowest == 0)
-    trunk, signed = batch.trunk_tokens, batch.num_tokens
+    assert batch.inputs.fork_layer == lowest and batch.inputs.fork_index is not None
+    assert (batch.inputs.trunk_meta is None) == (lowest == 0)
+    trunk, signed = batch.stats.trunk_tokens, batch.stats.num_tokens
     assert signed == len(SIGNED) * trunk
     rows, out = _rows_per_projection(model, batch)
     for (layer, name), n in rows.items():
@@ -147,7 +143,7 @@ def test_fork_layer_runs_unadapted_projections_once(model, layers, targets):
             assert n == signed, (layer, name)
     ref_batch = model.build_batch(exs, SIGNED, sharing="none", fork=False, **kw)
     ref_rows, ref = _rows_per_projection(model, ref_batch)
-    assert set(ref_rows.values()) == {ref_batch.num_tokens}
+    assert set(ref_rows.values()) == {ref_batch.stats.num_tokens}
     torch.testing.assert_close(out, ref, **TOL)
     per_copy = ref.view(len(SIGNED), -1)  # the copies differ: the test could fail
     assert (per_copy[0] - per_copy[1]).abs().max() > 1e-3
@@ -158,7 +154,7 @@ def test_examples_per_copy(model):
     ad = _adapter(layers=(1,))
     copies = [Copy(0, 3, 1), Copy(0, 3, -1)]
     batch, out = _score(model, exs, copies, adapters=[ad], eps=0.05, examples_per_copy=[(0, 1), (2,)])
-    assert batch.trunk_meta is None  # different layouts cannot fork
+    assert batch.inputs.trunk_meta is None  # different layouts cannot fork
     _, a = _score(model, exs[:2], copies[:1], adapters=[ad], eps=0.05)
     _, b = _score(model, exs[2:], copies[1:], adapters=[ad], eps=0.05)
     torch.testing.assert_close(out, torch.cat([a, b]), **TOL)
@@ -196,25 +192,25 @@ def test_layout_invariants(name, sharing):
     exs = EXAMPLES[name]
     seqs = _all_sequences(exs)
     batch = _build(exs, [Copy(), Copy()], sharing=sharing, fork=False)
-    meta = batch.meta
+    meta = batch.inputs.meta
     T = meta.num_tokens
     qo, kv = meta.qo_indptr.tolist(), meta.kv_indptr.tolist()
     # No padding: the rows are exactly the nodes' tokens, and what each mode should compute.
-    assert T == qo[-1] == sum(b - a for a, b in zip(qo, qo[1:])) == batch.input_ids.numel()
+    assert T == qo[-1] == sum(b - a for a, b in zip(qo, qo[1:])) == batch.inputs.input_ids.numel()
     expected = {"none": sum(map(len, seqs)),
                 "candidates": sum(len(ex.prompt) + sum(len(t) - len(ex.prompt) for t, _ in ex.sequences())
                                   for ex in exs),
                 "all": _distinct_prefixes(seqs)}[sharing]
-    assert batch.tokens_per_copy == expected and T == 2 * expected
-    assert batch.tokens_unshared == sum(map(len, seqs))
+    assert batch.stats.tokens_per_copy == expected and T == 2 * expected
+    assert batch.stats.tokens_unshared == sum(map(len, seqs))
     # Every row is written exactly once, and page tables only list written rows.
     assert sorted(meta.out_cache_loc.tolist()) == list(range(T))
     assert meta.kv_indices.min() >= 0 and meta.kv_indices.max() < T
     # A node's page table ends with its own rows, and spells a prefix of one of the sequences.
     row_tok = torch.empty(T, dtype=torch.long)
     row_pos = torch.empty(T, dtype=torch.long)
-    row_tok[meta.out_cache_loc] = batch.input_ids
-    row_pos[meta.out_cache_loc] = batch.positions
+    row_tok[meta.out_cache_loc] = batch.inputs.input_ids
+    row_pos[meta.out_cache_loc] = batch.inputs.positions
     prefixes = {tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)}
     for s in range(meta.num_seqs):
         table = meta.kv_indices[kv[s]:kv[s + 1]].long()
@@ -222,18 +218,18 @@ def test_layout_invariants(name, sharing):
         assert torch.equal(table[-own.numel():], own)
         assert tuple(row_tok[table].tolist()) in prefixes
         assert row_pos[table].tolist() == list(range(table.numel()))
-        copy = int(own[0]) // batch.tokens_per_copy  # page tables never cross copies
-        assert (table // batch.tokens_per_copy == copy).all()
+        copy = int(own[0]) // batch.stats.tokens_per_copy  # page tables never cross copies
+        assert (table // batch.stats.tokens_per_copy == copy).all()
     # Readouts: one per scored token, each reading a row that holds the previous token.
     n_scored = sum(len(t) - p for ex in exs for t, p in ex.sequences())
-    assert batch.req_row.numel() == 2 * n_scored and batch.num_groups == 2 * len(seqs)
-    rows = batch.logit_rows[batch.req_row]
-    for k, g in enumerate(batch.req_group.tolist()):
-        ci, e, c = batch.group_info[g]
+    assert batch.readout.req_row.numel() == 2 * n_scored and batch.readout.num_groups == 2 * len(seqs)
+    rows = batch.readout.rows[batch.readout.req_row]
+    for k, g in enumerate(batch.readout.req_group.tolist()):
+        ci, e, c = batch.readout.groups[g]
         toks, scored_from = exs[e].sequences()[c]
-        assert rows[k] // batch.tokens_per_copy == ci
+        assert rows[k] // batch.stats.tokens_per_copy == ci
         p = row_pos[rows[k]].item() + 1
-        assert p >= scored_from and toks[p] == batch.req_target[k].item() and toks[p - 1] == row_tok[rows[k]]
+        assert p >= scored_from and toks[p] == batch.readout.req_target[k].item() and toks[p - 1] == row_tok[rows[k]]
 
 
 def test_token_counts_hand_example():
@@ -244,19 +240,19 @@ def test_token_counts_hand_example():
     none = _build(exs, sharing="none")
     cands = _build(exs, sharing="candidates")
     radix = _build(exs, sharing="all")
-    assert none.tokens_per_copy == 2 * 2 * 11 == 44
-    assert cands.tokens_per_copy == 2 * (10 + 2) == 24
-    assert radix.tokens_per_copy == 6 + 2 * (4 + 2) == 18
-    assert none.num_tokens - radix.num_tokens == 26
+    assert none.stats.tokens_per_copy == 2 * 2 * 11 == 44
+    assert cands.stats.tokens_per_copy == 2 * (10 + 2) == 24
+    assert radix.stats.tokens_per_copy == 6 + 2 * (4 + 2) == 18
+    assert none.stats.num_tokens - radix.stats.num_tokens == 26
     # Two signed copies, the adapter's lowest layer 2 of 4: layers 0-1 run once on the trunk.
     ad = _adapter(layers=(2, 3))
     forked = _build(exs, [Copy(0, 1, 1), Copy(0, 1, -1)], adapters=[ad], eps=0.1)
-    assert forked.fork_layer == 2 and forked.trunk_tokens == 18 and forked.num_tokens == 36
-    assert forked.token_layers == 18 * 2 + 36 * 2
-    assert forked.input_ids.numel() == 18 and forked.fork_index.tolist() == list(range(18)) * 2
+    assert forked.inputs.fork_layer == 2 and forked.stats.trunk_tokens == 18 and forked.stats.num_tokens == 36
+    assert forked.stats.token_layers == 18 * 2 + 36 * 2
+    assert forked.inputs.input_ids.numel() == 18 and forked.inputs.fork_index.tolist() == list(range(18)) * 2
     unforked = _build(exs, [Copy(0, 1, 1), Copy(0, 1, -1)], adapters=[ad], eps=0.1, fork=False)
-    assert unforked.token_layers == 36 * 4 and unforked.input_ids.numel() == 36
-    assert forked.lora.segments.indptr.tolist() == [0, 18, 36]
+    assert unforked.stats.token_layers == 36 * 4 and unforked.inputs.input_ids.numel() == 36
+    assert forked.inputs.lora.segments.indptr.tolist() == [0, 18, 36]
 
 
 def test_example_validation():

@@ -18,6 +18,7 @@ pytest.importorskip("peft")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import bench_step  # noqa: E402
+from helpers import checkpoint_tensors  # noqa: E402
 from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss, peft_to_flat  # noqa: E402
 
 from flashzo.engine import LoRAAdapter, LoRAConfig, OPTModel  # noqa: E402
@@ -93,7 +94,7 @@ def test_baseline_loss_equals_flashzo_sign0_loss(tiny, hf, workload):
 def test_weights_are_identical(tiny, hf):
     model, adapter = tiny
     theirs = {k: v for k, v in hf.base_model.model.state_dict().items() if "lora_" not in k}
-    for name, p in model.named_parameters():
+    for name, p in checkpoint_tensors(model).items():
         key = f"model.{name}"
         key = key.replace("q_proj.weight", "q_proj.base_layer.weight").replace("q_proj.bias", "q_proj.base_layer.bias")
         key = key.replace("v_proj.weight", "v_proj.base_layer.weight").replace("v_proj.bias", "v_proj.base_layer.bias")

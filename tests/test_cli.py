@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashzo.cli import build_parser, main
-from flashzo.engine.data import write_jsonl
+from flashzo.data import write_jsonl
 
 VOCAB = ["<pad>", "<unk>", "</s>", "It", "was", "great", "terrible", "good", "bad", "movie", "the", "a", "plot"]
 

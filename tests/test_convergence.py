@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 import torch
 
+from flashzo import tasks
 from flashzo.cli import _trainer_from_args, build_parser, main
-from flashzo.engine import data
-from flashzo.engine.data import synthetic_task
-from flashzo.engine.loop import batch_for_step
 from flashzo.engine.opt import OPTModel
+from flashzo.loop import batch_for_step
+from flashzo.tasks import synthetic_task
 
 STEPS = 150  # the demo runs 300; seed 0 is at ~100% held-out accuracy after ~100
 
@@ -30,9 +30,9 @@ def one_thread():
 
 def _polarity(tok: int) -> int | None:
     """1 for a positive word, 0 for a negative one, None for anything else."""
-    if data.SYN_WORDS <= tok < data.SYN_WORDS + data.SYN_WORDS_PER_CLASS:
+    if tasks.SYN_WORDS <= tok < tasks.SYN_WORDS + tasks.SYN_WORDS_PER_CLASS:
         return 1
-    if data.SYN_WORDS + data.SYN_WORDS_PER_CLASS <= tok < data.SYN_FILLER:
+    if tasks.SYN_WORDS + tasks.SYN_WORDS_PER_CLASS <= tok < tasks.SYN_FILLER:
         return 0
     return None
 
@@ -75,35 +75,24 @@ def test_synthetic_task_structure(kw):
     examples = synthetic_task(400, seed=2, **kw)
     lengths, words = Counter(), Counter()
     for e in examples:
-        assert e.candidates == [[data.SYN_NEG], [data.SYN_POS]] and e.label in (0, 1)
-        assert e.prompt[0] == data.SYN_BOS and tuple(e.prompt[-len(data.SYN_TEMPLATE):]) == data.SYN_TEMPLATE
-        review = e.prompt[1:-len(data.SYN_TEMPLATE)]
+        assert e.candidates == [[tasks.SYN_NEG], [tasks.SYN_POS]] and e.label in (0, 1)
+        assert e.prompt[0] == tasks.SYN_BOS and tuple(e.prompt[-len(tasks.SYN_TEMPLATE):]) == tasks.SYN_TEMPLATE
+        review = e.prompt[1:-len(tasks.SYN_TEMPLATE)]
         lengths[len(review)] += 1
         assert lo <= len(review) <= hi
-        assert all(data.SYN_WORDS <= t < vocab for t in review)
+        assert all(tasks.SYN_WORDS <= t < vocab for t in review)
         sentiment = [t for t in review if _polarity(t) is not None]
         assert all(_polarity(t) == e.label for t in sentiment)  # no word of the other polarity
         assert len(sentiment) >= max(1, frac * len(review))
-        assert all((t - data.SYN_WORDS) % data.SYN_WORDS_PER_CLASS < k for t in sentiment)
+        assert all((t - tasks.SYN_WORDS) % tasks.SYN_WORDS_PER_CLASS < k for t in sentiment)
         words.update(sentiment)
     assert set(lengths) == set(range(lo, hi + 1))
     assert len(words) == 2 * k  # every sentiment word is used
 
 
-def test_synthetic_task_single_design_is_kept():
-    for word_at in ("random", "end"):
-        ex = synthetic_task(50, seed=0, design="single", word_at=word_at)
-        assert _key(ex) == _key(synthetic_task(50, seed=0, design="single", word_at=word_at))
-        for e in ex:
-            sentiment = [t for t in e.prompt if _polarity(t) is not None]
-            assert len(sentiment) == 1 and _polarity(sentiment[0]) == e.label
-            if word_at == "end":
-                assert e.prompt[-1] == sentiment[0]
-
-
 @pytest.mark.parametrize("kw", [dict(vocab_size=32), dict(min_len=0), dict(min_len=5, max_len=4),
                                 dict(split="dev"), dict(words_per_class=0), dict(words_per_class=9),
-                                dict(sentiment_fraction=1.5), dict(design="bags"), dict(word_at="start")])
+                                dict(sentiment_fraction=1.5)])
 def test_synthetic_task_refuses_bad_arguments(kw):
     with pytest.raises(ValueError):
         synthetic_task(4, **kw)

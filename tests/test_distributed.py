@@ -217,7 +217,7 @@ def test_flashzo_train_under_torchrun(tmp_path):
     """The README's command: 2 processes under torchrun, then --resume in 1 process, equals 1 process."""
     from flashzo import save_opt
     from flashzo.cli import main
-    from flashzo.engine.data import example_to_record, write_jsonl
+    from flashzo.data import example_to_record, write_jsonl
 
     save_opt(W.make_model(), tmp_path / "model")
     write_jsonl(tmp_path / "train.jsonl", [example_to_record(e) for e in W.make_examples("cls2", 24, seed=4)])

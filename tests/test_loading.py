@@ -1,7 +1,4 @@
-"""load_opt / save_opt: every checkpoint layout loads, every bad checkpoint is refused by name.
-
-The checkpoint writers here (`hf_opt`, `write_checkpoint`) are shared with test_opt.py.
-"""
+"""load_opt / save_opt: every checkpoint layout loads, every bad checkpoint is refused by name."""
 
 from __future__ import annotations
 
@@ -16,105 +13,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from helpers import (  # noqa: E402
+    LAYOUTS,
+    TINY,
+    assert_same_weights,
+    edit_json,
+    hf_opt,
+    state_dict,
+    write_checkpoint,
+)
+
 from flashzo.engine import OPTModel, load_opt, save_opt  # noqa: E402
-
-LAYOUTS = ("safetensors", "safetensors_sharded", "bin", "bin_sharded", "original")
-
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-            max_position_embeddings=64)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint writers
-# --------------------------------------------------------------------------------------------------
-
-def hf_opt(seed: int = 0, **overrides):
-    """A transformers OPTForCausalLM with random weights everywhere (layer norms and biases too)."""
-    cfg = transformers.OPTConfig(**{**TINY, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.OPTForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):  # peaky attention, not near-uniform
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def _state_dict(model, *, prefix: bool = True, lm_head: bool = True) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight" and not lm_head:
-            continue
-        if not prefix and k.startswith("model."):
-            k = k[len("model."):]
-        sd[k] = v.detach().clone().contiguous()
-    return sd
-
-
-def _write_bin_shards(sd: dict[str, torch.Tensor], path: str, num_shards: int = 3) -> None:
-    keys = list(sd)
-    n = len(keys)
-    weight_map = {}
-    for s in range(num_shards):
-        name = f"pytorch_model-{s + 1:05d}-of-{num_shards:05d}.bin"
-        part = keys[s * n // num_shards:(s + 1) * n // num_shards]
-        torch.save({k: sd[k] for k in part}, os.path.join(path, name))
-        weight_map.update({k: name for k in part})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-
-
-def write_checkpoint(model, path, layout: str) -> str:
-    """Write the transformers `model` into directory `path` in one of LAYOUTS; returns path."""
-    path = str(path)
-    os.makedirs(path, exist_ok=True)
-    if layout == "safetensors":
-        model.save_pretrained(path)
-        assert os.path.isfile(os.path.join(path, "model.safetensors"))
-        return path
-    if layout == "safetensors_sharded":
-        model.save_pretrained(path, max_shard_size="20KB")
-        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
-        assert sum(f.endswith(".safetensors") for f in os.listdir(path)) > 1
-        return path
-    model.config.save_pretrained(path)  # transformers 5 writes no .bin itself: these are written by hand
-    if layout == "bin":  # older transformers: model.* names, lm_head.weight included
-        torch.save(_state_dict(model), os.path.join(path, "pytorch_model.bin"))
-    elif layout == "bin_sharded":
-        _write_bin_shards(_state_dict(model), path)
-    elif layout == "original":  # facebook/opt-*: decoder.* names, no lm_head.weight
-        torch.save(_state_dict(model, prefix=False, lm_head=False), os.path.join(path, "pytorch_model.bin"))
-    else:
-        raise ValueError(layout)
-    return path
-
-
-def assert_same_weights(model: OPTModel, hf_model, dtype=torch.float32) -> None:
-    ours = dict(model.named_parameters())
-    theirs = {k[len("model."):]: v for k, v in hf_model.state_dict().items() if k.startswith("model.")}
-    assert set(ours) == set(theirs)
-    for name, p in ours.items():
-        assert p.dtype == dtype and not p.requires_grad, name
-        assert torch.equal(p, theirs[name].to(dtype)), name
-
-
-def _edit_json(path: str, **changes) -> None:
-    with open(path) as f:
-        d = json.load(f)
-    for k, v in changes.items():
-        if v is None:
-            d.pop(k, None)
-        else:
-            d[k] = v
-    with open(path, "w") as f:
-        json.dump(d, f)
-
 
 # --------------------------------------------------------------------------------------------------
 # Every layout
@@ -134,7 +43,7 @@ def test_legacy_bin_format(tmp_path):
     """.bin files from torch < 1.6 (not zip archives, cannot be memory-mapped) still load."""
     hf = hf_opt()
     path = write_checkpoint(hf, tmp_path, "original")
-    torch.save(_state_dict(hf, prefix=False, lm_head=False), os.path.join(path, "pytorch_model.bin"),
+    torch.save(state_dict(hf, prefix=False, lm_head=False), os.path.join(path, "pytorch_model.bin"),
                _use_new_zipfile_serialization=False)
     assert_same_weights(load_opt(path), hf)
 
@@ -157,7 +66,7 @@ def test_one_tensor_at_a_time(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(loading, "_read_tensors", spy)
     hf = hf_opt()
     assert_same_weights(load_opt(write_checkpoint(hf, tmp_path, layout)), hf)
-    assert len(alive) == len(_state_dict(hf, lm_head=layout in ("bin", "bin_sharded")))
+    assert len(alive) == len(state_dict(hf, lm_head=layout in ("bin", "bin_sharded")))
 
 
 def test_parameters_own_their_memory(tmp_path):
@@ -191,7 +100,7 @@ def test_dtype_from_config(tmp_path):
     assert load_opt(path).dtype == torch.float16
     assert load_opt(path, dtype="auto").dtype == torch.float16
     assert load_opt(path, dtype=torch.float32).dtype == torch.float32
-    _edit_json(os.path.join(path, "config.json"), dtype=None, torch_dtype=None)
+    edit_json(os.path.join(path, "config.json"), dtype=None, torch_dtype=None)
     model = load_opt(path)  # no dtype in the config: fp32
     assert model.dtype == torch.float32
     assert_same_weights(model, hf)
@@ -244,7 +153,7 @@ def test_corrupt_config(tmp_path):
 
 def test_not_an_opt_config(tmp_path):
     path = write_checkpoint(hf_opt(), tmp_path, "safetensors")
-    _edit_json(os.path.join(path, "config.json"), model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    edit_json(os.path.join(path, "config.json"), model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="not an OPT config"):
         load_opt(path)
 
@@ -258,7 +167,7 @@ def test_no_weights(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_missing_tensor(tmp_path, fmt):
-    sd = _state_dict(hf_opt())
+    sd = state_dict(hf_opt())
     del sd["model.decoder.layers.1.fc2.bias"]
     path = _write_state_dict(tmp_path, sd, fmt)
     with pytest.raises(ValueError, match=r"tensor 'decoder\.layers\.1\.fc2\.bias' missing"):
@@ -267,7 +176,7 @@ def test_missing_tensor(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_unexpected_tensor(tmp_path, fmt):
-    sd = _state_dict(hf_opt())
+    sd = state_dict(hf_opt())
     sd["model.decoder.layers.2.fc1.weight"] = torch.zeros(64, 32)  # the config has 2 layers
     path = _write_state_dict(tmp_path, sd, fmt)
     with pytest.raises(ValueError, match=r"unexpected tensor 'model\.decoder\.layers\.2\.fc1\.weight'"):
@@ -275,7 +184,7 @@ def test_unexpected_tensor(tmp_path, fmt):
 
 
 def test_tensor_given_twice(tmp_path):
-    sd = _state_dict(hf_opt())
+    sd = state_dict(hf_opt())
     sd["decoder.embed_tokens.weight"] = sd["model.decoder.embed_tokens.weight"]
     path = _write_state_dict(tmp_path, sd, "bin")
     with pytest.raises(ValueError, match="embed_tokens.weight' is given twice"):
@@ -284,15 +193,15 @@ def test_tensor_given_twice(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_shape_mismatch(tmp_path, fmt):
-    path = _write_state_dict(tmp_path, _state_dict(hf_opt()), fmt)
-    _edit_json(os.path.join(path, "config.json"), ffn_dim=48)
+    path = _write_state_dict(tmp_path, state_dict(hf_opt()), fmt)
+    edit_json(os.path.join(path, "config.json"), ffn_dim=48)
     with pytest.raises(ValueError, match=r"tensor 'model\.decoder\.layers\.0\.fc1\.(weight|bias)' has shape "
                                          r"\((64, 32|64,)\), but the config expects \((48, 32|48,)\)"):
         load_opt(path)
 
 
 def test_lm_head_shape_mismatch(tmp_path):
-    sd = _state_dict(hf_opt())
+    sd = state_dict(hf_opt())
     sd["lm_head.weight"] = torch.zeros(95, 32)
     path = _write_state_dict(tmp_path, sd, "bin")
     msg = r"'lm_head\.weight' has shape \(95, 32\), but the config expects \(96, 32\)"
@@ -303,7 +212,7 @@ def test_lm_head_shape_mismatch(tmp_path):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_unreadable_file(tmp_path, fmt, damage):
-    path = _write_state_dict(tmp_path, _state_dict(hf_opt()), fmt)
+    path = _write_state_dict(tmp_path, state_dict(hf_opt()), fmt)
     name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
     file = os.path.join(path, name)
     data = open(file, "rb").read()

@@ -48,17 +48,18 @@ def nonzero_b(trainer, scale=0.05, seed=1):
 
 
 def autograd_loss(model, adapter, examples):
-    """The classification loss of section 4, differentiable in adapter.buffer (torch path)."""
+    """The classification loss (docs/design.md, "Losses"), differentiable in adapter.buffer (torch path)."""
     buf = adapter.buffer
     for s in adapter.slots.values():  # fresh views that track buf's autograd history
         s.a = buf[s.a_offset:s.a_offset + s.a.numel()].view(s.a.shape)
         s.b = buf[s.b_offset:s.b_offset + s.b.numel()].view(s.b.shape)
     batch = model.build_batch(examples, [Copy()], adapters=[adapter])
     model._pool = None  # the pool is written in place; a fresh one keeps the graph clean
-    model.prepare(batch)
-    x = model.forward(batch.input_ids, batch.positions, batch)[batch.logit_rows]
-    lp = model.head(x).log_softmax(-1)[batch.req_row, batch.req_target]
-    counts = torch.bincount(batch.req_group, minlength=batch.num_groups)
+    ctx = model.prepare(batch.inputs)
+    ro = batch.readout
+    x = model.forward(batch.inputs.input_ids, batch.inputs.positions, ctx)[ro.rows]
+    lp = model.head(x).log_softmax(-1)[ro.req_row, ro.req_target]
+    counts = torch.bincount(ro.req_group, minlength=ro.num_groups)
     scores = torch.stack([t.mean() for t in torch.split(lp, counts.tolist())])
     loss, g = 0.0, 0
     for ex in examples:

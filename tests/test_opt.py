@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_loading import LAYOUTS, hf_opt, write_checkpoint  # noqa: E402  (tests/ is on sys.path)
+from helpers import LAYOUTS, checkpoint_tensors, hf_opt, write_checkpoint  # noqa: E402
 
 from flashzo.engine import (  # noqa: E402
     PRESETS,
@@ -27,7 +27,6 @@ from flashzo.engine import (  # noqa: E402
     OPTModel,
     load_opt,
 )
-from flashzo.engine.lora import MODULE_ORDER, module_shape  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -100,7 +99,7 @@ def test_config_from_transformers(reference):
     assert OPTConfig.from_hf(cfg.to_hf()) == cfg
     model = OPTModel(cfg, device="meta")
     theirs = {k[len("model."):]: tuple(v.shape) for k, v in hf.state_dict().items() if k.startswith("model.")}
-    assert {k: tuple(v.shape) for k, v in model.named_parameters()} == theirs
+    assert {k: tuple(v.shape) for k, v in checkpoint_tensors(model).items()} == theirs
     assert cfg.num_parameters == sum(p.numel() for p in hf.parameters())  # lm_head tied: counted once
 
 
@@ -248,13 +247,13 @@ def test_flat_buffer_layout(r, targets, layers):
     buf = adapter.buffer
     assert buf.dtype == torch.float32 and buf.dim() == 1 and buf.is_contiguous()
     used = layers if layers is not None else tuple(range(cfg.num_hidden_layers))
-    order = [(li, m) for li in used for m in MODULE_ORDER if m in targets]
-    assert list(adapter.slots) == order  # layer ascending, then MODULE_ORDER
+    order = [(li, m) for li in used for m in cfg.lora_modules if m in targets]
+    assert list(adapter.slots) == order  # layer ascending, then the family's module order
 
     base, esize, expected_offset = buf.data_ptr(), buf.element_size(), 0
     for key in order:
         slot = adapter.slots[key]
-        k, n = module_shape(cfg, key[1])
+        k, n = cfg.lora_shape(key[1])
         assert slot.a.shape == (r, k) and slot.b.shape == (n, r)
         for view, offset in ((slot.a, slot.a_offset), (slot.b, slot.b_offset)):
             assert view.is_contiguous()
@@ -264,7 +263,7 @@ def test_flat_buffer_layout(r, targets, layers):
             assert offset + view.numel() <= buf.numel()  # ... and ends inside the buffer
             expected_offset += view.numel()
     assert buf.numel() == expected_offset == adapter.num_parameters
-    assert buf.numel() == sum(r * sum(module_shape(cfg, m)) for _, m in order)
+    assert buf.numel() == sum(r * sum(cfg.lora_shape(m)) for _, m in order)
 
     # writing the buffer is writing the views, and unflatten reads a flat tensor the same way
     flat = torch.arange(buf.numel(), dtype=torch.float32)
@@ -292,7 +291,7 @@ def test_preset_shapes_match_transformers(name):
     hf = _hf_meta_model(cfg)
     theirs = {k[len("model."):]: tuple(v.shape) for k, v in hf.state_dict().items() if k.startswith("model.")}
     ours = OPTModel(cfg, device="meta")
-    assert {k: tuple(v.shape) for k, v in ours.named_parameters()} == theirs
+    assert {k: tuple(v.shape) for k, v in checkpoint_tensors(ours).items()} == theirs
     n_hf = sum(p.numel() for p in hf.parameters())  # lm_head is tied: counted once
     assert cfg.num_parameters == n_hf == sum(p.numel() for p in ours.parameters())
     if name in HF_PARAMETERS:

@@ -1,27 +1,33 @@
-"""flashzo: fast, memory-light MeZO fine-tuning of OPT LoRA adapters.
+"""flashzo: fast, memory-light MeZO fine-tuning of LoRA adapters.
 
-The public API (DESIGN.md section 7); kernels live in flashzo.kernels, the model, batching and the
-trainer in flashzo.engine.
+The public API (docs/design.md); kernels live in flashzo.kernels, the model families, batching and
+the trainer in flashzo.engine, the data readers, training loop and the `flashzo` command here.
 """
 
 from flashzo.engine import (
+    CausalLM,
     Example,
     LoRAAdapter,
     LoRAConfig,
     OPTConfig,
     OPTModel,
+    load_model,
     load_opt,
+    save_model,
     save_opt,
 )
-from flashzo.engine.data import load_jsonl, synthetic_task
 from flashzo.engine.distributed import DistributedError, init_distributed
-from flashzo.errors import InputError
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
+from flashzo.errors import InputError
+
+from .data import load_jsonl
+from .tasks import synthetic_task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistributedError", "Example", "InputError", "LoRAAdapter", "LoRAConfig", "MeZOConfig", "MeZOTrainer", "NonFiniteLossError",
-    "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed", "load_jsonl", "load_opt", "save_opt",
-    "step_together", "synthetic_task", "__version__",
+    "CausalLM", "DistributedError", "Example", "InputError", "LoRAAdapter", "LoRAConfig", "MeZOConfig",
+    "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed",
+    "load_jsonl", "load_model", "load_opt", "save_model", "save_opt", "step_together", "synthetic_task",
+    "__version__",
 ]

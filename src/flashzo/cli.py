@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from flashzo.errors import InputError
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -105,7 +107,7 @@ def _layers(args) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--lora-layers must be comma-separated layer indices, got {text!r}") from None
+        raise InputError(f"--lora-layers must be comma-separated layer indices, got {text!r}") from None
 
 
 def _trainer_from_args(args, model, *, resume_dir=None):
@@ -141,9 +143,9 @@ def cmd_demo(args) -> int:
 
 def _demo(args, device) -> int:
     from flashzo.engine.config import OPTConfig
-    from flashzo.engine.data import synthetic_task
-    from flashzo.engine.loop import fit
     from flashzo.engine.opt import OPTModel
+    from flashzo.loop import fit
+    from flashzo.tasks import synthetic_task
 
     cfg = OPTConfig.from_name("opt-tiny")
     model = OPTModel.from_config(cfg, seed=args.seed, device=device)
@@ -169,13 +171,13 @@ def _demo(args, device) -> int:
 
 
 def _load(args, device=None):
-    from flashzo.engine.data import load_tokenizer
-    from flashzo.engine.loading import load_opt
+    from flashzo.data import load_tokenizer
+    from flashzo.engine.loading import load_model
 
-    model = load_opt(args.model, dtype=_dtype(args.dtype), device=device or _device(args.device))
+    model = load_model(args.model, dtype=_dtype(args.dtype), device=device or _device(args.device))
     try:
         tokenizer = load_tokenizer(args.model)
-    except ValueError:
+    except InputError:
         tokenizer = None  # token-id datasets need none; text datasets say so when read
     return model, tokenizer
 
@@ -187,7 +189,7 @@ def cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _train(args, None)
     if args.parallel is None:
-        raise ValueError(f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE) need --parallel perturbations or "
+        raise InputError(f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE) need --parallel perturbations or "
                          "--parallel batch")
     device = distributed.init_distributed(device=args.device, timeout_s=args.dist_timeout)
     try:
@@ -197,15 +199,15 @@ def cmd_train(args) -> int:
 
 
 def _train(args, device) -> int:
-    from flashzo.engine.data import load_jsonl
-    from flashzo.engine.loop import CHECKPOINT_DIR, fit
+    from flashzo.data import load_jsonl
+    from flashzo.loop import CHECKPOINT_DIR, fit
 
     model, tok = _load(args, device)
     train = load_jsonl(args.train, tok, template=args.template)
     held_out = load_jsonl(args.eval, tok, template=args.template) if args.eval else None
     ckpt = os.path.join(args.out, CHECKPOINT_DIR)
     if args.resume and not (os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")):
-        raise ValueError(f"--resume: no checkpoint at {ckpt}")
+        raise InputError(f"--resume: no checkpoint at {ckpt}")
     trainer = _trainer_from_args(args, model, resume_dir=ckpt if args.resume else None)
     res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=args.out,
               eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
@@ -218,7 +220,7 @@ def _train(args, device) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flashzo.engine.data import load_jsonl
+    from flashzo.data import load_jsonl
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.engine.mezo import evaluate
 
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
 
     try:
         return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command](args)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except InputError as e:  # bad input: one clear line, no traceback (anything else is a bug: it keeps its own)
         print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except DistributedError as e:  # another process failed or hung: one clear line, no traceback

@@ -15,12 +15,21 @@ import os
 import time
 from typing import Callable, Sequence
 
-from .batch import Example
-from .data import batches
-from .mezo import MeZOTrainer
+import torch
+
+from flashzo.engine.example import Example
+from flashzo.engine.mezo import MeZOTrainer
+from flashzo.errors import InputError
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
+
+
+def batches(examples: Sequence[Example], batch_size: int, *, seed: int = 0, epoch: int = 0) -> list[list[Example]]:
+    """One epoch of shuffled mini-batches (deterministic in seed and epoch)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    return [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
 def batch_for_step(examples: Sequence[Example], batch_size: int, step: int, seed: int) -> list[Example]:
@@ -37,9 +46,9 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
     if not is_main:
         log = _quiet
     if steps < 0 or batch_size < 1:
-        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
+        raise InputError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
     if not train:
-        raise ValueError("the training set is empty")
+        raise InputError("the training set is empty")
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.json")
     history = {"step": [], "loss": [], "lr": [], "eval": []}

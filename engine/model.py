@@ -1,0 +1,305 @@
+"""The model-family interface: what every family's engine model is, and the layers it is built from.
+
+A family (OPT in engine/opt.py; docs/design.md, "Model families") writes its decoder block once,
+in terms of three calls on a forward context and layers made by an `ops` factory:
+
+    ctx.residual(x, layer_id)         the block's residual stream (the signed rows at a fork)
+    ctx.project(proj, x) -> [parts]   a stacked projection (q, k, v ...), one output per part
+    ctx.attend(attn, q, k, v) -> o    attention over the KV cache
+
+The engine's front end here (EngineOps, ForwardContext, ZOProjection, PagedAttention) runs the
+block over flashzo's paged KV pool with the perturbed LoRA kernel; the SGLang front end
+(sglang_plugin/model.py) runs the same block classes with SGLang's layers and RadixAttention.
+
+`CausalLM` is what MeZOTrainer, the batcher, the losses and the CLI see of any family:
+`config` (vocab_size, num_hidden_layers, max_position_embeddings, the adaptable modules: see
+engine/lora.py), `build_batch`, `score`, `token_logprobs`, `device`, `dtype`. A family subclass
+supplies the decoder (`self.decoder` with `embed`, `layers`, `final`) and its checkpoint mapping.
+The model owns its runtime state (the KV pool, the attention backend), never the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashzo.kernels import perturbed_lora_linear
+
+from .attention import KVPool, resolve_backend
+from .batch import Copy, ModelInputs, Readout, StepBatch, plan_batch
+from .example import Example, Limits, check_examples, check_sequences
+
+
+class ForwardContext:
+    """One engine forward: the batch's inputs plus the model's runtime (pool, backend, per-stage plans).
+
+    `trace`, when a list, receives (layer_id, module name, rows) for every part of every projection
+    the forward computes, with the rows it was computed on (tests and benchmarks count work with it).
+    """
+
+    def __init__(self, inputs: ModelInputs, pool: KVPool, backend, plans: dict, trace: list | None = None):
+        self.inputs, self.pool, self.backend, self.plans, self.trace = inputs, pool, backend, plans, trace
+
+    @property
+    def lora(self):
+        return self.inputs.lora
+
+    def stage(self, layer_id: int):
+        """(attention metadata, backend plan) of the stage `layer_id` belongs to (trunk or signed)."""
+        meta = self.inputs.stage(layer_id)
+        return meta, self.plans[id(meta)]
+
+    def residual(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """The fork layer's input holds the trunk's rows; its residual stream is every copy's rows."""
+        return x[self.inputs.fork_index] if self.inputs.forks_at(layer_id) else x
+
+    def project(self, proj: ZOProjection, x: torch.Tensor) -> list[torch.Tensor]:
+        return proj(x, self)
+
+    def attend(self, attn: PagedAttention, q, k, v) -> torch.Tensor:
+        return attn(q, k, v, self)
+
+
+class ZOProjection(nn.Module):
+    """A linear layer whose output rows are the model's adaptable matrices ("parts") stacked.
+
+    weight: [sum of the parts' widths, in_features]; part i is rows parts[i] of the weight and of
+    the output, named as its module is (q_proj, k_proj, v_proj of one qkv_proj ...). A part that the
+    batch's adapter targets runs flashzo's perturbed LoRA linear (docs/design.md, "The kernels"),
+    with the z indices of its own matrices; the others are a plain linear. `fork_input` marks the
+    block's first projection: at the fork layer its input is the trunk (shared by every copy), so
+    its unadapted parts run once on the trunk and only the adapted ones on the signed rows.
+    """
+
+    def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool, layer_id: int, *,
+                 fork_input: bool = False):
+        super().__init__()
+        out = sum(n for _, n in parts)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.layer_id, self.fork_input = layer_id, fork_input
+        self.parts: list[tuple[str, int, int]] = []  # (module name, first row, end row)
+        start = 0
+        for name, n in parts:
+            self.parts.append((name, start, start + n))
+            start += n
+
+    def part_rows(self, name: str) -> tuple[int, int]:
+        for part, start, stop in self.parts:
+            if part == name:
+                return start, stop
+        raise KeyError(name)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
+        # x: [T_in, in] -> one [T, n_i] per part (T = T_in, or the signed rows at a fork)
+        lora = ctx.lora
+        weights = [lora.weights.get((self.layer_id, name)) if lora is not None else None
+                   for name, _, _ in self.parts]
+        fork = ctx.inputs.fork_index if self.fork_input and ctx.inputs.forks_at(self.layer_id) else None
+        if all(w is None for w in weights):  # every copy computes the same: one GEMM for the stack
+            y = F.linear(x, self.weight, self.bias)
+            self._trace(ctx, [name for name, _, _ in self.parts], x.shape[0])
+            if fork is not None:
+                y = y[fork]
+            return [y[:, start:stop] for _, start, stop in self.parts]
+        signed = x[fork] if fork is not None else x
+        outs = []
+        for (name, start, stop), w in zip(self.parts, weights):
+            bias = self.bias[start:stop] if self.bias is not None else None
+            if w is None:
+                y = F.linear(x, self.weight[start:stop], bias)
+                self._trace(ctx, [name], x.shape[0])
+                outs.append(y[fork] if fork is not None else y)
+            else:
+                outs.append(perturbed_lora_linear(signed, self.weight[start:stop], bias, w.a, w.b, lora.segments,
+                                                  scaling=lora.scaling, eps=lora.eps, a_offset=w.a_offset,
+                                                  b_offset=w.b_offset))
+                self._trace(ctx, [name], signed.shape[0])
+        return outs
+
+    def _trace(self, ctx: ForwardContext, names: list[str], rows: int) -> None:
+        if ctx.trace is not None:
+            ctx.trace.extend((self.layer_id, name, rows) for name in names)
+
+
+class PagedAttention(nn.Module):
+    """RadixAttention's role: store this layer's K/V in the pool, attend over the batch's page tables."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling, self.layer_id = scaling, layer_id
+
+    def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        # q: [T, H*D], k, v: [T, KV*D] -> [T, H*D]
+        T = q.shape[0]
+        meta, plan = ctx.stage(self.layer_id)
+        kv_shape = (T, self.num_kv_heads, self.head_dim)
+        ctx.pool.write(self.layer_id, meta.out_cache_loc, k.reshape(kv_shape), v.reshape(kv_shape))
+        o = ctx.backend.forward(q.reshape(T, self.num_heads, self.head_dim), meta, plan, ctx.pool, self.layer_id,
+                                self.scaling)
+        return o.reshape(T, -1)
+
+
+class EngineOps:
+    """Makes the engine's layers for a family's block code (the SGLang front end has its own)."""
+
+    dtype = None  # parameters are built in fp32 and cast by the model
+
+    @staticmethod
+    def projection(in_features: int, parts, bias: bool, layer_id: int, *, prefix: str = "",
+                   fork_input: bool = False) -> ZOProjection:
+        return ZOProjection(in_features, parts, bias, layer_id, fork_input=fork_input)
+
+    @staticmethod
+    def attention(num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int, *,
+                  prefix: str = "") -> PagedAttention:
+        return PagedAttention(num_heads, num_kv_heads, head_dim, scaling, layer_id)
+
+    @staticmethod
+    def embedding(num: int, dim: int, *, prefix: str = "") -> nn.Embedding:
+        return nn.Embedding(num, dim)
+
+
+class CausalLM(nn.Module):
+    """Base of every family's engine model: batching, runtime, scoring; the family adds its decoder.
+
+    A subclass sets `family` (its name in engine/family.py), builds `self.decoder` in __init__
+    (with `embed(input_ids, positions)`, `layers`, `final(x)`), and implements `lm_head_weight`.
+    """
+
+    family: str = ""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self._pool: KVPool | None = None
+        self._backend = None
+        self.backend_name: str | None = None  # None: resolved once on first use
+        self.trace: list | None = None  # see ForwardContext
+
+    def _finish_init(self, dtype: torch.dtype | None) -> None:
+        if dtype is not None:
+            self.to(dtype)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_weight.dtype
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.of(self.config)
+
+    # Forward --------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids, positions: [T0] trunk tokens -> hidden states of the signed rows [T, h]."""
+        d = self.decoder
+        x = d.embed(input_ids, positions)
+        inputs = ctx.inputs
+        for layer in d.layers:
+            # [T0, h] -> [T, h]: the trunk forks into the signed copies inside the first adapted layer
+            x = layer(x, ctx)
+        if inputs.fork_index is not None and inputs.fork_layer >= len(d.layers):
+            x = x[inputs.fork_index]
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm(s) and the LM head: [n, h] -> logits [n, vocab] (fp32)."""
+        return F.linear(self.decoder.final(x), self.lm_head_weight).float()
+
+    def prepare(self, inputs: ModelInputs) -> ForwardContext:
+        """The runtime for one forward: the (reused) KV pool, the attention backend, each stage planned once."""
+        cfg = self.config
+        if self._backend is None:
+            self._backend = resolve_backend(self.backend_name, device=self.device)
+        if self._pool is None or self._pool.dtype != self.dtype or self._pool.device != self.device:
+            self._pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
+                                device=self.device, num_buffers=1)
+        rows = max(inputs.meta.num_tokens, inputs.trunk_meta.num_tokens if inputs.trunk_meta else 0)
+        self._pool.reserve(rows)
+        kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                  dtype=self.dtype)
+        plans = {id(inputs.meta): self._backend.plan(inputs.meta, stage=0, **kw)}
+        if inputs.trunk_meta is not None:
+            plans[id(inputs.trunk_meta)] = self._backend.plan(inputs.trunk_meta, stage=1, **kw)
+        return ForwardContext(inputs, self._pool, self._backend, plans, trace=self.trace)
+
+    def set_attention_backend(self, name: str | None) -> None:
+        """Force "torch" or "flashinfer" (None: automatic) for this model's later forwards."""
+        self.backend_name, self._backend = name, None
+
+    # Scoring --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, batch: StepBatch, *, logits_chunk: int = 1024) -> torch.Tensor:
+        """log p(target) of every readout request of the batch: [R] fp32."""
+        ctx = self.prepare(batch.inputs)
+        x = self.forward(batch.inputs.input_ids, batch.inputs.positions, ctx)
+        return self.readout_logprobs(x, batch.readout, logits_chunk=logits_chunk)
+
+    def readout_logprobs(self, x: torch.Tensor, readout: Readout, *, logits_chunk: int = 1024) -> torch.Tensor:
+        """x: [T, h] hidden states -> [R] log-probs; logits exist only for readout.rows, a chunk at a time."""
+        x = x[readout.rows]  # [U, h]
+        out = torch.empty(readout.req_row.shape[0], dtype=torch.float32, device=x.device)
+        for r0 in range(0, x.shape[0], logits_chunk):
+            logits = self.head(x[r0:r0 + logits_chunk])  # [u, vocab]
+            lse = torch.logsumexp(logits, dim=-1)
+            sel = (readout.req_row >= r0) & (readout.req_row < r0 + logits_chunk)
+            rows = readout.req_row[sel] - r0
+            out[sel] = logits[rows, readout.req_target[sel]] - lse[rows]
+        return out
+
+    def build_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), **kw) -> StepBatch:
+        """One forward batch scoring `examples` under `copies` (checked against this model first)."""
+        check_examples(examples, self.limits, what="examples", training=False)
+        return self.plan_batch(examples, copies, **kw)
+
+    def plan_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), **kw) -> StepBatch:
+        """build_batch for examples an entry point has already checked."""
+        return plan_batch(examples, copies, num_layers=self.config.num_hidden_layers, device=self.device, **kw)
+
+    @torch.no_grad()
+    def token_logprobs(self, sequences: Sequence[Sequence[int]], adapter=None, *,
+                       sharing: str = "all") -> list[torch.Tensor]:
+        """For each sequence, log p(tok[i+1] | tok[:i+1]) for i = 0 .. len-2: a float32 tensor [len-1]."""
+        check_sequences(sequences, self.limits)
+        examples = [Example(prompt=list(seq[:1]), target=list(seq[1:])) for seq in sequences]
+        adapters = [adapter] if adapter is not None else []
+        batch = self.plan_batch(examples, [Copy()], adapters=adapters, sharing=sharing)
+        lp = self.score(batch)
+        counts = torch.bincount(batch.readout.req_group, minlength=batch.readout.num_groups).tolist()
+        return [t.cpu() for t in torch.split(lp, counts)]
+
+
+def checkpoint_names(module: nn.Module) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Every checkpoint tensor `module`'s parameters hold -> (parameter name, its rows, or None: all).
+
+    A stacked projection (one with `parts`, as ZOProjection and the SGLang plugin's projection have)
+    named `<path>.qkv_proj` holds the checkpoint's `<path>.q_proj`, `<path>.k_proj` and
+    `<path>.v_proj` in its rows; every other parameter is its own checkpoint tensor. Loaders read a
+    checkpoint through this map and savers write one through it, so the two cannot disagree.
+    """
+    out = {}
+    for mod_name, mod in module.named_modules():
+        parts = getattr(mod, "parts", None)
+        for leaf, _ in mod.named_parameters(recurse=False):
+            pname = f"{mod_name}.{leaf}" if mod_name else leaf
+            if parts is None:
+                out[pname] = (pname, None)
+                continue
+            parent = mod_name.rpartition(".")[0]
+            for part, start, stop in parts:
+                out[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (pname, (start, stop))
+    return out

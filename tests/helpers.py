@@ -1,0 +1,126 @@
+"""Shared test helpers: small random transformers checkpoints written in every layout, and comparisons.
+
+Imported by the test modules as `helpers` (tests/ is on sys.path under pytest); no test module
+imports another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from flashzo.engine.model import checkpoint_names
+
+LAYOUTS = ("safetensors", "safetensors_sharded", "bin", "bin_sharded", "original")
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            max_position_embeddings=64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint writers
+# --------------------------------------------------------------------------------------------------
+
+def hf_opt(seed: int = 0, **overrides):
+    """A transformers OPTForCausalLM with random weights everywhere (layer norms and biases too)."""
+    import transformers
+
+    cfg = transformers.OPTConfig(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):  # peaky attention, not near-uniform
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def state_dict(model, *, prefix: bool = True, lm_head: bool = True) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and not lm_head:
+            continue
+        if not prefix and k.startswith("model."):
+            k = k[len("model."):]
+        sd[k] = v.detach().clone().contiguous()
+    return sd
+
+
+def write_bin_shards(sd: dict[str, torch.Tensor], path: str, num_shards: int = 3) -> None:
+    keys = list(sd)
+    n = len(keys)
+    weight_map = {}
+    for s in range(num_shards):
+        name = f"pytorch_model-{s + 1:05d}-of-{num_shards:05d}.bin"
+        part = keys[s * n // num_shards:(s + 1) * n // num_shards]
+        torch.save({k: sd[k] for k in part}, os.path.join(path, name))
+        weight_map.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+def write_checkpoint(model, path, layout: str) -> str:
+    """Write the transformers `model` into directory `path` in one of LAYOUTS; returns path."""
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    if layout == "safetensors":
+        model.save_pretrained(path)
+        assert os.path.isfile(os.path.join(path, "model.safetensors"))
+        return path
+    if layout == "safetensors_sharded":
+        model.save_pretrained(path, max_shard_size="20KB")
+        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+        assert sum(f.endswith(".safetensors") for f in os.listdir(path)) > 1
+        return path
+    model.config.save_pretrained(path)  # transformers 5 writes no .bin itself: these are written by hand
+    if layout == "bin":  # older transformers: model.* names, lm_head.weight included
+        torch.save(state_dict(model), os.path.join(path, "pytorch_model.bin"))
+    elif layout == "bin_sharded":
+        write_bin_shards(state_dict(model), path)
+    elif layout == "original":  # facebook/opt-*: decoder.* names, no lm_head.weight
+        torch.save(state_dict(model, prefix=False, lm_head=False), os.path.join(path, "pytorch_model.bin"))
+    else:
+        raise ValueError(layout)
+    return path
+
+
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """A flashzo model's weights by checkpoint name (`decoder.layers.0.self_attn.q_proj.weight` ...):
+    the rows of stacked projections split out as the checkpoint stores them."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, (pname, rows) in checkpoint_names(model).items():
+        out[name] = params[pname] if rows is None else params[pname][rows[0]:rows[1]]
+    return out
+
+
+def assert_same_weights(model, hf_model, dtype=torch.float32) -> None:
+    ours = checkpoint_tensors(model)
+    theirs = {k[len("model."):]: v for k, v in hf_model.state_dict().items() if k.startswith("model.")}
+    assert set(ours) == set(theirs)
+    for p in model.parameters():
+        assert p.dtype == dtype and not p.requires_grad
+    for name, p in ours.items():
+        assert torch.equal(p, theirs[name].to(dtype)), name
+
+
+def edit_json(path: str, **changes) -> None:
+    with open(path) as f:
+        d = json.load(f)
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
