@@ -350,14 +350,14 @@ def _cell(v) -> str:
 
 
 def csv_text(results: dict, fields: Iterable[str] | None = None) -> str:
-    """One line per row; `fields` (default: every key, in first-seen order), then the meta's device and
-    commit unless the rows carry their own."""
+    """One line per row; `fields` (default: every key, in first-seen order), then the meta's device,
+    dtype and commit where the meta has them and the rows do not carry their own."""
     import csv
     import io
 
     rows = results["rows"]
     fields = list(fields) if fields is not None else list(dict.fromkeys(k for r in rows for k in r))
-    extra = [k for k in ("device", "commit") if k not in fields]
+    extra = [k for k in ("device", "dtype", "commit") if k not in fields and k in results["meta"]]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(fields + extra)

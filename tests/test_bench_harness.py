@@ -91,7 +91,7 @@ def test_device_info_and_meta_on_cpu():
 
 
 def _results():
-    meta = harness.run_meta("unit", "cpu", model="opt-tiny")
+    meta = harness.run_meta("unit", "cpu", model="opt-tiny", dtype="bf16")
     rows = [dict(model="opt-tiny", T=37, variant=v, **harness.timing_fields([3.0, 1.0, 2.0 + i]), ratio=0.5 * i,
                  flashzo_p20_ms=None, flashzo_p50_ms=None, flashzo_p80_ms=None, note=None, ms_all=[1.0, 2.0])
             for i, v in enumerate(["fused", "base"])]
@@ -117,7 +117,7 @@ def test_write_and_read_round_trip(tmp_path):
     assert [r["variant"] for r in rows] == ["fused", "base"]
     assert float(rows[1]["p80_ms"]) == pytest.approx(results["rows"][1]["p80_ms"])
     assert rows[0]["note"] == "" and rows[0]["device"] == results["meta"]["device"]  # meta columns added
-    assert rows[0]["commit"] == results["meta"]["commit"]
+    assert rows[0]["commit"] == results["meta"]["commit"] and rows[1]["dtype"] == "bf16"
 
 
 @pytest.mark.parametrize("break_it, message", [
