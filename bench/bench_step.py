@@ -39,7 +39,7 @@ the figures).
 Writes bench/results/step_<device>.{json,csv,png,md} (smoke: step_smoke.*) in bench/harness.py's
 result format; a later run replaces the cells it measured and keeps the others. The code is in
 bench/step/: workloads.py (the batch shapes), measure.py (timing, FLOPs, memory), report.py (table,
-plot, merge), engine_batch.py (what reads flashzo's batch type).
+plot, merge); what it reads from flashzo's batch type is in bench/engine_batch.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import engine_batch
 import harness
 import torch
 from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss
@@ -18,7 +19,6 @@ from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss
 from flashzo.engine import LoRAAdapter, LoRAConfig, OPTModel
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, evaluate
 
-from . import engine_batch
 from .workloads import batch_tokens, make_examples
 
 ENTRY = os.path.join(harness.REPO, "bench", "bench_step.py")

@@ -1,6 +1,7 @@
-"""Everything the step benchmark reads from flashzo's batch type (engine/batch.py's ForwardBatch):
-the inference forward the floor runs, and the plain numbers the FLOP counts are made of. The rest of
-bench/step/ uses flashzo only through its public API (OPTModel, LoRAAdapter, MeZOTrainer)."""
+"""Everything bench/ reads from flashzo's batch type (engine/batch.py's ForwardBatch): the plain
+numbers the step benchmark's FLOP counts and the sharing report's token counts are made of, and the
+inference forward the step benchmark's floor runs. The other bench scripts use flashzo only through
+its public API (OPTModel, LoRAAdapter, MeZOTrainer, build_batch)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from flashzo.engine.loss import copy_losses
 @dataclass(frozen=True)
 class BatchCounts:
     rows: int  # signed rows (all copies): what the layers at and above the fork compute
+    trunk_rows: int  # rows the layers below the fork compute once for every copy (0: no fork)
+    fork_layer: int | None  # the first layer that computes the signed rows (None: no fork)
     token_layers: int  # rows computed, summed over layers (the trunk's rows below the fork)
     attention_keys: int  # (query row, key) pairs the attention computes, summed over layers
     logit_rows: int  # rows whose next-token log-probs a loss reads: the LM head's rows
@@ -29,7 +32,8 @@ def _attention_keys(meta) -> int:
     return keys
 
 
-def _counts(batch, adapter, num_layers: int) -> BatchCounts:
+def batch_counts(batch, adapter, num_layers: int) -> BatchCounts:
+    """The counts of a batch built with `adapter` for a model of `num_layers` layers."""
     L = num_layers
     below = min(batch.fork_layer, L) if batch.trunk_meta is not None else 0
     keys = (L - below) * _attention_keys(batch.meta)
@@ -39,7 +43,9 @@ def _counts(batch, adapter, num_layers: int) -> BatchCounts:
     if batch.fork_index is not None and batch.fork_layer < L:  # the fork layer's unadapted q/k/v: trunk rows only
         shared = [n for n in ("q_proj", "k_proj", "v_proj") if (batch.fork_layer, n) not in adapter.slots]
         skipped = len(shared) * (batch.num_tokens - batch.trunk_tokens)
-    return BatchCounts(rows=batch.num_tokens, token_layers=batch.token_layers, attention_keys=keys,
+    return BatchCounts(rows=batch.num_tokens, trunk_rows=batch.trunk_tokens,
+                       fork_layer=batch.fork_layer if batch.fork_index is not None else None,
+                       token_layers=batch.token_layers, attention_keys=keys,
                        logit_rows=batch.logit_rows.numel(), skipped_projection_rows=skipped)
 
 
@@ -47,7 +53,7 @@ def step_counts(model, trainer, examples) -> BatchCounts:
     """The one forward of trainer.step(examples): both signs of every perturbation."""
     batch = model.build_batch(examples, trainer.copies(), adapters=[trainer.adapter], eps=trainer.config.eps,
                               sharing=trainer.config.sharing)
-    return _counts(batch, trainer.adapter, model.config.num_hidden_layers)
+    return batch_counts(batch, trainer.adapter, model.config.num_hidden_layers)
 
 
 def _infer_batch(model, adapter, examples):
@@ -55,7 +61,7 @@ def _infer_batch(model, adapter, examples):
 
 
 def infer_counts(model, adapter, examples) -> BatchCounts:
-    return _counts(_infer_batch(model, adapter, examples), adapter, model.config.num_hidden_layers)
+    return batch_counts(_infer_batch(model, adapter, examples), adapter, model.config.num_hidden_layers)
 
 
 def infer_loss(model, adapter, examples) -> float:
