@@ -10,9 +10,11 @@ processes of --threads threads for each MeZOConfig.parallel mode. Every run does
 the same adapter on the same batches; the report gives steps/s, the speed-up over each single-process
 run, the payload bytes per step (per rank, sent + received, counted at the all_gather), and the largest
 difference of the final adapter from the single-process one (fp32 rounding of differently shaped
-forwards, see engine/distributed.py).
+forwards, see engine/distributed.py). Each row also has p20/p50/p80 ms of rank 0's single steps, over
+every pass.
 
-Writes bench/results/distributed_cpu.{json,md,png} (the smoke run: distributed_cpu_smoke.*).
+Writes bench/results/distributed_cpu.{json,csv,md,png} (the smoke run: distributed_cpu_smoke.*) in
+bench/harness.py's format, one row per run.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import sys
 import tempfile
 import time
 
+import harness
 import torch
-from _meta import cpu_name, git_commit, write_report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
+RESULTS = harness.RESULTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,9 +62,13 @@ def worker(args) -> None:
     if world > 1:
         torch.distributed.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = [tr.step(batch(args.warmup + t)) for t in range(args.steps)]
+    res, step_ms = [], []
+    for t in range(args.steps):
+        s0 = time.perf_counter()
+        res.append(tr.step(batch(args.warmup + t)))
+        step_ms.append(1e3 * (time.perf_counter() - s0))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    out = {"seconds": seconds, "cpu_seconds": cpu}
+    out = {"seconds": seconds, "cpu_seconds": cpu, "step_ms": step_ms}
     if tr.is_main:
         torch.save(tr.adapter.buffer.clone(), args.adapter_out)
         out.update(steps_per_second=args.steps / seconds, bytes_per_step=res[-1].bytes_exchanged,
@@ -115,31 +120,34 @@ def run(args, world: int, threads: int, parallel: str | None, tmp: str) -> dict:
 # Report
 
 
-def markdown(report: dict) -> str:
-    m = report["meta"]
-    la0, la1 = m["load_average_at_start"][0], m["load_average_at_end"][0]
+def markdown(results: dict) -> str:
+    m, rows = results["meta"], results["rows"]
+    la0, la1 = m["load_average"][0], m["load_average_end"][0]
+    timed = any(r.get("p50_ms") is not None for r in rows)
     lines = [
         f"# MeZO on 1 and 2 CPU processes ({m['model']}, q={m['q']}, batch {m['batch_size']})",
         "",
-        f"Device: {m['device']} ({m['cpu']}, {m['cpu_count']} cores), backend gloo, dtype {m['dtype']}, "
+        f"Device: {m['device_type']} ({m['cpu']}, {m['cores']} cores), backend gloo, dtype {m['dtype']}, "
         f"torch {m['torch']}, commit {m['commit']}, {m['date']}. LoRA r={m['lora_r']} on q_proj,v_proj "
         f"({m['adapter_parameters']} parameters); {m['batch_size']} classification examples (random token ids, "
         f"{m['prompt_len']}-token prompt, two 1-token candidates) per step; {m['steps']} timed steps after "
         f"{m['warmup']} warm-up.",
         "",
-        f"Load average (1 min) {la0:.1f} at the start and {la1:.1f} at the end, on {m['cpu_count']} cores shared "
+        f"Load average (1 min) {la0:.1f} at the start and {la1:.1f} at the end, on {m['cores']} cores shared "
         "with other jobs: the timings are indicative only.",
         "",
-        f"| processes x threads | parallel | steps/s (best of {m['repeats']}) | each pass | vs 1 x 1 | "
-        f"vs 1 x {m['max_world'] * m['threads']} | CPU s/step, busiest rank | bytes/step per rank (sent + received) "
-        "| max adapter diff vs 1 process | max loss rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| processes x threads | parallel | steps/s (best of {m['repeats']}) | each pass | "
+        + ("ms/step p50 [p20, p80] | " if timed else "") + "vs 1 x 1 | "
+        f"vs 1 x {m['max_world'] * m['threads_per_process']} | CPU s/step, busiest rank "
+        "| bytes/step per rank (sent + received) | max adapter diff vs 1 process | max loss rel. diff |",
+        "|" + "---|" * (11 if timed else 10),
     ]
-    base1, base_w = report["baseline_1"], report["baseline_w"]
-    for r in report["results"]:
+    base1, base_w = rows[0]["steps_per_second"], rows[1]["steps_per_second"]
+    for r in rows:
         each = ", ".join(f"{x:.3f}" for x in r["steps_per_second_each_pass"])
+        ms = f"{r['p50_ms']:.0f} [{r['p20_ms']:.0f}, {r['p80_ms']:.0f}] | " if timed else ""
         lines.append(f"| {r['world_size']} x {r['threads_per_process']} | {r['parallel'] or '-'} | "
-                     f"{r['steps_per_second']:.3f} | {each} | {r['steps_per_second'] / base1:.2f}x | "
+                     f"{r['steps_per_second']:.3f} | {each} | {ms}{r['steps_per_second'] / base1:.2f}x | "
                      f"{r['steps_per_second'] / base_w:.2f}x | {r['cpu_seconds_per_step_busiest_rank']:.2f} | "
                      f"{r['bytes_per_step']} | {r['adapter_max_abs_diff']:.1e} | "
                      f"{r['losses_equal_single_process_rel']:.1e} |")
@@ -150,19 +158,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str) -> None:
+def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['world_size']}x{r['threads_per_process']}\n{r['parallel'] or 'single'}" for r in report["results"]]
+    rows = results["rows"]
+    labels = [f"{r['world_size']}x{r['threads_per_process']}\n{r['parallel'] or 'single'}" for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.bar(labels, [r["steps_per_second"] for r in report["results"]], color="tab:blue")
+    ax.bar(labels, [r["steps_per_second"] for r in rows], color="tab:blue")
     ax.set_ylabel("MeZO steps/s")
-    m = report["meta"]
-    la = m["load_average_at_start"][0]
-    ax.set_title(f"{m['model']} on CPU, q={m['q']}, batch {m['batch_size']} (load avg {la:.1f} on {m['cpu_count']} "
+    m = results["meta"]
+    la = m["load_average"][0]
+    ax.set_title(f"{m['model']} on CPU, q={m['q']}, batch {m['batch_size']} (load avg {la:.1f} on {m['cores']} "
                  "cores)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -184,7 +193,7 @@ def main(argv=None) -> None:
     p.add_argument("--world-size", type=int, default=2, help="processes of the distributed runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--modes", default="perturbations,batch", help="comma-separated MeZOConfig.parallel modes")
-    p.add_argument("--out-dir", default=RESULTS, help="where distributed_cpu.{json,md,png} go")
+    p.add_argument("--out-dir", default=RESULTS, help="where distributed_cpu.{json,csv,md,png} go")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: one rank
     p.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
     p.add_argument("--init-method", default=None, help=argparse.SUPPRESS)
@@ -198,13 +207,11 @@ def main(argv=None) -> None:
 
     w, th = args.world_size, args.threads
     modes = [m for m in args.modes.split(",") if m]
-    report = {"meta": {
-        "model": args.model, "device": "cpu", "cpu": cpu_name(), "cpu_count": os.cpu_count(), "dtype": "float32",
-        "torch": torch.__version__, "commit": git_commit(), "q": args.q, "batch_size": args.batch_size,
-        "prompt_len": args.prompt_len, "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
-        "threads": th, "max_world": w, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_at_start": list(os.getloadavg()),
-    }, "results": []}
+    meta = harness.run_meta(
+        "distributed", "cpu", model=args.model, dtype="float32", backend="gloo", q=args.q,
+        batch_size=args.batch_size, prompt_len=args.prompt_len, lora_r=args.lora_r, steps=args.steps,
+        warmup=args.warmup, threads_per_process=th, max_world=w, repeats=args.repeats)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="flashzo-bench-dist-") as tmp:
         todo = [(1, th, None), (1, w * th, None)] + [(w, th, m) for m in modes]
         passes = []
@@ -223,17 +230,17 @@ def main(argv=None) -> None:
         best["adapter_max_abs_diff"] = max(float((r["adapter"] - ref).abs().max()) for r in runs)
         best["losses_equal_single_process_rel"] = max(abs(a - b) / abs(b) for r in runs
                                                       for a, b in zip(r["loss"], passes[0][0]["loss"]))
-        for r in runs:
-            r.pop("adapter", None)
+        best.update(harness.timing_fields([t for r in runs for t in r["step_ms"]]))
+        best["step_ms"] = [round(t, 2) for r in runs for t in r["step_ms"]]
+        for key, value in (best.pop("traffic") or {}).items():
+            best[f"traffic_{key}"] = value
         best.pop("adapter", None)
-        report["results"].append(best)
-    report["meta"]["load_average_at_end"] = list(os.getloadavg())
-    report["meta"]["adapter_parameters"] = report["results"][0]["adapter_parameters"]
-    report["baseline_1"] = report["results"][0]["steps_per_second"]
-    report["baseline_w"] = report["results"][1]["steps_per_second"]
+        rows.append(best)
+    meta["load_average_end"] = harness.load_average()
+    meta["adapter_parameters"] = rows[0]["adapter_parameters"]
 
     stem = os.path.join(args.out_dir, "distributed_cpu" + ("_smoke" if args.smoke else ""))
-    write_report(stem, report, markdown, plot)
+    harness.write_results(stem, {"meta": meta, "rows": rows}, markdown=markdown, plot=plot, echo=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ tokens at +eps, the second half at -eps, one seed), it times:
            add fused into cuBLAS (addmm_): the fastest plain-torch version
   base     F.linear(x, W, b) alone: the floor the fused path cannot beat
 
-and reports the median ms (torch.cuda.Event, after warm-up), TFLOP/s of the useful work
-(2*T*K*N + 2*T*r*(K+N)), the ratio to the floor and to unfused. Results: a CSV and a PNG under
---out, named after the device. On a CPU (or with --smoke) it runs a tiny configuration with the torch
-paths only (perf_counter timing) and writes perturbed_lora_cpu_smoke.{csv,png}.
+and reports p20/p50/p80 ms (bench/harness.py: triton.testing.do_bench, after warm-up), TFLOP/s of the
+useful work (2*T*K*N + 2*T*r*(K+N)) at the median against the device's peak, the ratio to the floor
+and to unfused. Results: JSON, CSV, Markdown and PNG under --out, named after the device. On a CPU (or
+with --smoke) it runs a tiny configuration with the torch paths only (perf_counter timing) and writes
+perturbed_lora_cpu_smoke.{json,csv,md,png}.
 
     python bench/bench_perturbed_lora.py                 # GPU sweep
     python bench/bench_perturbed_lora.py --smoke         # seconds, on the CPU
@@ -21,17 +22,12 @@ paths only (perf_counter timing) and writes perturbed_lora_cpu_smoke.{csv,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import re
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
-import triton
 from tqdm import tqdm
 
 from flashzo.kernels import Segments, perturbed_lora_linear
@@ -39,7 +35,6 @@ from flashzo.kernels.perturbed_lora import LoRAKernelConfig
 
 MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096, "opt-13b": 5120}  # hidden size = q_proj's K and N
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peak
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,8 +56,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--ranks", nargs="+", type=int, default=[8, 64], help="LoRA ranks r")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of x and W")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
-    p.add_argument("--reps", type=int, default=50, help="timed calls; the median is reported")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (on CUDA: do_bench's "
+                   "warm-up budget, this many calls' time)")
+    p.add_argument("--reps", type=int, default=50, help="timed calls; p20/p50/p80 are reported (on CUDA: "
+                   "do_bench's budget, this many calls' time)")
     p.add_argument(
         "--config",
         default="",
@@ -111,37 +108,6 @@ def unfused(x, w, b, lora_a, lora_b, segments, *, scaling, eps):
     return y
 
 
-def time_ms(fn, warmup, reps, device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def parse_config(text: str) -> LoRAKernelConfig:
     fields = {}
     for item in filter(None, text.split(",")):
@@ -154,49 +120,33 @@ def main() -> None:
     args = parse_args()
     on_gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if on_gpu else "cpu")
+    meta = harness.run_meta("perturbed_lora", device, dtype=args.dtype, config=args.config or "default")
     if on_gpu:
-        device_name = torch.cuda.get_device_name(device)
         models, tokens, ranks = {m: MODELS[m] for m in args.models}, args.tokens, args.ranks
-        stem = "perturbed_lora_" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        stem = "perturbed_lora_" + harness.slug(meta["device"])
         warmup, reps = args.warmup, args.reps
     else:
-        device_name = "cpu"
         models, tokens, ranks = {"tiny-256": 256}, [64, 256], [8]
         stem = "perturbed_lora_cpu_smoke"
         warmup, reps = 2, 5
     dtype = DTYPES[args.dtype]
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-    peak = None if dtype == torch.float32 else peak
+    peak = None if dtype == torch.float32 else meta["peak_bf16_tflops"]
     config = parse_config(args.config)
-    meta = dict(
-        device=device_name,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        dtype=args.dtype,
-        commit=git_commit(),
-        config=args.config or "default",
-    )
 
     rows = []
     todo = [(m, H, T, r) for m, H in models.items() for T in tokens for r in ranks]
     for model, H, T, r in tqdm(todo, desc="perturbed_lora", disable=not on_gpu):
         shape = dict(model=model, T=T, K=H, N=H, r=r)
-        rows += bench_shape(shape, dtype, device, config, warmup, reps, peak, meta)
+        rows += bench_shape(shape, dtype, device, config, warmup, reps, peak)
     main_name = rows[0]["variant"]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"{stem}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    png_path = args.out / f"{stem}.png"
-    plot(rows, main_name, png_path, meta)
+    meta["load_average_end"] = harness.load_average()
     print_table(rows, meta)
-    print(f"wrote {csv_path} and {png_path}")
+    harness.write_results(str(args.out / stem), {"meta": meta, "rows": rows}, markdown=markdown,
+                          plot=lambda results, path: plot(results["rows"], main_name, path, results["meta"]))
 
 
-def bench_shape(shape, dtype, device, config, warmup, reps, peak, meta) -> list[dict]:
+def bench_shape(shape, dtype, device, config, warmup, reps, peak) -> list[dict]:
     """Time the three variants at one shape; one CSV row per variant."""
     T, H, r = shape["T"], shape["K"], shape["r"]
     x, w, b, lora_a, lora_b, segments = make_inputs(T, H, r, dtype, device)
@@ -210,15 +160,16 @@ def bench_shape(shape, dtype, device, config, warmup, reps, peak, meta) -> list[
         "unfused": lambda: unfused(x, w, b, lora_a, lora_b, segments, **kw),
         "base": lambda: F.linear(x, w, b),
     }
-    ms = {name: time_ms(fn, warmup, reps, device) for name, fn in variants.items()}
+    timings = {name: harness.time_ms(fn, device, warmup=warmup, reps=reps) for name, fn in variants.items()}
+    ms = {name: t["p50_ms"] for name, t in timings.items()}
     rows = []
     for name, t in ms.items():
         flops = 2 * T * H * H + (0 if name == "base" else 2 * T * r * (H + H))
         tflops = flops / t / 1e9
         rows.append(dict(
-            **shape, variant=name, ms=round(t, 4), tflops=round(tflops, 3),
+            **shape, variant=name, ms=round(t, 4), **timings[name], tflops=round(tflops, 3),
             pct_of_peak=round(100 * tflops / peak, 1) if peak else "",
-            vs_base=round(t / ms["base"], 3), vs_unfused=round(t / ms["unfused"], 3), **meta,
+            vs_base=round(t / ms["base"], 3), vs_unfused=round(t / ms["unfused"], 3),
         ))  # fmt: skip
     return rows
 
@@ -240,6 +191,26 @@ def print_table(rows, meta) -> None:
             f"{row['ms']:>9.4f} {row['tflops']:>8.2f} {row['pct_of_peak']!s:>6} {row['vs_base']:>6.2f} "
             f"{row['vs_unfused']:>8.2f}"
         )
+
+
+def markdown(results) -> str:
+    m = results["meta"]
+    lines = [
+        f"# perturbed_lora_linear ({m['device']}, {m['dtype']})",
+        "",
+        f"torch {m['torch']}, triton {m['triton']}, commit {m['commit']}, kernel config {m['config']}, {m['date']}. "
+        "ms: p50 [p20, p80] per call; TFLOP/s of the useful work at p50; /base and /unfused: p50 over p50.",
+        "",
+        "| model | T | K=N | r | variant | ms | TFLOP/s | % of peak | /base | /unfused |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        pct = f"{r['pct_of_peak']:.1f}" if r["pct_of_peak"] != "" else "-"
+        lines.append(
+            f"| {r['model']} | {r['T']} | {r['K']} | {r['r']} | {r['variant']} "
+            f"| {r['p50_ms']:.4f} [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] | {r['tflops']:.2f} | {pct} "
+            f"| {r['vs_base']:.2f} | {r['vs_unfused']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, main_name, path, meta) -> None:

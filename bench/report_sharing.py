@@ -21,40 +21,47 @@ Hugging Face OPTForCausalLM (+ PEFT LoRA, same targets) running one sign's padde
 logits, as MeZO does; MeZO's two forwards per step run one after the other, so the step's peak is one
 forward's. Method: every measurement runs in a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536, so
 large buffers are mmapped and returned to the OS when freed) that builds the model and the batch,
-runs a warm-up forward on a one-example batch, calls gc.collect() and malloc_trim(0), resets the
-kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`), runs the measured forward(s) and reads
-VmHWM from /proc/self/status. "peak forward MiB" = VmHWM - VmRSS before the forward: the memory the
-forward itself adds on top of the model's weights (tracemalloc does not see torch's CPU allocations).
-On a GPU the same comparison is torch.cuda.max_memory_allocated (not done here).
+runs a warm-up forward on a one-example batch, then bench/harness.py's peak_memory: gc.collect() and
+malloc_trim(0), the kernel's peak-RSS counter reset (`echo 5 > /proc/self/clear_refs`), the measured
+forward(s), VmHWM from /proc/self/status. "peak forward MiB" = VmHWM - VmRSS before the forward: the
+memory the forward itself adds on top of the model's weights (tracemalloc does not see torch's CPU
+allocations). On a GPU the same comparison is torch.cuda.max_memory_allocated (not done here).
 
     python bench/report_sharing.py            # opt-125m, a few minutes on a CPU
     python bench/report_sharing.py --smoke    # a tiny model, seconds
 
-Writes bench/results/sharing_report.{json,md,png} (the smoke run: sharing_report_smoke.*).
+Writes bench/results/sharing_report.{json,csv,md,png} (the smoke run: sharing_report_smoke.*) in
+bench/harness.py's format: one row per shape, the memory figures of each path prefixed with it
+(hf_mezo_, flashzo_none_, flashzo_sharing_).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
+import engine_batch
+import harness
 import torch
-from _meta import cpu_name, git_commit, write_report
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = harness.RESULTS
 SHAPES = {
     "sst2": dict(num_examples=16, prompt_len=(12, 48), num_candidates=2, candidate_len=1),
     "rte": dict(num_examples=16, prompt_len=(60, 250), num_candidates=2, candidate_len=1),
 }
 MEASUREMENTS = ("flashzo-sharing", "flashzo-none", "hf-mezo")
+MEMORY_FIELDS = ("peak_forward_mib", "rss_before_mib", "peak_rss_mib", "p20_ms", "p50_ms", "p80_ms", "reps",
+                 "weights_mib")
+HF_FIELDS = ("lora", "attn_implementation", "logits_mib_per_forward")
+
+
+def prefix(kind: str) -> str:
+    """"hf-mezo" -> "hf_mezo_": the prefix of a path's fields in a row."""
+    return kind.replace("-", "_") + "_"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,7 +119,7 @@ def hf_padded_batch(examples, pad_id: int):
 
 
 def token_counts(args, shape: str) -> dict:
-    """Tokens one step computes on each path (no model needed)."""
+    """Tokens one step computes on each path (no model needed): the shape's row without memory."""
     from flashzo.engine import LoRAAdapter, build_batch
 
     cfg = model_config(args)
@@ -125,21 +132,23 @@ def token_counts(args, shape: str) -> dict:
     shared = build_batch(examples, copies, sharing="all", fork=True, **kw)
     cands = build_batch(examples, copies, sharing="candidates", fork=True, **kw)
     none = build_batch(examples, copies, sharing="none", fork=False, **kw)
+    shared, cands, none = (engine_batch.batch_counts(b, ad, L) for b in (shared, cands, none))
     ids, _, seqs, _ = hf_padded_batch(examples, cfg.pad_token_id)
     prompt_lens = [len(ex.prompt) for ex in examples]
     return {
+        "shape": shape,
         "examples": len(examples),
         "sequences": len(seqs),
-        "prompt_len": {"min": min(prompt_lens), "max": max(prompt_lens),
-                       "mean": sum(prompt_lens) / len(prompt_lens)},
+        "prompt_len_min": min(prompt_lens), "prompt_len_max": max(prompt_lens),
+        "prompt_len_mean": sum(prompt_lens) / len(prompt_lens),
         "copies": len(copies),
         "lowest_adapted_layer": ad.lowest_layer,
-        "fork_layer": shared.stats.fork_layer,
-        "flashzo_sharing_rows": shared.stats.num_tokens,
-        "flashzo_sharing_trunk_rows": shared.stats.trunk_tokens,
-        "flashzo_sharing_tokens": shared.stats.token_layers / L,
-        "flashzo_candidates_tokens": cands.stats.token_layers / L,
-        "flashzo_none_tokens": none.stats.token_layers / L,
+        "fork_layer": shared.fork_layer,
+        "flashzo_sharing_rows": shared.rows,
+        "flashzo_sharing_trunk_rows": shared.trunk_rows,
+        "flashzo_sharing_tokens": shared.token_layers / L,
+        "flashzo_candidates_tokens": cands.token_layers / L,
+        "flashzo_none_tokens": none.token_layers / L,
         "hf_mezo_tokens": 2 * args.q * ids.numel(),  # 2q padded forwards per step
         "hf_mezo_padding_tokens": 2 * args.q * (ids.numel() - sum(map(len, seqs))),
         "hf_mezo_shape": list(ids.shape),
@@ -148,26 +157,6 @@ def token_counts(args, shape: str) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # One measurement, in a fresh process
-
-
-def _rss_kib() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in KiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1])
-    return out["VmRSS"], out["VmHWM"]
-
-
-def _reset_peak() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
 
 
 def _flashzo_setup(args, shape, sharing):
@@ -238,14 +227,10 @@ def measure(args) -> dict:
         step, info = _hf_setup(args, shape)
     else:
         step, info = _flashzo_setup(args, shape, "all" if kind == "flashzo-sharing" else "none")
-    _reset_peak()
-    rss0, _ = _rss_kib()
-    t0 = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - t0
-    _, hwm = _rss_kib()
-    return {"kind": kind, "shape": shape, "peak_forward_mib": (hwm - rss0) / 1024, "rss_before_mib": rss0 / 1024,
-            "peak_rss_mib": hwm / 1024, "step_seconds": seconds, **info}
+    m = harness.peak_memory(step, "cpu")
+    return {"kind": kind, "shape": shape, "peak_forward_mib": m["step_mib"], "rss_before_mib": m["loaded_mib"],
+            "peak_rss_mib": m["peak_mib"], **harness.timing_fields(m["ms_all"]), "reps": len(m["ms_all"]),
+            "method": m["method"], **info}
 
 
 def run_measurement(args, kind: str, shape: str) -> dict:
@@ -267,12 +252,12 @@ def run_measurement(args, kind: str, shape: str) -> dict:
 # Report
 
 
-def markdown(report: dict) -> str:
-    m = report["meta"]
+def markdown(results: dict) -> str:
+    m, rows = results["meta"], results["rows"]
     lines = [
         f"# KV sharing in one MeZO step ({m['model']}, q={m['q']})",
         "",
-        f"Device: {m['device']} ({m['cpu']}, {m['threads']} threads), dtype {m['dtype']}, torch {m['torch']}, "
+        f"Device: {m['device']}, dtype {m['dtype']}, torch {m['torch']}, "
         f"transformers {m['transformers']}, commit {m['commit']}. LoRA {m['lora']}.",
         "",
         "Tokens per step (token-equivalents: token-layers / layers; HF counts padding):",
@@ -281,47 +266,43 @@ def markdown(report: dict) -> str:
         "| sharing vs none | sharing vs HF |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["results"]:
-        t = r["tokens"]
-        pl = t["prompt_len"]
+    for r in rows:
         lines.append(
-            f"| {r['shape']} | {pl['min']}-{pl['max']} (mean {pl['mean']:.0f}) | {t['hf_mezo_tokens']} "
-            f"| {t['flashzo_none_tokens']:.0f} | {t['flashzo_candidates_tokens']:.0f} "
-            f"| {t['flashzo_sharing_tokens']:.0f} "
-            f"| {t['flashzo_sharing_tokens'] / t['flashzo_none_tokens']:.2f}x "
-            f"| {t['flashzo_sharing_tokens'] / t['hf_mezo_tokens']:.2f}x |")
-    if report.get("fork_variant"):
-        fv = report["fork_variant"]
-        lines += ["", f"With LoRA on layers {fv['lora_layers']} only (fork at layer {fv['fork_layer']}), "
-                  "flashzo sharing computes " + ", ".join(
-                      f"{s}: {c:.0f}" for s, c in fv["flashzo_sharing_tokens"].items()) + " token-equivalents."]
-    if report["results"] and report["results"][0].get("memory"):
+            f"| {r['shape']} | {r['prompt_len_min']}-{r['prompt_len_max']} (mean {r['prompt_len_mean']:.0f}) "
+            f"| {r['hf_mezo_tokens']} | {r['flashzo_none_tokens']:.0f} | {r['flashzo_candidates_tokens']:.0f} "
+            f"| {r['flashzo_sharing_tokens']:.0f} "
+            f"| {r['flashzo_sharing_tokens'] / r['flashzo_none_tokens']:.2f}x "
+            f"| {r['flashzo_sharing_tokens'] / r['hf_mezo_tokens']:.2f}x |")
+    if "fork_variant_lora_layers" in m:
+        lines += ["", f"With LoRA on layers {m['fork_variant_lora_layers']} only (fork at layer "
+                  f"{m['fork_variant_fork_layer']}), flashzo sharing computes " + ", ".join(
+                      f"{r['shape']}: {r['fork_variant_sharing_tokens']:.0f}" for r in rows) + " token-equivalents."]
+    if rows and rows[0].get("hf_mezo_peak_forward_mib") is not None:
         lines += [
             "",
             "Peak memory one step's forward adds on top of the weights (MiB, peak RSS delta in a fresh "
             "process; see the method in bench/report_sharing.py), and the step's wall time on this CPU "
-            f"(indicative only: load average {m['load_average_at_start'][0]:.1f} on {os.cpu_count()} cores "
+            f"(indicative only: load average {m['load_average'][0]:.1f} on {m['cores']} cores "
             "when the run started):",
             "",
             "| shape | HF MeZO | flashzo none | flashzo sharing | HF / sharing | HF s/step | sharing s/step "
             "| weights MiB (flashzo / HF) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in report["results"]:
-            mem = r["memory"]
-            hf, no, sh = mem["hf-mezo"], mem["flashzo-none"], mem["flashzo-sharing"]
+        for r in rows:
+            hf, sh = r["hf_mezo_peak_forward_mib"], r["flashzo_sharing_peak_forward_mib"]
             lines.append(
-                f"| {r['shape']} | {hf['peak_forward_mib']:.0f} | {no['peak_forward_mib']:.0f} "
-                f"| {sh['peak_forward_mib']:.0f} | {hf['peak_forward_mib'] / max(sh['peak_forward_mib'], 1e-9):.1f}x "
-                f"| {hf['step_seconds']:.2f} | {sh['step_seconds']:.2f} "
-                f"| {sh['weights_mib']:.0f} / {hf['weights_mib']:.0f} |")
-        lines += ["", f"HF: full logits are {report['results'][-1]['memory']['hf-mezo']['logits_mib_per_forward']:.0f}"
+                f"| {r['shape']} | {hf:.0f} | {r['flashzo_none_peak_forward_mib']:.0f} "
+                f"| {sh:.0f} | {hf / max(sh, 1e-9):.1f}x "
+                f"| {r['hf_mezo_p50_ms'] / 1e3:.2f} | {r['flashzo_sharing_p50_ms'] / 1e3:.2f} "
+                f"| {r['flashzo_sharing_weights_mib']:.0f} / {r['hf_mezo_weights_mib']:.0f} |")
+        lines += ["", f"HF: full logits are {rows[-1]['hf_mezo_logits_mib_per_forward']:.0f}"
                   f" MiB per forward for the last shape; attention implementation "
-                  f"{report['results'][-1]['memory']['hf-mezo']['attn_implementation']}."]
+                  f"{rows[-1]['hf_mezo_attn_implementation']}."]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str) -> None:
+def plot(results: dict, path: str) -> None:
     try:
         import matplotlib
 
@@ -329,23 +310,23 @@ def plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    shapes = [r["shape"] for r in report["results"]]
+    rows = results["rows"]
+    shapes = [r["shape"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.27
     for k, (key, label) in enumerate([("hf_mezo_tokens", "HF MeZO"), ("flashzo_none_tokens", "flashzo none"),
                                       ("flashzo_sharing_tokens", "flashzo sharing")]):
-        axes[0].bar([i + (k - 1) * width for i in range(len(shapes))],
-                    [r["tokens"][key] for r in report["results"]], width, label=label)
+        axes[0].bar([i + (k - 1) * width for i in range(len(shapes))], [r[key] for r in rows], width, label=label)
     axes[0].set_title("tokens per step")
-    if report["results"][0].get("memory"):
+    if rows[0].get("hf_mezo_peak_forward_mib") is not None:
         for k, kind in enumerate(("hf-mezo", "flashzo-none", "flashzo-sharing")):
             axes[1].bar([i + (k - 1) * width for i in range(len(shapes))],
-                        [r["memory"][kind]["peak_forward_mib"] for r in report["results"]], width, label=kind)
+                        [r[prefix(kind) + "peak_forward_mib"] for r in rows], width, label=kind)
         axes[1].set_title("peak forward memory (MiB)")
     for ax in axes:
         ax.set_xticks(range(len(shapes)), shapes)
         ax.legend()
-    fig.suptitle(f"{report['meta']['model']}, q={report['meta']['q']}, {report['meta']['device']}")
+    fig.suptitle(f"{results['meta']['model']}, q={results['meta']['q']}, {results['meta']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -363,7 +344,7 @@ def main(argv=None) -> None:
                    help="adapt layers from this one up (default: every layer, so no trunk fork)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--skip-memory", action="store_true", help="count tokens only (no model is run)")
-    p.add_argument("--out-dir", default=RESULTS, help="where sharing_report.{json,md,png} go")
+    p.add_argument("--out-dir", default=RESULTS, help="where sharing_report.{json,csv,md,png} go")
     p.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # internal: one measurement
     p.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -372,7 +353,6 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args)))
         return
 
-    import transformers
     from tqdm import tqdm
 
     shapes = [s for s in args.shapes.split(",") if s]
@@ -381,33 +361,32 @@ def main(argv=None) -> None:
             p.error(f"unknown shape {s!r}; choose from {list(SHAPES)}")
     cfg = model_config(args)
     lcfg = lora_config(args, cfg.num_hidden_layers)
-    report = {"meta": {
-        "model": "opt-tiny" if args.smoke else args.model, "device": "cpu", "cpu": cpu_name(),
-        "threads": torch.get_num_threads(), "dtype": "float32", "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": git_commit(), "q": args.q,
-        "lora": f"r={lcfg.r} alpha={lcfg.alpha} {'+'.join(lcfg.target_modules)} layers="
-                f"{'all' if lcfg.layers is None else list(lcfg.layers)}",
-        "attention_backend": "torch", "shapes": {s: SHAPES[s] for s in shapes},
-        "memory_method": "peak RSS delta (VmHWM after clear_refs reset) around one step's forward(s) in a "
-                         "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536, after a warm-up forward",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_at_start": list(os.getloadavg()),
-    }, "results": []}
+    meta = harness.run_meta(
+        "sharing", "cpu", model="opt-tiny" if args.smoke else args.model, dtype="float32", q=args.q,
+        lora=f"r={lcfg.r} alpha={lcfg.alpha} {'+'.join(lcfg.target_modules)} layers="
+             f"{'all' if lcfg.layers is None else list(lcfg.layers)}",
+        attention_backend="torch", shapes={s: SHAPES[s] for s in shapes},
+        memory_method="peak RSS delta (VmHWM after clear_refs reset) around one step's forward(s) in a "
+                      "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536, after a warm-up forward")
     todo = [] if args.skip_memory else [(s, k) for s in shapes for k in MEASUREMENTS]
     memory: dict = {}
     for s, k in tqdm(todo, desc="measurements", disable=not todo):
         memory.setdefault(s, {})[k] = run_measurement(args, k, s)
-    for s in shapes:
-        report["results"].append({"shape": s, "tokens": token_counts(args, s), "memory": memory.get(s)})
+    rows = [token_counts(args, s) for s in shapes]
+    for row in rows:
+        for kind, m in memory.get(row["shape"], {}).items():
+            row.update({prefix(kind) + f: m[f] for f in MEMORY_FIELDS + (HF_FIELDS if kind == "hf-mezo" else ())})
+            row["memory_method"] = m["method"]
     if args.lora_from_layer is None:  # what the trunk fork adds when only the upper half is adapted
         half = cfg.num_hidden_layers // 2
         variant = argparse.Namespace(**{**vars(args), "lora_from_layer": half})
-        report["fork_variant"] = {
-            "lora_layers": f"{half}-{cfg.num_hidden_layers - 1}", "fork_layer": half,
-            "flashzo_sharing_tokens": {s: token_counts(variant, s)["flashzo_sharing_tokens"] for s in shapes}}
+        meta.update(fork_variant_lora_layers=f"{half}-{cfg.num_hidden_layers - 1}", fork_variant_fork_layer=half)
+        for row in rows:
+            row["fork_variant_sharing_tokens"] = token_counts(variant, row["shape"])["flashzo_sharing_tokens"]
+    meta["load_average_end"] = harness.load_average()
 
     stem = os.path.join(args.out_dir, "sharing_report" + ("_smoke" if args.smoke else ""))
-    write_report(stem, report, markdown, plot)
+    harness.write_results(stem, {"meta": meta, "rows": rows}, markdown=markdown, plot=plot, echo=True)
 
 
 if __name__ == "__main__":
