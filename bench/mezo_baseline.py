@@ -19,8 +19,8 @@ its own sequence (prompt + candidate), the batch is left-padded to a multiple of
 returns full logits [B, L, vocab], log_softmax over the vocabulary, the log-probs of each
 candidate's tokens are averaged, and the loss is the cross-entropy of the label over the
 candidates' averages, averaged over examples. LM targets: the token-weighted mean NLL of the target
-tokens (one sequence per example). This is the task definition of flashzo's trainer (DESIGN.md
-section 4), so the two losses agree on the same weights and batch (tests/test_bench_step.py).
+tokens (one sequence per example). This is the task definition of flashzo's trainer (docs/design.md,
+"Losses"), so the two losses agree on the same weights and batch (tests/test_bench_step.py).
 """
 
 from __future__ import annotations
