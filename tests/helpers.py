@@ -124,3 +124,101 @@ def edit_json(path: str, **changes) -> None:
         json.dump(d, f)
 
 
+# --------------------------------------------------------------------------------------------------
+# SGLang (tests/test_sglang.py, tests/test_sglang_engine.py)
+# --------------------------------------------------------------------------------------------------
+
+# FLASHZO_REQUIRE_SGLANG=1 (CI's SGLang step) turns every "not set up" skip into a failure.
+SGLANG_REQUIRED = os.environ.get("FLASHZO_REQUIRE_SGLANG", "") == "1"
+SGLANG_SETUP_HINT = "CPU: scripts/install_sglang_cpu.sh; GPU: pip install -e '.[sglang]'"
+SGLANG_PLUGIN = "flashzo.sglang"
+# vocab 70: SGLang pads the embedding to 128 rows; 3 layers: layers_to_transform can skip one; gelu_new:
+# SGLang's own OPT runs it as the identity (sglang/srt/models/opt.py: get_activation), so matching
+# flashzo also shows that the plugin, not SGLang's OPT, served the request
+SGLANG_TINY = dict(vocab_size=70, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+                   max_position_embeddings=96, activation_function="gelu_new")
+
+
+def sglang_not_set_up(reason: str) -> None:
+    """Skip the calling test module (fail it under FLASHZO_REQUIRE_SGLANG=1) with the set-up hint."""
+    import pytest
+
+    if SGLANG_REQUIRED:
+        pytest.fail(f"{reason} ({SGLANG_SETUP_HINT}); FLASHZO_REQUIRE_SGLANG=1 forbids skipping", pytrace=False)
+    pytest.skip(f"{reason} ({SGLANG_SETUP_HINT})", allow_module_level=True)
+
+
+def require_sglang() -> None:
+    """At a test module's top: SGLang must be importable (and transformers, which it needs)."""
+    import pytest
+
+    try:
+        import sglang  # noqa: F401
+    except ImportError as e:
+        sglang_not_set_up(f"SGLang is not installed ({e})")
+    pytest.importorskip("transformers")
+
+
+def real_torchvision() -> bool:
+    """Whether a real torchvision is installed (then SGLang needs no stand-in)."""
+    import importlib.util
+    import sys
+
+    tv = sys.modules.get("torchvision")
+    if tv is not None:
+        return not getattr(tv, "__flashzo_stub__", False)
+    return importlib.util.find_spec("torchvision") is not None  # the stand-in's finder declines this caller
+
+
+def require_boot_pth() -> None:
+    """SGLang's worker processes import sglang before the plugin: they need the .pth start-up shim."""
+    from flashzo.sglang import boot
+
+    if real_torchvision():
+        return
+    path = boot.pth_path()
+    text = open(path).read() if os.path.isfile(path) else ""
+    if os.path.abspath(boot.__file__) not in text:
+        state = "names another flashzo checkout" if text else "is missing"
+        sglang_not_set_up(f"SGLang's CPU start-up shim {path} {state}, so SGLang's workers cannot import without "
+                          f"torchvision; `python -m flashzo.sglang install` writes it for this checkout")
+
+
+def write_word_tokenizer(path: str, vocab_size: int) -> None:
+    """A word-level tokenizer ("w5 w6" -> [5, 6]) saved next to a checkpoint, as SGLang's server wants one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def nonzero_adapter(model, config, seed: int):
+    """An adapter as training leaves it: every A and B nonzero."""
+    from flashzo.engine import LoRAAdapter
+
+    adapter = LoRAAdapter.empty(config, model.config)
+    adapter.buffer.copy_(0.2 * torch.randn(adapter.buffer.shape, generator=torch.Generator().manual_seed(seed)))
+    return adapter
+
+
+def sglang_setup(root) -> dict:
+    """An OPT checkpoint with a tokenizer, flashzo's model of it, and two adapters saved in PEFT format."""
+    from flashzo.engine import LoRAConfig, load_opt
+
+    ckpt = write_checkpoint(hf_opt(seed=3, **SGLANG_TINY), root / "opt", "safetensors")
+    write_word_tokenizer(ckpt, SGLANG_TINY["vocab_size"])
+    model = load_opt(ckpt)
+    adapters = {
+        "qv": nonzero_adapter(model, LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "fc1")), 1),
+        "all": nonzero_adapter(model, LoRAConfig(r=2, alpha=3, target_modules=("q_proj", "k_proj", "v_proj",
+                                                                               "out_proj", "fc2"), layers=(0, 2)), 2),
+    }
+    paths = {}
+    for name, adapter in adapters.items():
+        paths[name] = str(root / f"adapter_{name}")
+        adapter.save_pretrained(paths[name])
+    return dict(root=root, ckpt=ckpt, model=model, adapters=adapters, paths=paths)

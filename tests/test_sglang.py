@@ -1,143 +1,35 @@
-"""flashzo inside SGLang: the plugin, serving, LoRA serving and MeZO scoring through a running Engine.
+"""flashzo inside SGLang, without a running Engine: registration, start-up shims, request ids, the
+plugin model's weight loading, and the routing of each request's rows to its LoRA.
 
 Skipped (with the reason shown) where SGLang is not installed; on a CPU install it with
-scripts/install_sglang_cpu.sh. One sglang.Engine serves the whole module (fp32, CPU,
-attention_backend="torch_native", LoRA on); `python -m sglang.launch_server` gets one test of its own.
-References are flashzo's own forward (`token_logprobs`) and trainer (`MeZOTrainer.step`).
+scripts/install_sglang_cpu.sh. tests/test_sglang_engine.py runs a real Engine and server.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
+from helpers import require_sglang
 
-# FLASHZO_REQUIRE_SGLANG=1 (CI's SGLang step) turns every "not set up" skip below into a failure.
-REQUIRED = os.environ.get("FLASHZO_REQUIRE_SGLANG", "") == "1"
-SETUP_HINT = "CPU: scripts/install_sglang_cpu.sh; GPU: pip install -e '.[sglang]'"
+require_sglang()  # skips (or, under FLASHZO_REQUIRE_SGLANG=1, fails) the module where SGLang is not set up
 
-
-def _not_set_up(reason: str):
-    if REQUIRED:
-        pytest.fail(f"{reason} ({SETUP_HINT}); FLASHZO_REQUIRE_SGLANG=1 forbids skipping", pytrace=False)
-    pytest.skip(f"{reason} ({SETUP_HINT})", allow_module_level=True)
-
-
-try:
-    import sglang  # noqa: F401
-except ImportError as e:
-    _not_set_up(f"SGLang is not installed ({e})")
-pytest.importorskip("transformers")
-
-from helpers import LAYOUTS, hf_opt, write_checkpoint  # noqa: E402
+from helpers import LAYOUTS, hf_opt, real_torchvision, sglang_setup, write_checkpoint  # noqa: E402
+from helpers import SGLANG_PLUGIN as PLUGIN  # noqa: E402
+from helpers import SGLANG_TINY as TINY  # noqa: E402
 
 import flashzo.sglang as fzs  # noqa: E402  (before any sglang.srt import: installs the torchvision stand-in)
-from flashzo import Example, LoRAAdapter, LoRAConfig, MeZOConfig, MeZOTrainer, load_opt  # noqa: E402
-from flashzo.engine.batch import Copy  # noqa: E402
+from flashzo import load_opt  # noqa: E402
 from flashzo.sglang import boot  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
-PLUGIN = "flashzo.sglang"
-# vocab 70: SGLang pads the embedding to 128 rows; 3 layers: layers_to_transform can skip one; gelu_new:
-# SGLang's own OPT runs it as the identity (sglang/srt/models/opt.py: get_activation), so matching
-# flashzo also shows that the plugin, not SGLang's OPT, served the request
-TINY = dict(vocab_size=70, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
-            max_position_embeddings=96, activation_function="gelu_new")
-ENGINE_ARGS = dict(device="cpu", attention_backend="torch_native", dtype="float32", mem_fraction_static=0.05,
-                   max_total_tokens=4096, log_level="warning")
-SEQS = [[2, 5], [2, 9, 17, 33, 4, 61, 8], [2] + [(7 * i + 3) % 70 for i in range(36)]]  # 2, 7, 37 tokens
-ATOL = 1e-5  # fp32 on a CPU: the issue's bound
-
-
-def _real_torchvision() -> bool:
-    """Whether a real torchvision is installed (then SGLang needs no stand-in)."""
-    import importlib.util
-
-    tv = sys.modules.get("torchvision")
-    if tv is not None:
-        return not getattr(tv, "__flashzo_stub__", False)
-    return importlib.util.find_spec("torchvision") is not None  # the stand-in's finder declines this caller
-
-
-def _require_boot_pth():
-    """SGLang's worker processes import sglang before the plugin: they need the .pth start-up shim."""
-    if _real_torchvision():
-        return
-    path = boot.pth_path()
-    text = open(path).read() if os.path.isfile(path) else ""
-    if os.path.abspath(boot.__file__) not in text:
-        state = "names another flashzo checkout" if text else "is missing"
-        _not_set_up(f"SGLang's CPU start-up shim {path} {state}, so SGLang's workers cannot import without "
-                    f"torchvision; `python -m flashzo.sglang install` writes it for this checkout")
-
-
-def _tokenizer(path: str, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(path)
-
-
-def _adapter(model, config: LoRAConfig, seed: int) -> LoRAAdapter:
-    """An adapter as training leaves it: every A and B nonzero."""
-    adapter = LoRAAdapter.empty(config, model.config)
-    adapter.buffer.copy_(0.2 * torch.randn(adapter.buffer.shape, generator=torch.Generator().manual_seed(seed)))
-    return adapter
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sglang")
-    ckpt = write_checkpoint(hf_opt(seed=3, **TINY), root / "opt", "safetensors")
-    _tokenizer(ckpt, TINY["vocab_size"])
-    model = load_opt(ckpt)
-    adapters = {
-        "qv": _adapter(model, LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "fc1")), 1),
-        "all": _adapter(model, LoRAConfig(r=2, alpha=3, target_modules=("q_proj", "k_proj", "v_proj", "out_proj",
-                                                                        "fc2"), layers=(0, 2)), 2),
-    }
-    paths = {}
-    for name, adapter in adapters.items():
-        paths[name] = str(root / f"adapter_{name}")
-        adapter.save_pretrained(paths[name])
-    return dict(root=root, ckpt=ckpt, model=model, adapters=adapters, paths=paths)
-
-
-@pytest.fixture(scope="module")
-def engine(setup):
-    import sglang
-
-    _require_boot_pth()
-    old = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
-    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN  # inherited by SGLang's worker processes
-    eng = sglang.Engine(model_path=setup["ckpt"], enable_lora=True, lora_backend="torch_native",
-                        lora_paths=[f"{n}={p}" for n, p in setup["paths"].items()], max_loras_per_batch=3,
-                        **ENGINE_ARGS)
-    yield eng
-    eng.shutdown()
-    if old is None:
-        os.environ.pop("SGLANG_EXTERNAL_MODEL_PACKAGE", None)
-    else:
-        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = old
-
-
-def _input_logprobs(out: dict) -> torch.Tensor:
-    """log p(tok[i] | tok[:i]) for i >= 1 from a generate() output requested with logprob_start_len=0."""
-    entries = out["meta_info"]["input_token_logprobs"]
-    assert entries[0][0] is None
-    return torch.tensor([e[0] for e in entries[1:]], dtype=torch.float32)
+    return sglang_setup(tmp_path_factory.mktemp("sglang"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +59,7 @@ def test_torchvision_stand_in_is_invisible_outside_sglang():
 
     from transformers.utils import import_utils
 
-    if _real_torchvision():
+    if real_torchvision():
         pytest.skip("torchvision is installed: the stand-in is never used")
     assert not import_utils.is_torchvision_available()
     tv = sys.modules["torchvision"]  # imported by sglang.srt.configs through the plugin's import
@@ -358,162 +250,3 @@ def test_routes_and_projection_per_request(setup, style):
                      adapters=AdapterCache(model.config, "cpu"), device="cpu")
 
 
-# --------------------------------------------------------------------------------------------------
-# python -m sglang.launch_server
-# --------------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
-def test_launch_server_serves_the_plugin(setup, tmp_path):
-    _require_boot_pth()
-    port = _free_port()
-    env = dict(os.environ, SGLANG_EXTERNAL_MODEL_PACKAGE=PLUGIN)
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", setup["ckpt"], "--port", str(port),
-           "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-           "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 480
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n{open(tmp_path / 'server.log').read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not come up:\n{open(tmp_path / 'server.log').read()[-4000:]}")
-            time.sleep(2)
-        info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/get_model_info", timeout=30).read())
-        assert info["model_path"] == setup["ckpt"]
-        out = _post(f"http://127.0.0.1:{port}/generate",
-                    {"input_ids": SEQS[2], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                     "logprob_start_len": 0})
-        ref = setup["model"].token_logprobs([SEQS[2]])[0]
-        torch.testing.assert_close(_input_logprobs(out), ref, atol=ATOL, rtol=0)
-        # a MeZO request over HTTP: the perturbation rides in the request id
-        adapter, eps = setup["adapters"]["qv"], 0.05
-        p = fzs.Perturbation(adapter=setup["paths"]["qv"], version="v0", seed=123, sign=-1, eps=eps)
-        out = _post(f"http://127.0.0.1:{port}/generate",
-                    {"input_ids": SEQS[2], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                     "logprob_start_len": 0, **p.request_fields()})
-        batch = setup["model"].build_batch([Example(prompt=SEQS[2][:1], target=SEQS[2][1:])],
-                                           [Copy(0, 123, -1)], adapters=[adapter], eps=eps)
-        torch.testing.assert_close(_input_logprobs(out), setup["model"].score(batch), atol=ATOL, rtol=0)
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and the workers it spawned (its own process group)."""
-    for sig, wait in ((15, 60), (9, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-# --------------------------------------------------------------------------------------------------
-# Serving through sglang.Engine
-# --------------------------------------------------------------------------------------------------
-
-def test_engine_logprobs_equal_flashzo(setup, engine):
-    outs = engine.generate(input_ids=SEQS, sampling_params={"max_new_tokens": 0}, return_logprob=True,
-                           logprob_start_len=0)
-    for out, ref in zip(outs, setup["model"].token_logprobs(SEQS)):
-        got = _input_logprobs(out)
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-
-
-def test_engine_generates_flashzos_greedy_continuation(setup, engine):
-    """Decoding (SGLang's decode batches, one token per request) runs the same model."""
-    seq = SEQS[1]
-    out = engine.generate(input_ids=seq, sampling_params={"max_new_tokens": 3, "temperature": 0.0,
-                                                          "ignore_eos": True})
-    toks = list(seq)
-    for _ in range(3):  # log p(t | toks) for every t, from flashzo: argmax
-        scores = setup["model"].token_logprobs([toks + [t] for t in range(TINY["vocab_size"])])
-        toks.append(int(torch.argmax(torch.stack([s[-1] for s in scores]))))
-    assert out["output_ids"] == toks[len(seq):]
-
-
-@pytest.mark.parametrize("names", [[None, "qv", "all"], ["all", "all", "qv"]])
-def test_lora_serving_equals_flashzo(setup, engine, names):
-    """Adapters served by SGLang's LoRA manager (per-request lora_path), several in one batch."""
-    outs = engine.generate(input_ids=SEQS, sampling_params={"max_new_tokens": 0}, return_logprob=True,
-                           logprob_start_len=0, lora_path=names)
-    for seq, out, name in zip(SEQS, outs, names):
-        adapter = setup["adapters"][name] if name is not None else None
-        ref = setup["model"].token_logprobs([seq], adapter=adapter)[0]
-        torch.testing.assert_close(_input_logprobs(out), ref, atol=ATOL, rtol=0)
-    base = setup["model"].token_logprobs([SEQS[2]])[0]
-    assert (_input_logprobs(outs[2]) - base).abs().max() > 100 * ATOL  # the adapter changes the result
-
-
-CLASSIFICATION = [Example(prompt=[2, 5, 6], candidates=[[7], [8, 9]], label=1),
-                  Example(prompt=[2, 11, 12, 13, 14], candidates=[[14, 15], [16], [17, 18, 19]], label=2),
-                  Example(prompt=[2, 5, 6], candidates=[[30], [31]], label=0)]
-LM = [Example(prompt=[2, 5], target=[6, 7, 8]), Example(prompt=[2, 30, 31, 32], target=[33])]
-
-
-@pytest.mark.parametrize("examples", [CLASSIFICATION, LM], ids=["classification", "lm"])
-def test_scorer_step_equals_mezo_step(setup, engine, examples):
-    config = MeZOConfig(lr=0.05, eps=1e-2, num_perturbations=2, seed=11)
-    ours = MeZOTrainer(setup["model"], setup["adapters"]["qv"].clone(), config)
-    theirs = MeZOTrainer(setup["model"], setup["adapters"]["qv"].clone(), config)
-    scorer = fzs.SGLangScorer(engine)
-    try:
-        for _ in range(2):  # the second step scores the updated adapter (a new version on the server)
-            want, got = ours.step(examples), scorer.step(theirs, examples)
-            torch.testing.assert_close(torch.tensor(got.loss_plus), torch.tensor(want.loss_plus), atol=ATOL, rtol=0)
-            torch.testing.assert_close(torch.tensor(got.loss_minus), torch.tensor(want.loss_minus), atol=ATOL,
-                                       rtol=0)
-            # g = (l+ - l-) / (2 eps): the losses' error, amplified by 1 / (2 eps)
-            torch.testing.assert_close(torch.tensor(got.projected_grads), torch.tensor(want.projected_grads),
-                                       atol=ATOL / config.eps, rtol=0)
-            assert min(abs(p - m) for p, m in zip(want.loss_plus, want.loss_minus)) > 100 * ATOL
-        torch.testing.assert_close(theirs.adapter.buffer, ours.adapter.buffer, atol=1e-5, rtol=0)
-    finally:
-        scorer.close()
-
-
-def test_perturbations_never_share_cached_kv(setup, engine):
-    """+eps and -eps of the same tokens, scored in separate calls: the second must not read the first's
-    K/V from SGLang's prefix cache (each request's cache_salt names its perturbation)."""
-    adapter, eps = setup["adapters"]["all"], 0.05
-    trainer = MeZOTrainer(setup["model"], adapter.clone(), MeZOConfig(lr=0.0, eps=eps, seed=1))
-    want = setup["model"].build_batch(CLASSIFICATION, trainer.copies(), adapters=[trainer.adapter], eps=eps)
-    from flashzo.engine.loss import copy_losses
-
-    want = copy_losses(want.readout, setup["model"].score(want), CLASSIFICATION).loss
-    scorer = fzs.SGLangScorer(engine)
-    try:
-        for copy, loss in zip(trainer.copies(), want):
-            for _ in range(2):  # the repeat is served from the prefix cache
-                got = scorer.copy_losses(CLASSIFICATION, trainer.adapter, [copy], eps)[0]
-                assert abs(got - loss) < ATOL
-        unperturbed = scorer.copy_losses(CLASSIFICATION, trainer.adapter, [Copy()], eps)[0]
-        assert min(abs(unperturbed - w) for w in want) > 100 * ATOL
-    finally:
-        scorer.close()
