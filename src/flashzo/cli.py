@@ -100,30 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _layers(args) -> tuple[int, ...] | None:
-    text = getattr(args, "lora_layers", None)
-    if text is None or not text.strip():
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--lora-layers must be comma-separated layer indices, got {text!r}") from None
-
-
 def _trainer_from_args(args, model, *, resume_dir=None):
-    from flashzo.engine.lora import LoRAConfig
-    from flashzo.engine.mezo import MeZOConfig, MeZOTrainer
+    from flashzo.engine.mezo import MeZOTrainer
+    from flashzo.run import RunOptions
 
     parallel = getattr(args, "parallel", None)
     if resume_dir is not None:  # how many processes run the rest, and how they split it, is this launch's choice
         return MeZOTrainer.resume(resume_dir, model, parallel=parallel)
-    targets = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
-    lora = LoRAConfig(r=args.lora_r, alpha=alpha, target_modules=targets, layers=_layers(args), seed=args.seed)
-    config = MeZOConfig(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
-                        num_perturbations=args.num_perturbations, seed=args.seed, lr_schedule=args.lr_schedule,
-                        warmup_steps=args.warmup_steps, total_steps=args.steps, parallel=parallel)
-    return MeZOTrainer(model, lora, config)
+    opts = RunOptions.from_args(args)
+    return MeZOTrainer(model, opts.lora_config(), opts.mezo_config(parallel=parallel))
 
 
 def cmd_demo(args) -> int:
@@ -203,8 +188,8 @@ def _train(args, device) -> int:
     from flashzo.loop import CHECKPOINT_DIR, fit
 
     model, tok = _load(args, device)
-    train = load_jsonl(args.train, tok, template=args.template)
-    held_out = load_jsonl(args.eval, tok, template=args.template) if args.eval else None
+    train = load_jsonl(args.train, tok, template=args.template, limits=model.limits)
+    held_out = load_jsonl(args.eval, tok, template=args.template, limits=model.limits) if args.eval else None
     ckpt = os.path.join(args.out, CHECKPOINT_DIR)
     if args.resume and not (os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")):
         raise InputError(f"--resume: no checkpoint at {ckpt}")
@@ -226,7 +211,7 @@ def cmd_eval(args) -> int:
 
     model, tok = _load(args)
     adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter else None
-    data = load_jsonl(args.data, tok, template=args.template)
+    data = load_jsonl(args.data, tok, template=args.template, limits=model.limits)
     print(json.dumps(evaluate(model, adapter, data, batch_size=args.batch_size), indent=1))
     return 0
 

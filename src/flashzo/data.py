@@ -1,50 +1,109 @@
 """Data files: JSONL datasets, their tokenization, and the MeZO paper's prompt templates.
 
 A JSONL line is `{"prompt": ..., "candidates": [...], "label": i}` (classification) or
-`{"prompt": ..., "target": ...}` (LM), with text (tokenized with the model directory's tokenizer,
-offline) or token-id lists. Template helpers turn raw task fields into those records.
+`{"prompt": ..., "target": ...}` (LM), with text (tokenized with the model's tokenizer, offline) or
+token-id lists. `--template` readers turn raw task fields (GLUE/SuperGLUE files) into those records.
+
+`load_jsonl` reads a whole file and checks every example against the model before anything trains
+(engine/example.py: the same checks the trainer makes): a file with problems is refused with one
+`DataError` that lists them all (up to `max_errors`), each as `FILE:LINE: problem`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from flashzo.engine.example import Example
+from flashzo.engine.example import Example, Limits, example_kind, example_problems
 from flashzo.errors import InputError
 
+MAX_ERRORS = 20  # problems listed per file before "... and N more"
+
+
+class DataError(InputError):
+    """A data file was refused: `problems` lists every (line, message) found (line 0: the whole file)."""
+
+    def __init__(self, path: str, problems: list[tuple[int, str]], total: int | None = None):
+        self.path, self.problems = path, problems
+        total = len(problems) if total is None else total
+        lines = [f"{path}:{line}: {msg}" if line else f"{path}: {msg}" for line, msg in problems]
+        if total > len(problems):
+            lines.append(f"... and {total - len(problems)} more problems in {path}")
+        head = f"{path}: {total} problems\n" if total > 1 else ""
+        super().__init__(head + "\n".join(lines))
+
+
 # --------------------------------------------------------------------------------------------------
-# Templates (text records, as the MeZO paper prompts its tasks)
+# Templates (raw task fields -> records, as the MeZO paper prompts its tasks)
 # --------------------------------------------------------------------------------------------------
 
 
-def sst2_template(sentence: str, label: int) -> dict:
-    """SST-2: "<sentence> It was" -> " terrible" (0) / " great" (1)."""
-    return {"prompt": f"{sentence.strip()} It was", "candidates": [" terrible", " great"], "label": int(label)}
+class TemplateError(ValueError):
+    """One record does not fit a template (the reader adds the file and line)."""
 
 
-def rte_template(premise: str, hypothesis: str, label: int) -> dict:
-    """RTE: entailment (label 0) -> "Yes", not entailment (1) -> "No"."""
-    prompt = f'{premise.strip()}\nDoes this mean that "{hypothesis.strip()}" is true? Yes or No?\n'
-    return {"prompt": prompt, "candidates": ["Yes", "No"], "label": int(label)}
+def _text(rec: dict, name: str) -> str:
+    if name not in rec:
+        raise TemplateError(f"no '{name}' field")
+    value = rec[name]
+    if not isinstance(value, str):
+        raise TemplateError(f"'{name}' must be a string, got {json.dumps(value)}")
+    if not value.strip():
+        raise TemplateError(f"'{name}' is empty")
+    return value.strip()
 
 
-def copa_template(premise: str, choice1: str, choice2: str, question: str, label: int) -> dict:
-    """COPA-style multiple choice: the premise, a connective, and each choice as a candidate."""
+def _label(rec: dict, names: dict[str, int]) -> int:
+    """The label as an int: 0/1, "0"/"1", or one of `names` (case-insensitive); never a bool."""
+    if "label" not in rec:
+        raise TemplateError("no 'label' field")
+    value = rec["label"]
+    allowed = sorted(set(range(len(set(names.values())))))
+    if isinstance(value, bool) or value is None:
+        raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {json.dumps(value)}")
+    if isinstance(value, int) and value in allowed:
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key.isdigit() and int(key) in allowed:
+            return int(key)
+        if key in names:
+            return names[key]
+    raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {json.dumps(value)}")
+
+
+def sst2_template(rec: dict) -> dict:
+    """SST-2: `sentence`, `label` -> "<sentence> It was" -> " terrible" (0, negative) / " great" (1, positive)."""
+    label = _label(rec, {"negative": 0, "positive": 1})
+    return {"prompt": f"{_text(rec, 'sentence')} It was", "candidates": [" terrible", " great"], "label": label}
+
+
+def rte_template(rec: dict) -> dict:
+    """RTE: `premise`, `hypothesis`, `label` -> "Yes" (0, entailment) / "No" (1, not_entailment)."""
+    label = _label(rec, {"entailment": 0, "not_entailment": 1})
+    prompt = f'{_text(rec, "premise")}\nDoes this mean that "{_text(rec, "hypothesis")}" is true? Yes or No?\n'
+    return {"prompt": prompt, "candidates": ["Yes", "No"], "label": label}
+
+
+def copa_template(rec: dict) -> dict:
+    """COPA: `premise`, `choice1`, `choice2`, `question` (cause/effect), `label` (0: choice1, 1: choice2)."""
+    question = _text(rec, "question").lower()
     if question not in ("cause", "effect"):
-        raise InputError(f"question must be 'cause' or 'effect', got {question!r}")
+        raise TemplateError(f"'question' must be \"cause\" or \"effect\", got {json.dumps(rec['question'])}")
     connective = " because" if question == "cause" else " so"
-    premise = premise.strip().rstrip(".")
+    premise = _text(rec, "premise").rstrip(".")
 
-    def choice(c: str) -> str:
-        c = c.strip()
+    def choice(name: str) -> str:
+        c = _text(rec, name)
         return " " + c[:1].lower() + c[1:]
 
-    return {"prompt": premise + connective, "candidates": [choice(choice1), choice(choice2)], "label": int(label)}
+    label = _label(rec, {"choice1": 0, "choice2": 1})
+    return {"prompt": premise + connective, "candidates": [choice("choice1"), choice("choice2")], "label": label}
 
 
-TEMPLATES: dict[str, Callable[..., dict]] = {"sst2": sst2_template, "rte": rte_template, "copa": copa_template}
+TEMPLATES: dict[str, Callable[[dict], dict]] = {"sst2": sst2_template, "rte": rte_template, "copa": copa_template}
 
 # --------------------------------------------------------------------------------------------------
 # Tokenization and JSONL
@@ -64,76 +123,125 @@ def load_tokenizer(model_dir: str):
                          "use token-id lists in the dataset or add the tokenizer files") from e
 
 
-def _ids(value, tokenizer, *, field: str, where: str, prompt: bool) -> list[int]:
+class _RecordError(ValueError):
+    """One record cannot become an Example (the reader adds the file and line)."""
+
+
+def _ids(value, tokenizer, *, field: str, prompt: bool) -> list[int]:
     if isinstance(value, str):
         if tokenizer is None:
-            raise InputError(f"{where}: {field} is text but no tokenizer was found in the model directory")
+            raise _RecordError(f"{field} is text but the model has no tokenizer (give token-id lists, or add the "
+                               "tokenizer files to the model directory)")
         if prompt:
-            return list(tokenizer(value)["input_ids"])  # OPT's tokenizer prepends </s> as BOS
+            return list(tokenizer(value)["input_ids"])  # a tokenizer that adds a BOS adds it to the prompt
         return list(tokenizer(value, add_special_tokens=False)["input_ids"])
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return list(value)
-    raise InputError(f"{where}: {field} must be a string or a list of token ids")
+    raise _RecordError(f"{field} must be a string or a list of integer token ids, got {json.dumps(value)[:60]}")
 
 
-def record_to_example(rec: dict, tokenizer=None, *, where: str = "record") -> Example:
+def record_to_example(rec, tokenizer=None) -> Example:
+    """A JSONL record as an Example (its shape checked; _RecordError / InputError say what is wrong)."""
     if not isinstance(rec, dict):
-        raise InputError(f"{where}: expected a JSON object")
+        raise _RecordError(f"expected a JSON object, got {type(rec).__name__}")
     if "prompt" not in rec:
-        raise InputError(f"{where}: no 'prompt' field")
-    prompt = _ids(rec["prompt"], tokenizer, field="prompt", where=where, prompt=True)
+        raise _RecordError("no 'prompt' field")
+    if "candidates" in rec and "target" in rec:
+        raise _RecordError("has both 'candidates' and 'target'")
+    prompt = _ids(rec["prompt"], tokenizer, field="prompt", prompt=True)
     if "candidates" in rec:
-        if "target" in rec:
-            raise InputError(f"{where}: has both 'candidates' and 'target'")
         cands = rec["candidates"]
         if not isinstance(cands, list):
-            raise InputError(f"{where}: 'candidates' must be a list")
-        if "label" not in rec or not isinstance(rec["label"], int):
-            raise InputError(f"{where}: classification needs an integer 'label'")
-        ids = [_ids(c, tokenizer, field=f"candidates[{i}]", where=where, prompt=False) for i, c in enumerate(cands)]
-        return _example(where, prompt=prompt, candidates=ids, label=rec["label"])
+            raise _RecordError("'candidates' must be a list")
+        label = rec.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+            raise _RecordError(f"classification needs an integer 'label' (a candidate index), got {json.dumps(label)}")
+        ids = [_ids(c, tokenizer, field=f"candidates[{i}]", prompt=False) for i, c in enumerate(cands)]
+        return Example(prompt=prompt, candidates=ids, label=label)
     if "target" in rec:
-        return _example(where, prompt=prompt, target=_ids(rec["target"], tokenizer, field="target", where=where,
-                                                          prompt=False))
-    raise InputError(f"{where}: needs 'candidates' and 'label', or 'target'")
+        return Example(prompt=prompt, target=_ids(rec["target"], tokenizer, field="target", prompt=False))
+    raise _RecordError("needs 'candidates' and 'label' (classification), or 'target' (LM)")
 
 
-def _example(where: str, **kw) -> Example:
-    try:
-        return Example(**kw)
-    except ValueError as e:  # name the record that failed
-        raise InputError(f"{where}: {e}") from None
+@dataclass
+class Dataset:
+    """The examples of a file, and the line each came from (what errors and predictions name)."""
+
+    path: str
+    examples: list[Example]
+    lines: list[int]
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
+def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limits: Limits | None = None,
+                 training: bool = True, max_errors: int = MAX_ERRORS) -> Dataset:
+    """Every example of a JSONL file, checked; DataError listing every problem (FILE:LINE) otherwise.
+
+    template: "sst2", "rte" or "copa" maps raw task fields first (extra fields are ignored).
+    limits: the model's vocabulary and positions (None: not checked). training: also require what a
+    loss needs (two or more candidates and a label, a non-empty target), and one kind in the file.
+    """
+    if template is not None and template not in TEMPLATES:
+        raise InputError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+    if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-    if not out:
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a file")
+    problems: list[tuple[int, str]] = []
+    examples, lines, kinds = [], [], {}
+    total = 0
+
+    def problem(line: int, msg: str) -> None:
+        nonlocal total
+        total += 1
+        if len(problems) < max_errors:
+            problems.append((line, msg))
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    problem(n, f"not valid JSON ({e.msg} at column {e.colno})")
+                    continue
+                try:
+                    if template is not None:
+                        if not isinstance(rec, dict):
+                            raise TemplateError(f"expected a JSON object, got {type(rec).__name__}")
+                        rec = TEMPLATES[template](rec)
+                    ex = record_to_example(rec, tokenizer)
+                except (TemplateError, _RecordError, InputError) as e:
+                    problem(n, str(e) if template is None or not isinstance(e, TemplateError)
+                            else f"{template} template: {e}")
+                    continue
+                kinds.setdefault(example_kind(ex), n)
+                msgs = example_problems(ex, limits, training=training)
+                for msg in msgs:
+                    problem(n, msg)
+                if msgs:
+                    continue
+                examples.append(ex)
+                lines.append(n)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read: {e.strerror or e}") from None
+    if training and len(kinds) > 1:
+        problem(0, f"mixes classification (first on line {kinds['classification']}) and LM examples (first on "
+                   f"line {kinds['lm']}); a file trains one loss")
+    if problems:
+        raise DataError(path, problems, total)
+    if not examples:
         raise InputError(f"{path}: no records")
-    return out
+    return Dataset(path, examples, lines)
 
 
-def load_jsonl(path: str, tokenizer=None, *, template: str | None = None) -> list[Example]:
-    """Examples from a JSONL file; `template` ("sst2", "rte", "copa") maps raw task fields first."""
-    records = read_jsonl(path)
-    if template is not None:
-        if template not in TEMPLATES:
-            raise InputError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
-        fn = TEMPLATES[template]
-        try:
-            records = [fn(**r) for r in records]
-        except TypeError as e:
-            raise InputError(f"{path}: records do not have the fields of the {template} template: {e}") from e
-    return [record_to_example(r, tokenizer, where=f"{path}:{i + 1}") for i, r in enumerate(records)]
+def load_jsonl(path: str, tokenizer=None, *, template: str | None = None, limits: Limits | None = None,
+               training: bool = True) -> list[Example]:
+    """The examples of a JSONL file (see read_dataset): every problem reported, with its line, up front."""
+    return read_dataset(path, tokenizer, template=template, limits=limits, training=training).examples
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:

@@ -1,0 +1,139 @@
+"""What defines a training run: its options, checked once, and the configs they make.
+
+`flashzo train`'s options and a service job's hyperparameters are the same thing, `RunOptions`
+(names are the flags with underscores: `--lora-r` is `lora_r`). A run is a pure function of its
+options, its data and its model (docs/design.md, "The algorithm"): the same options give the same
+LoRA init, perturbations and mini-batches, and so the same adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from flashzo.engine.lora import LoRAConfig
+from flashzo.engine.mezo import SCHEDULES, MeZOConfig
+from flashzo.errors import InputError
+
+TEMPLATE_NAMES = ("sst2", "rte", "copa")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    num_perturbations: int = 1
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lora_r: int = 8
+    lora_alpha: float | None = None  # None: 2 * lora_r
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_layers: tuple[int, ...] | None = None  # None: every layer
+    seed: int = 0
+    template: str | None = None
+    eval_every: int = 0  # 0: only before and after training
+    save_every: int = 0  # 0: only at the end
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "target_modules", _modules(self.target_modules))
+        set_(self, "lora_layers", _layers(self.lora_layers))
+        for name in ("steps", "batch_size", "num_perturbations", "warmup_steps", "lora_r", "seed", "eval_every",
+                     "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        for name, lo in (("steps", 0), ("batch_size", 1), ("num_perturbations", 1), ("warmup_steps", 0),
+                         ("lora_r", 1), ("seed", 0), ("eval_every", 0), ("save_every", 0)):
+            if getattr(self, name) < lo:
+                raise InputError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        for name in ("lr", "eps", "weight_decay", "lora_alpha"):
+            value = getattr(self, name)
+            if value is None and name == "lora_alpha":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+            set_(self, name, float(value))
+        if self.lr < 0 or self.weight_decay < 0:
+            raise InputError(f"lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
+        if self.eps <= 0:
+            raise InputError(f"eps must be > 0, got {self.eps}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise InputError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.lr_schedule not in SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise InputError(f"template must be one of {TEMPLATE_NAMES}, got {self.template!r}")
+
+    # Names ------------------------------------------------------------------------------------------
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict, *, what: str = "options") -> RunOptions:
+        """From a dict of option names (a job's hyperparameters): unknown names are refused by name."""
+        if not isinstance(d, dict):
+            raise InputError(f"{what} must be an object of option names, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise InputError(f"{what}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"(known: {', '.join(cls.names())})")
+        return cls(**d)
+
+    @classmethod
+    def from_args(cls, args) -> RunOptions:
+        """From parsed `flashzo train` / `flashzo demo` arguments (argparse.Namespace)."""
+        return cls(**{n: getattr(args, n) for n in cls.names() if hasattr(args, n)})
+
+    def to_dict(self) -> dict:
+        d = {n: getattr(self, n) for n in self.names()}
+        d["target_modules"] = list(self.target_modules)
+        d["lora_layers"] = list(self.lora_layers) if self.lora_layers is not None else None
+        return d
+
+    # The configs a run trains with ---------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(r=self.lora_r, alpha=self.alpha, target_modules=self.target_modules,
+                          layers=self.lora_layers, seed=self.seed)
+
+    def mezo_config(self, *, parallel: str | None = None) -> MeZOConfig:
+        return MeZOConfig(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                          num_perturbations=self.num_perturbations, seed=self.seed, lr_schedule=self.lr_schedule,
+                          warmup_steps=self.warmup_steps, total_steps=self.steps, parallel=parallel)
+
+
+def _modules(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [m.strip() for m in value.split(",") if m.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) for m in value):
+        raise InputError(f"target_modules must be module names (a list, or a comma-separated string), got {value!r}")
+    if not value:
+        raise InputError("target_modules is empty")
+    return tuple(value)
+
+
+def _layers(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"lora_layers must be comma-separated layer indices, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in value):
+        raise InputError(f"lora_layers must be a list of layer indices, got {value!r}")
+    if not value or min(value) < 0:
+        raise InputError(f"lora_layers must be a non-empty list of layer indices >= 0, got {list(value)}")
+    return tuple(value)
