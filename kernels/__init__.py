@@ -13,10 +13,12 @@ if __name__ != "flashzo.kernels":
     )
 
 from .gaussian import gaussian
-from .perturbed_lora import Segments, perturbed_lora_linear, perturbed_lora_linear_ref
+from .perturbed_lora import MAX_RANK, perturbed_lora_linear, perturbed_lora_linear_ref
+from .segments import Segments
 from .zo_update import zo_update_, zo_update_ref
 
 __all__ = [
+    "MAX_RANK",
     "Segments",
     "gaussian",
     "perturbed_lora_linear",

@@ -6,12 +6,13 @@ Rows of ``x`` (tokens, no padding) are grouped in contiguous segments; segment `
     y[t] = x[t] @ W.T + bias + scaling * (x[t] @ (A_a + sign*eps*Z_A).T) @ (B_a + sign*eps*Z_B).T
     Z_A[i, k] = tl.randn(seed, a_offset + i*K + k)        Z_B[n, i] = tl.randn(seed, b_offset + n*r + i)
 
-(DESIGN.md sections 2 and 3). The stored W, A and B are never modified and z is never stored: the
-Triton kernels regenerate each z tile from (seed, global flat index) inside their loops.
+(docs/design.md, "The random numbers" and "The kernels"). The stored W, A and B are never modified
+and z is never stored: the Triton kernels regenerate each z tile from (seed, global flat index)
+inside their loops.
 
-This file holds, in order: the kernel configuration, ``Segments``, the shrink and expand kernels,
+This file holds, in order: the limits and the kernel configuration, the shrink and expand kernels,
 the launcher ``perturbed_lora_linear`` (Triton on CUDA, torch on CPU; ``impl`` forces either) and
-the pure-torch reference ``perturbed_lora_linear_ref``.
+the pure-torch reference ``perturbed_lora_linear_ref``. ``Segments`` lives in segments.py.
 
 Rounding (what the tests' tolerances rely on):
 
@@ -31,18 +32,21 @@ import functools
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gaussian import MAX_INDEX, check_seed, check_triton_device, gaussian, resolve_impl
+from flashzo.errors import InputError
 
-MAX_RANK = 64
+from .checks import MAX_INDEX, check_triton_device, interpreting, resolve_impl
+from .gaussian import gaussian
+from .segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN, Segments
+
+MAX_RANK = 64  # the largest LoRA rank r the kernels take
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE_FIELDS = 5  # a tile-map row: (row_start, row_stop, adapter, seed, sign)
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class LoRAKernelConfig:
         for name in ("shrink_block_m", "shrink_block_k", "expand_block_m", "expand_block_n"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+                raise InputError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
         for name in (
             "shrink_split_k",
             "expand_rows",
@@ -83,153 +87,10 @@ class LoRAKernelConfig:
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise InputError(f"{name} must be >= 1, got {value}")
 
 
 DEFAULT_CONFIG = LoRAKernelConfig()
-
-
-# ---------------------------------------------------------------------------------------------
-# Segments
-
-
-@dataclass(eq=False)
-class Segments:
-    """Which rows of x use which adapter, seed and sign: S segments of contiguous rows.
-
-    indptr: int [S+1], rows of segment s are indptr[s]:indptr[s+1] (non-decreasing, from 0 to T)
-    adapter: int [S], index into lora_a/lora_b's first dimension
-    seed: int64 [S], in [0, 2**63 - 1]
-    sign: int [S], in {-1, 0, +1} (0: plain LoRA, no z)
-
-    A host (CPU) copy of all four is kept: the launcher builds its grid and the tile -> segment map
-    from it, so a call never waits on the GPU. Building Segments from CUDA tensors reads them back
-    once (one sync), ``.to(device)`` copies the host copy along without a sync; prefer building on
-    the CPU and moving. The kernels read only the host copy (through ``tile_map``), never the
-    device tensors. Segments are immutable: editing the tensors in place is not seen.
-    Values are checked against T and the number of adapters by the launcher.
-    """
-
-    indptr: torch.Tensor
-    adapter: torch.Tensor
-    seed: torch.Tensor
-    sign: torch.Tensor
-    _host: tuple = field(init=False, repr=False, compare=False)
-    _tile_maps: dict = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        host = []
-        for name in ("indptr", "adapter", "seed", "sign"):
-            tensor, values = _as_int_tensor(getattr(self, name), f"segments.{name}")
-            setattr(self, name, tensor)
-            host.append(values)
-        if len(host[0]) < 1:
-            raise ValueError("segments.indptr must have S+1 >= 1 entries")
-        num = len(host[0]) - 1
-        for name, values in zip(("adapter", "seed", "sign"), host[1:], strict=True):
-            if len(values) != num:
-                raise ValueError(
-                    f"segments.{name} must have {num} entries (one per segment), got {len(values)}"
-                )
-        devices = {t.device for t in (self.indptr, self.adapter, self.seed, self.sign)}
-        if len(devices) > 1:
-            raise ValueError(f"segments tensors must share a device, got {sorted(map(str, devices))}")
-        self._host = tuple(host)
-        self._tile_maps = {}
-
-    @classmethod
-    def single(cls, num_rows: int, adapter: int = 0, seed: int = 0, sign: int = 0, device=None) -> Segments:
-        """One segment covering all ``num_rows`` rows."""
-        return cls.from_lists([num_rows], [adapter], [seed], [sign], device=device)
-
-    @classmethod
-    def from_lists(cls, lengths, adapters, seeds, signs, device=None) -> Segments:
-        """Segments from per-segment row counts (``lengths``) and per-segment adapter/seed/sign."""
-        lengths = [operator.index(n) for n in lengths]
-        if any(n < 0 for n in lengths):
-            raise ValueError(f"lengths must be >= 0, got {lengths}")
-        indptr = [0]
-        for n in lengths:
-            indptr.append(indptr[-1] + n)
-        seg = cls(indptr, adapters, seeds, signs)  # built on the CPU
-        return seg if device is None else seg.to(device)
-
-    @property
-    def num_segments(self) -> int:
-        return len(self._host[0]) - 1
-
-    @property
-    def num_rows(self) -> int:
-        return self._host[0][-1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.indptr.device
-
-    def to(self, device) -> Segments:
-        """The same segments with device tensors on ``device``; the host copy travels without a sync."""
-        device = torch.device(device)
-        new = object.__new__(Segments)
-        for name in ("indptr", "adapter", "seed", "sign"):
-            setattr(new, name, getattr(self, name).to(device))
-        new._host = self._host
-        new._tile_maps = {}
-        return new
-
-    def validate(self, num_rows: int, num_adapters: int) -> None:
-        """ValueError naming the field unless the segments fit x (num_rows) and the adapters."""
-        indptr, adapter, seed, sign = self._host
-        if indptr[0] != 0:
-            raise ValueError(f"segments.indptr must start at 0, got {indptr[0]}")
-        if any(b < a for a, b in zip(indptr[:-1], indptr[1:], strict=True)):
-            raise ValueError(f"segments.indptr must be non-decreasing, got {indptr}")
-        if indptr[-1] != num_rows:
-            raise ValueError(f"segments.indptr must end at T = x.shape[0] = {num_rows}, got {indptr[-1]}")
-        bad = [a for a in adapter if not 0 <= a < num_adapters]
-        if bad:
-            raise ValueError(f"segments.adapter must lie in [0, {num_adapters}), got {bad[0]}")
-        bad = [s for s in sign if s not in (-1, 0, 1)]
-        if bad:
-            raise ValueError(f"segments.sign must be -1, 0 or +1, got {bad[0]}")
-        for s in seed:
-            check_seed(s, "segments.seed")
-
-    def tile_map(self, rows_per_tile: int, device: torch.device) -> torch.Tensor:
-        """int64 [num_tiles, 5]: (row_start, row_stop, adapter, seed, sign) per tile of at most
-        ``rows_per_tile`` rows; a tile never straddles two segments. Built on the host, cached."""
-        key = (rows_per_tile, str(device))
-        if key not in self._tile_maps:
-            indptr, adapter, seed, sign = self._host
-            rows = []
-            for s in range(self.num_segments):
-                for start in range(indptr[s], indptr[s + 1], rows_per_tile):
-                    stop = min(start + rows_per_tile, indptr[s + 1])
-                    rows.append((start, stop, adapter[s], seed[s], sign[s]))
-            tiles = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TILE_FIELDS)
-            if device.type == "cuda":  # pinned + non_blocking: no stream sync for the copy
-                tiles = tiles.pin_memory().to(device, non_blocking=True)
-            self._tile_maps[key] = tiles.to(device)
-        return self._tile_maps[key]
-
-
-def _as_int_tensor(value, name: str) -> tuple[torch.Tensor, list[int]]:
-    """(1-D int64 tensor on the value's device, its values as a host list); ValueError otherwise."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
-        if value.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
-        values = value.tolist()  # one device read-back if value is on a GPU
-        device = value.device
-    else:
-        try:
-            values = [operator.index(v) for v in value]
-        except TypeError:
-            raise ValueError(f"{name} must be a 1-D sequence of ints or an integer tensor") from None
-        device = torch.device("cpu")
-    if any(not -(2**63) <= v < 2**63 for v in values):
-        raise ValueError(f"{name} values must fit int64 (seeds lie in [0, 2**63 - 1])")
-    return torch.tensor(values, dtype=torch.int64, device=device), values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,11 +130,11 @@ def _lora_shrink_kernel(
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    row_start = tl.load(tiles_ptr + tile * 5 + 0)
-    row_stop = tl.load(tiles_ptr + tile * 5 + 1)
-    adapter = tl.load(tiles_ptr + tile * 5 + 2)
-    seed = tl.load(tiles_ptr + tile * 5 + 3)
-    sign = tl.load(tiles_ptr + tile * 5 + 4)
+    row_start = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_START)
+    row_stop = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_STOP)
+    adapter = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ADAPTER)
+    seed = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SEED)
+    sign = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SIGN)
     coef = sign.to(tl.float32) * eps
 
     rows = row_start + tl.arange(0, BLOCK_M)  # int64
@@ -336,11 +197,11 @@ def _lora_expand_kernel(
     segment) and one column block; the B_eff tile is regenerated once and reused over the chunk."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start = tl.load(tiles_ptr + tile * 5 + 0)
-    row_stop = tl.load(tiles_ptr + tile * 5 + 1)
-    adapter = tl.load(tiles_ptr + tile * 5 + 2)
-    seed = tl.load(tiles_ptr + tile * 5 + 3)
-    sign = tl.load(tiles_ptr + tile * 5 + 4)
+    row_start = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_START)
+    row_stop = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_STOP)
+    adapter = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ADAPTER)
+    seed = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SEED)
+    sign = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SIGN)
     coef = sign.to(tl.float32) * eps
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -500,7 +361,7 @@ def _lora_expand(u, lora_b, y, segments, *, eps, scaling, b_offset, cfg) -> None
         u.stride(0), u.stride(1), *lora_b.stride(), y.stride(0), y.stride(1),
         float(eps), float(scaling), int(b_offset),
         BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=u.shape[2], PRECISION=_precision(y.dtype),
-        BF16_BY_BITS=y.dtype == torch.bfloat16 and _interpreting(),
+        BF16_BY_BITS=y.dtype == torch.bfloat16 and interpreting(),
         num_warps=cfg.expand_num_warps, num_stages=cfg.expand_num_stages,
     )  # fmt: skip
 
@@ -523,12 +384,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_lora_expand_kernel, InterpretedFunction)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms_cached(device_str: str) -> int:
     return torch.cuda.get_device_properties(torch.device(device_str)).multi_processor_count
@@ -543,60 +398,60 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset):
-    """ValueError naming the argument for anything the kernels cannot take; returns (T, K, N, r)."""
+    """InputError naming the argument for anything the kernels cannot take; returns (T, K, N, r)."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise InputError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if not isinstance(segments, Segments):
-        raise ValueError(f"segments must be a Segments, got {type(segments).__name__}")
+        raise InputError(f"segments must be a Segments, got {type(segments).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, K], got shape {tuple(x.shape)}")
+        raise InputError(f"x must be 2-D [T, K], got shape {tuple(x.shape)}")
     T, K = x.shape
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+        raise InputError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"weight must be [N, K={K}] to chain with x, got shape {tuple(weight.shape)}")
+        raise InputError(f"weight must be [N, K={K}] to chain with x, got shape {tuple(weight.shape)}")
     N = weight.shape[0]
     if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+        raise InputError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
         if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must be [N={N}], got shape {tuple(bias.shape)}")
+            raise InputError(f"bias must be [N={N}], got shape {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise ValueError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+            raise InputError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     if lora_a.dim() != 3 or lora_a.shape[2] != K or lora_a.shape[0] < 1:
-        raise ValueError(f"lora_a must be [n_adapters >= 1, r, K={K}], got shape {tuple(lora_a.shape)}")
+        raise InputError(f"lora_a must be [n_adapters >= 1, r, K={K}], got shape {tuple(lora_a.shape)}")
     n_adapters, r = lora_a.shape[0], lora_a.shape[1]
     if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"lora_a's rank r = lora_a.shape[1] must be in [1, {MAX_RANK}], got {r}")
+        raise InputError(f"lora_a's rank r = lora_a.shape[1] must be in [1, {MAX_RANK}], got {r}")
     if tuple(lora_b.shape) != (n_adapters, N, r):
-        raise ValueError(
+        raise InputError(
             f"lora_b must be [n_adapters={n_adapters}, N={N}, r={r}], got shape {tuple(lora_b.shape)}"
         )
     for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
+            raise InputError(f"{name} must be float32, got {t.dtype}")
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+            raise InputError(f"{name} must be on x's device {x.device}, got {t.device}")
     if segments.device.type != "cpu" and segments.device != x.device:
-        raise ValueError(f"segments must be on the CPU or on x's device {x.device}, got {segments.device}")
+        raise InputError(f"segments must be on the CPU or on x's device {x.device}, got {segments.device}")
     segments.validate(T, n_adapters)
     if not _is_real(scaling) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+        raise InputError(f"scaling must be a finite real number, got {scaling!r}")
     if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+        raise InputError(f"eps must be a finite real number >= 0, got {eps!r}")
     for name, value, size in (("a_offset", a_offset, r * K), ("b_offset", b_offset, N * r)):
         try:
             offset = None if isinstance(value, bool) else operator.index(value)
         except TypeError:
             offset = None
         if offset is None:
-            raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+            raise InputError(f"{name} must be an int, got {type(value).__name__}")
         if offset < 0 or offset + size > MAX_INDEX:
-            raise ValueError(
+            raise InputError(
                 f"{name} must be >= 0 with {name} + {size} <= 2**31 (int32 global indices), got {offset}"
             )
     return T, K, N, r

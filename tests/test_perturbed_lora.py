@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flashzo.errors import InputError
 from flashzo.kernels import Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
 from flashzo.kernels.gaussian import gaussian_at
 from flashzo.kernels.perturbed_lora import LoRAKernelConfig, _lora_expand, _lora_shrink
+from flashzo.kernels.segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -265,12 +267,17 @@ def test_segments_helpers():
     moved = seg.to("meta")  # the host copy travels, so the launcher never reads the device tensors
     assert moved.device.type == "meta" and moved.num_rows == 7
     tiles = seg.tile_map(2, torch.device("cpu"))  # no tile straddles a segment
-    assert tiles[:, :2].tolist() == [[0, 2], [2, 3], [3, 5], [5, 7]]
-    assert tiles[:, 2:].tolist() == [[0, 1, 1], [0, 1, 1], [0, 3, -1], [0, 3, -1]]
+    assert tiles.shape == (4, TILE_FIELDS.value)
+    rows = [TILE_ROW_START.value, TILE_ROW_STOP.value]
+    fields = [TILE_ADAPTER.value, TILE_SEED.value, TILE_SIGN.value]
+    assert tiles[:, rows].tolist() == [[0, 2], [2, 3], [3, 5], [5, 7]]
+    assert tiles[:, fields].tolist() == [[0, 1, 1], [0, 1, 1], [0, 3, -1], [0, 3, -1]]
+    assert seg.tile_rows(2) == [tuple(t) for t in tiles[:, rows + fields].tolist()]
+    assert seg.num_tiles(2) == 4 and seg.num_tiles(3) == 3 and seg.num_tiles(100) == 2
 
 
 def _bad_cases():
-    """(name the ValueError must mention, function that makes the bad call)."""
+    """(name the InputError must mention, function that makes the bad call)."""
 
     def call(**over):  # builds the inputs and the bad one only when called, inside pytest.raises
         def run():
@@ -331,8 +338,8 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("name,make_call", _bad_cases())
-def test_bad_input_raises_value_error(name, make_call):
-    with pytest.raises(ValueError, match=re.escape(name)):
+def test_bad_input_raises_input_error(name, make_call):
+    with pytest.raises(InputError, match=re.escape(name)):
         make_call()
 
 
