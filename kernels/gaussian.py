@@ -49,7 +49,10 @@ DEFAULT_BLOCK = 1024
 TORCH_CHUNK = 2**18
 
 
-@triton.jit
+# NOTE: seed and offset change from call to call (every step, every parameter): not specializing on
+# them (divisibility by 16, == 1) keeps one compiled kernel per signature instead of one per
+# residue class; z does not depend on it.
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _gaussian_kernel(
     z_ptr,
     numel,
@@ -103,7 +106,8 @@ def gaussian(
     if numel == 0:
         return z
     check_triton_device(device)
-    _gaussian_kernel[(triton.cdiv(numel, block),)](z, numel, seed, offset, BLOCK=block)
+    # compiled without FP contraction, as the interpreter and the torch path compute (see zo_update.py)
+    _gaussian_kernel[(triton.cdiv(numel, block),)](z, numel, seed, offset, BLOCK=block, enable_fp_fusion=False)
     return z
 
 

@@ -7,7 +7,7 @@ With MeZO's projected gradients g_i and q perturbations, the trainer passes coef
 The Triton kernel reads ``params`` once and writes it once, whatever q is: each program loops over
 the q seeds and regenerates its block of every z_i in registers. The torch path (CPU) does the same
 arithmetic in the same order, chunk by chunk, so on a CPU it is bit-exact to the kernel run under
-TRITON_INTERPRET=1:
+TRITON_INTERPRET=1 (and the compiled kernel, launched without FP contraction, rounds the same ops):
 
     g = 0;  for i in 0..q-1:  g = g + coeffs[i] * z_i      (fp32, one rounding per op, in order)
     p = p - lr * (g + weight_decay * p)                     (fp32; lr, weight_decay, coeffs as fp32)
@@ -28,7 +28,7 @@ from .checks import check_block, check_index_range, check_int, check_seed, check
 from .gaussian import DEFAULT_BLOCK, TORCH_CHUNK, gaussian, gaussian_torch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset"])  # one compiled kernel for every parameter's offset
 def _zo_update_kernel(
     p_ptr,
     seeds_ptr,
@@ -50,8 +50,7 @@ def _zo_update_kernel(
     for i in range(q):
         seed = tl.load(seeds_ptr + i)  # int64 scalar
         c = tl.load(coeffs_ptr + i)  # fp32 scalar
-        # NOTE: a compiled kernel may contract this mul+add into an fma (one rounding instead of
-        # two); the interpreter and the torch path round twice.
+        # the launch disables FP contraction: two roundings, as the interpreter and the torch path
         g = g + c * tl.randn(seed, gidx)
     p = p - lr * (g + weight_decay * p)
     tl.store(p_ptr + idx, p, mask=mask)
@@ -101,9 +100,15 @@ def zo_update_(
         return params
     check_triton_device(params.device)
     seeds_i64 = torch.tensor(seed_list, dtype=torch.int64, device=params.device)
+    # NOTE: enable_fp_fusion=False: Triton 3.9 contracts g + c*z and p - lr*(...) into fmas by
+    # default (one rounding instead of two) and announces the opposite default for 3.10; either way
+    # the CPU path's bits would depend on the Triton version. Uncontracted, the compiled update
+    # differs from the CPU path only through z's transcendental functions. The cost is nil: the
+    # kernel is bound by Philox's integer work and by memory.
     _zo_update_kernel[(triton.cdiv(numel, block),)](
-        params, seeds_i64, coeffs_f32, numel, len(seed_list), offset, lr, weight_decay, BLOCK=block
-    )
+        params, seeds_i64, coeffs_f32, numel, len(seed_list), offset, lr, weight_decay,
+        BLOCK=block, enable_fp_fusion=False,
+    )  # fmt: skip
     return params
 
 
