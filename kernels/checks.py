@@ -58,6 +58,20 @@ def check_index_range(offset: int, numel: int) -> None:
         )
 
 
+def check_z_offset(value, name: str, size: int) -> int:
+    """Where a parameter of ``size`` elements starts in the flat z index space: an int >= 0 with
+    value + size <= 2**31 (the kernels' int32 global indices)."""
+    try:
+        offset = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        offset = None
+    if offset is None:
+        raise InputError(f"{name} must be an int, got {type(value).__name__}")
+    if offset < 0 or offset + size > MAX_INDEX:
+        raise InputError(f"{name} must be >= 0 with {name} + {size} <= 2**31 (int32 global indices), got {offset}")
+    return offset
+
+
 def resolve_impl(impl: str | None, device: torch.device) -> str:
     """None -> "triton" on CUDA, "torch" elsewhere; otherwise "triton" or "torch" as asked."""
     if impl is None:

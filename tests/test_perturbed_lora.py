@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from flashzo.errors import InputError
 from flashzo.kernels import Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
 from flashzo.kernels.gaussian import gaussian_at
+from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
+from flashzo.kernels.lora_parts import single_part_stack
 from flashzo.kernels.perturbed_lora import LoRAKernelConfig, _lora_expand, _lora_shrink
 from flashzo.kernels.segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN
 
@@ -141,11 +143,13 @@ def test_kernel_z_is_gaussian_bit_for_bit(config, r):
         want_b[sl] = b_eff[:, rows[sl] % r].T
 
     x = F.one_hot(rows % K, K).float().to(DEVICE)  # x[t] = e_{t % K}
-    u = _lora_shrink(x, lora_a, segments, eps=eps, a_offset=KW["a_offset"], cfg=cfg)
+    stack = single_part_stack(lora_a, lora_b, KW["a_offset"], KW["b_offset"])
+    plan = lora_plan(K, N, [r], torch.float32, DeviceInfo.of(x.device), cfg)
+    u = _lora_shrink(x, stack, segments, plan, eps)
     got_a = u.sum(0)[:, :r].cpu()  # each split holds the value or exact zeros
-    u_onehot = F.one_hot(rows % r, u.shape[2]).float().to(DEVICE)[None]  # u[t] = e_{t % r}
+    u_onehot = F.one_hot(rows % r, u.shape[2]).float().to(DEVICE)  # u[t] = e_{t % r}
     y = torch.zeros(T, N, device=DEVICE)
-    _lora_expand(u_onehot, lora_b, y, segments, eps=eps, scaling=1.0, b_offset=KW["b_offset"], cfg=cfg)
+    _lora_expand(u_onehot, stack, y, segments, plan, eps, 1.0)
     if DEVICE == "cpu":
         assert torch.equal(got_a, want_a) and torch.equal(y.cpu(), want_b)
     else:  # compiled log/cos and FMA contraction may move the last bit
