@@ -42,9 +42,13 @@ _MAX_EXPAND_ROWS = 1024
 
 @dataclass(frozen=True)
 class LoRAKernelConfig:
-    """Overrides of the plan's choices; ``None`` keeps the plan's (see ``lora_plan``). z never
-    depends on any of these; the fp32 summation order of the LoRA dots does (tile shapes, the K
-    step, the K split), the grid shape (``expand_rows``) does not.
+    """Overrides of the plan's choices; ``None`` keeps the plan's. z never depends on any of these;
+    the fp32 summation order of the LoRA dots does (tile shapes, the K step, the K split), the
+    grid shape (``expand_rows``) does not.
+
+    NOTE: the defaults are ``lora_plan``'s, and its NOTEs say what they are and why: starting
+    points that compile without spills for sm_80 and sm_90, not the largest spill-free tiles, and
+    not timed yet (they get re-chosen when a GPU times them).
     """
 
     shrink_block_m: int | None = None  # rows per shrink program
