@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flashzo.kernels import Segments, perturbed_lora_linear
-from flashzo.kernels.perturbed_lora import LoRAKernelConfig
+from flashzo.kernels import DeviceInfo, LoRAKernelConfig, Segments, lora_launches, perturbed_lora_linear
 
 MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096, "opt-13b": 5120}  # hidden size = q_proj's K and N
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -142,6 +141,14 @@ def main() -> None:
 
     meta["load_average_end"] = harness.load_average()
     print_table(rows, meta)
+    # the traffic model of the same calls (on a CPU: of a reference H100 SXM, plus the shape the
+    # old split-K expand was worst at), next to the measured fused time where there is one
+    measured = {(r["model"], r["T"], r["r"]): r["ms"] for r in rows if r["variant"] == "fused"}
+    shapes = [(m, H, T, r) for m, H, T, r in todo] + ([] if on_gpu else [("opt-1.3b", 2048, 2048, 8)])
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 132
+    meta["traffic_model"] = model_table(shapes, dtype, meta["device"] if on_gpu else "H100 SXM", num_sms, config,
+                                        measured)
+    print(meta["traffic_model"])
     harness.write_results(str(args.out / stem), {"meta": meta, "rows": rows}, markdown=markdown,
                           plot=lambda results, path: plot(results["rows"], main_name, path, results["meta"]))
 
@@ -210,7 +217,50 @@ def markdown(results) -> str:
             f"| {r['model']} | {r['T']} | {r['K']} | {r['r']} | {r['variant']} "
             f"| {r['p50_ms']:.4f} [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] | {r['tflops']:.2f} | {pct} "
             f"| {r['vs_base']:.2f} | {r['vs_unfused']:.2f} |")
+    if m.get("traffic_model"):
+        lines += ["", "```", m["traffic_model"].strip("\n"), "```"]
     return "\n".join(lines) + "\n"
+
+
+# FLOP rate of each kind of math relative to the bf16 peak (TF32 tensor cores: half; fp32 FMA: ~1/15)
+MATH_RATE = {"bf16": 1.0, "fp16": 1.0, "tf32": 0.5, "fp32": 1 / 15, "ieee": 1 / 15, "none": None}
+
+
+def model_table(shapes, dtype, device_name, num_sms, config, measured) -> str:
+    """flashzo.kernels.lora_launches for each (model, K=N, T, r) shape, MeZO's layout (half the rows
+    at +eps, half at -eps): per launch its grid, bytes, FLOPs and z draws, and the time they imply
+    at the device's bandwidth and peak (the larger of the two); per shape the sum next to the
+    measured fused time (``measured``: {(model, T, r): ms}, GPU only)."""
+    peak = harness.peak_for(device_name) or harness.PEAKS["H100 SXM"]  # the implied times need a device's peaks
+    tflops, tbs = peak.bf16_tflops, peak.hbm_tbps
+    lines = [
+        f"\ntraffic model (flashzo.kernels.lora_launches) at {tbs} TB/s, {tflops} TFLOP/s bf16 dense "
+        f"({device_name}, {num_sms} SMs)",
+        f"{'model':>9} {'T':>5} {'r':>3} {'launch':>9} {'grid':>10} {'MB read':>8} {'MB writ':>8} "
+        f"{'GFLOP':>8} {'M draws':>7} {'us@BW':>7} {'us@peak':>7} {'us':>7} {'meas us':>8}",
+    ]
+    for model, H, T, r in shapes:
+        segments = Segments.from_lists([T // 2, T - T // 2], [0, 0], [5, 5], [1, -1])
+        launches = lora_launches(
+            segments, H, H, [(0, H, r)], dtype, device=DeviceInfo("cuda", num_sms), config=config
+        )
+        total = 0.0
+        for ln in launches:
+            t_bw = ln.bytes / (tbs * 1e12) * 1e6
+            rate = MATH_RATE[ln.math]
+            t_peak = ln.flops / (tflops * rate * 1e12) * 1e6 if rate else 0.0
+            total += max(t_bw, t_peak)
+            lines.append(
+                f"{model:>9} {T:>5} {r:>3} {ln.name:>9} {'x'.join(map(str, ln.grid)) or '-':>10} "
+                f"{ln.bytes_read / 1e6:>8.2f} {ln.bytes_written / 1e6:>8.2f} {ln.flops / 1e9:>8.2f} "
+                f"{ln.z_draws / 1e6:>7.2f} {t_bw:>7.1f} {t_peak:>7.1f} {max(t_bw, t_peak):>7.1f} {'':>8}"
+            )
+        ms = measured.get((model, T, r))
+        meas = f"{1e3 * ms:>8.1f}" if ms is not None else f"{'-':>8}"
+        lines.append(f"{model:>9} {T:>5} {r:>3} {'total':>9} {'':>10} {'':>8} {'':>8} {'':>8} {'':>7} "
+                     f"{'':>7} {'':>7} {total:>7.1f} {meas}")  # fmt: skip
+    lines.append("z draws (Philox + Box-Muller, ~100 instructions each) are not in the implied times.")
+    return "\n".join(lines)
 
 
 def plot(rows, main_name, path, meta) -> None:

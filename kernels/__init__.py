@@ -13,14 +13,37 @@ if __name__ != "flashzo.kernels":
     )
 
 from .gaussian import gaussian
-from .perturbed_lora import Segments, perturbed_lora_linear, perturbed_lora_linear_ref
+from .launch_plan import DeviceInfo, KernelLaunch, LoRAKernelConfig, lora_launches, lora_plan
+from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, stack_lora_parts
+from .perturbed_lora import (
+    perturbed_lora_add_,
+    perturbed_lora_add_ref,
+    perturbed_lora_linear,
+    perturbed_lora_linear_parts,
+    perturbed_lora_linear_parts_ref,
+    perturbed_lora_linear_ref,
+)
+from .segments import Segments
 from .zo_update import zo_update_, zo_update_ref
 
 __all__ = [
+    "MAX_RANK",
+    "DeviceInfo",
+    "KernelLaunch",
+    "LoRAKernelConfig",
+    "LoRAPart",
+    "LoRAStack",
     "Segments",
     "gaussian",
+    "lora_launches",
+    "lora_plan",
+    "perturbed_lora_add_",
+    "perturbed_lora_add_ref",
     "perturbed_lora_linear",
+    "perturbed_lora_linear_parts",
+    "perturbed_lora_linear_parts_ref",
     "perturbed_lora_linear_ref",
+    "stack_lora_parts",
     "zo_update_",
     "zo_update_ref",
 ]

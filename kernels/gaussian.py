@@ -1,9 +1,10 @@
 """The seeded Gaussian perturbation z, materialized: z[j] = tl.randn(seed, offset + j).
 
 Every flashzo kernel that perturbs or updates a parameter regenerates z from (seed, global index)
-with Triton's Philox-4x32-10 generator and Box-Muller transform (DESIGN.md section 2). This file
-holds the Triton kernel that writes those numbers out, and a pure-torch path that computes the same
-bits on a CPU (it is what the engine's CPU path and the references use):
+with Triton's Philox-4x32-10 generator and Box-Muller transform (docs/design.md, "The random
+numbers"). This file holds, in order: the constants, the Triton kernel that writes those numbers
+out, its launcher, and the pure-torch path that computes the same bits on a CPU (it is what the
+engine's CPU path and the references use):
 
 - ``gaussian``: the launcher (Triton kernel on CUDA, torch path on CPU; ``impl`` forces either);
 - ``gaussian_torch``: z for a contiguous index range, in pure torch;
@@ -16,12 +17,14 @@ the global index space is [0, 2**31).
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from flashzo.errors import InputError
+
+from .checks import MAX_INDEX, check_block, check_index_range, check_int, check_seed, check_triton_device, resolve_impl
 
 # Philox-4x32 constants, as in triton/language/random.py.
 _PHILOX_KEY_A = 0x9E3779B9
@@ -37,15 +40,19 @@ _U1_MIN = np.float32(1.0e-7)
 _TWO_PI = np.float32(6.283185307179586)
 _MINUS_TWO = np.float32(-2.0)
 
-MAX_INDEX = 2**31  # offset + numel must not exceed this (int32 offsets)
-MAX_SEED = 2**63 - 1
-_BLOCK = 1024
-# NOTE: elements per chunk in the torch path: 2**18 (12 MB of int64 temporaries) ran at 18 M z/s on
-# 2 cores, 2**20 at 12.5 M/s and 2**22 at 6.6 M/s (cache misses), 2**16 at 14.5 M/s (op overhead).
-_CHUNK = 2**18
+# Elements per Triton program of the elementwise z kernels (this one and zo_update's); z and the
+# update never depend on it.
+DEFAULT_BLOCK = 1024
+# NOTE: elements per chunk in the torch paths (here and in zo_update.py): 2**18 (12 MB of int64
+# temporaries) ran at 18 M z/s on 2 cores, 2**20 at 12.5 M/s and 2**22 at 6.6 M/s (cache misses),
+# 2**16 at 14.5 M/s (op overhead).
+TORCH_CHUNK = 2**18
 
 
-@triton.jit
+# NOTE: seed and offset change from call to call (every step, every parameter): not specializing on
+# them (divisibility by 16, == 1) keeps one compiled kernel per signature instead of one per
+# residue class; z does not depend on it.
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _gaussian_kernel(
     z_ptr,
     numel,
@@ -69,7 +76,7 @@ def gaussian(
     offset: int = 0,
     device: torch.device | str | None = None,
     impl: str | None = None,
-    block: int = _BLOCK,
+    block: int = DEFAULT_BLOCK,
 ) -> torch.Tensor:
     """z[j] = tl.randn(seed, offset + j) for j in [0, numel): Philox-4x32-10 + Box-Muller, fp32.
 
@@ -99,7 +106,8 @@ def gaussian(
     if numel == 0:
         return z
     check_triton_device(device)
-    _gaussian_kernel[(triton.cdiv(numel, block),)](z, numel, seed, offset, BLOCK=block)
+    # compiled without FP contraction, as the interpreter and the torch path compute (see zo_update.py)
+    _gaussian_kernel[(triton.cdiv(numel, block),)](z, numel, seed, offset, BLOCK=block, enable_fp_fusion=False)
     return z
 
 
@@ -121,8 +129,8 @@ def gaussian_torch(
     check_index_range(offset, numel)
     device = torch.device(device) if device is not None else torch.get_default_device()
     z = torch.empty(numel, dtype=torch.float32, device=device)
-    for start in range(0, numel, _CHUNK):
-        stop = min(start + _CHUNK, numel)
+    for start in range(0, numel, TORCH_CHUNK):
+        stop = min(start + TORCH_CHUNK, numel)
         index = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=device)
         z[start:stop] = _gaussian_at_flat(seed, index)
     return z
@@ -142,17 +150,17 @@ def gaussian_at(seed: int, index: torch.Tensor) -> torch.Tensor:
     """
     seed = check_seed(seed, "seed")
     if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex:
-        raise ValueError(
+        raise InputError(
             f"index must be an integer tensor, got {type(index).__name__} {getattr(index, 'dtype', '')}"
         )
     if index.numel() > 0:
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= MAX_INDEX:
-            raise ValueError(f"index values must lie in [0, 2**31), got [{lo}, {hi}]")
+            raise InputError(f"index values must lie in [0, 2**31), got [{lo}, {hi}]")
     flat = index.reshape(-1).to(torch.int64)  # flat: [n]
     z = torch.empty(flat.shape, dtype=torch.float32, device=index.device)
-    for start in range(0, flat.numel(), _CHUNK):
-        stop = min(start + _CHUNK, flat.numel())
+    for start in range(0, flat.numel(), TORCH_CHUNK):
+        stop = min(start + TORCH_CHUNK, flat.numel())
         z[start:stop] = _gaussian_at_flat(seed, flat[start:stop])
     return z.reshape(index.shape)
 
@@ -230,66 +238,3 @@ def _box_muller_torch(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     th = torch.tensor(float(_TWO_PI), **f32) * u2
     r = torch.sqrt(torch.tensor(-2.0, **f32) * torch.log(u1))
     return r * torch.cos(th)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks shared with the other kernels.
-
-
-def check_int(value, name: str) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def check_seed(seed, name: str = "seed") -> int:
-    """A seed as a Python int in [0, 2**63 - 1] (ValueError naming ``name`` otherwise)."""
-    if isinstance(seed, bool):
-        raise ValueError(f"{name} must be an int, got bool")
-    seed = check_int(seed, name)
-    if seed > MAX_SEED:
-        raise ValueError(f"{name} must be <= 2**63 - 1, got {seed}")
-    return seed
-
-
-def check_index_range(offset: int, numel: int) -> None:
-    """Global indices [offset, offset + numel) must fit int32 (the kernels' index type)."""
-    if offset + numel > MAX_INDEX:
-        raise ValueError(
-            f"offset + numel must be <= 2**31 (int32 global indices), got offset={offset}, numel={numel}"
-        )
-
-
-def resolve_impl(impl: str | None, device: torch.device) -> str:
-    """None -> "triton" on CUDA, "torch" elsewhere; otherwise "triton" or "torch" as asked."""
-    if impl is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")
-    return impl
-
-
-def check_triton_device(device: torch.device) -> None:
-    """A Triton kernel runs on CUDA, or on a CPU tensor only under TRITON_INTERPRET=1."""
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"impl='triton' on device {device} needs CUDA, or TRITON_INTERPRET=1 set before "
-            "flashzo is imported"
-        )
-
-
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_gaussian_kernel, InterpretedFunction)
-
-
-def check_block(block) -> int:
-    block = check_int(block, "block")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-    return block

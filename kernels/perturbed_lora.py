@@ -6,23 +6,30 @@ Rows of ``x`` (tokens, no padding) are grouped in contiguous segments; segment `
     y[t] = x[t] @ W.T + bias + scaling * (x[t] @ (A_a + sign*eps*Z_A).T) @ (B_a + sign*eps*Z_B).T
     Z_A[i, k] = tl.randn(seed, a_offset + i*K + k)        Z_B[n, i] = tl.randn(seed, b_offset + n*r + i)
 
-(DESIGN.md sections 2 and 3). The stored W, A and B are never modified and z is never stored: the
-Triton kernels regenerate each z tile from (seed, global flat index) inside their loops.
+(docs/design.md, "The random numbers" and "The kernels"). The stored W, A and B are never modified
+and z is never stored: the Triton kernels regenerate each z tile from (seed, global flat index)
+inside their loops. A stacked projection (q, k and v in one weight) adds the formula once per
+adapted part, each part with its own A, B and offsets (lora_parts.py); the LoRA term of all parts
+is one shrink launch and one expand launch, with a reduction between them when K is split.
 
-This file holds, in order: the kernel configuration, ``Segments``, the shrink and expand kernels,
-the launcher ``perturbed_lora_linear`` (Triton on CUDA, torch on CPU; ``impl`` forces either) and
-the pure-torch reference ``perturbed_lora_linear_ref``.
+This file holds, in order: the kernels (shrink, split-K reduction, expand), the launchers
+``perturbed_lora_linear`` (one projection), ``perturbed_lora_linear_parts`` (a stacked projection)
+and ``perturbed_lora_add_`` (the LoRA term alone, added into a given y) - Triton on CUDA, torch on
+CPU, ``impl`` forces either - and the pure-torch references. The plan (tiles, split) and the
+traffic model are in launch_plan.py, the parts in lora_parts.py, ``Segments`` in segments.py.
 
 Rounding (what the tests' tolerances rely on):
 
 - torch path: x, W and bias are upcast to fp32, everything is computed in fp32 and the result is
-  rounded to ``x.dtype`` once.
+  rounded to ``x.dtype`` once (``perturbed_lora_add_``: y + delta in fp32, rounded once).
 - Triton path: the base ``x @ W.T + bias`` is cuBLAS in ``x.dtype`` (fp32 accumulation inside, the
   result rounded to ``x.dtype``); the LoRA delta is computed in fp32 and added to that rounded base
   in fp32, then rounded again. For bf16/fp16 that is one extra rounding (at most one more half ulp
   of y), the same as a user's ``F.linear(x, W, b) + lora(x).to(dtype)``. The LoRA dots use TF32
   tensor cores for bf16/fp16 inputs (x is exact in TF32; A_eff and B_eff lose bits below 2**-11
-  relative, well under the output's own rounding) and full fp32 ("ieee") for fp32 inputs.
+  relative, well under the output's own rounding) and full fp32 ("ieee") for fp32 inputs. Every
+  kernel is compiled without FP contraction (``enable_fp_fusion=False``): ``a + coef*z`` and
+  ``y + delta`` round twice, as the interpreter and the torch path do, whatever Triton's default.
 """
 
 from __future__ import annotations
@@ -30,206 +37,53 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import operator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gaussian import MAX_INDEX, check_seed, check_triton_device, gaussian, resolve_impl
+from flashzo.errors import InputError
 
-MAX_RANK = 64
+from .checks import check_triton_device, check_z_offset, interpreting, resolve_impl
+from .gaussian import gaussian
+from .launch_plan import (
+    COL_B_OFFSET,
+    COL_B_ROW,
+    COL_FIELDS,
+    COL_PART_START,
+    COL_RANK,
+    COL_START,
+    COL_STOP,
+    COL_U,
+    DEFAULT_CONFIG,
+    DeviceInfo,
+    LoRAKernelConfig,
+    LoRAPlan,
+    column_blocks,
+    lora_plan,
+    z_rows,
+)
+from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, single_part_stack, stack_lora_parts
+from .segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN, Segments
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "MAX_RANK",
+    "LoRAKernelConfig",
+    "LoRAPart",
+    "LoRAStack",
+    "perturbed_lora_add_",
+    "perturbed_lora_add_ref",
+    "perturbed_lora_linear",
+    "perturbed_lora_linear_parts",
+    "perturbed_lora_linear_parts_ref",
+    "perturbed_lora_linear_ref",
+    "stack_lora_parts",
+]
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE_FIELDS = 5  # a tile-map row: (row_start, row_stop, adapter, seed, sign)
-
-
-@dataclass(frozen=True)
-class LoRAKernelConfig:
-    """Block sizes of the Triton path. ``None`` picks a heuristic. z never depends on any of these;
-    the fp32 summation order of the LoRA dots does (tile shapes, the K step, the K split).
-
-    NOTE: the defaults are not timed yet (not yet run on a GPU). They are the
-    largest tiles that compiled for sm_90 (triton 3.9) without register spills (cuobjdump
-    -res-usage): shrink row tiles of 256 at r <= 32 and 128 at r = 64 for bf16/fp16 (64 and 32 for
-    fp32), K step 32, 8 warps; expand 64x64, 8 warps. Large shrink row tiles matter: every row
-    tile regenerates its own Z_A (r*K values).
-    """
-
-    shrink_block_m: int | None = None  # rows per shrink program; None: by r and dtype (NOTE above)
-    shrink_block_k: int = 32  # K step of the shrink loop
-    shrink_split_k: int | None = None  # K splits of the shrink; None: fill the GPU (1 on a CPU)
-    expand_block_m: int = 64  # rows per expand step
-    expand_block_n: int = 64  # output columns per expand program
-    expand_rows: int | None = None  # rows per expand program (it loops); None: fill the GPU
-    shrink_num_warps: int = 8
-    expand_num_warps: int = 8
-    shrink_num_stages: int = 3
-    expand_num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("shrink_block_m", "shrink_block_k", "expand_block_m", "expand_block_n"):
-            value = getattr(self, name)
-            if value is not None and (value < 16 or value & (value - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
-        for name in (
-            "shrink_split_k",
-            "expand_rows",
-            "shrink_num_warps",
-            "expand_num_warps",
-            "shrink_num_stages",
-            "expand_num_stages",
-        ):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-DEFAULT_CONFIG = LoRAKernelConfig()
-
-
-# ---------------------------------------------------------------------------------------------
-# Segments
-
-
-@dataclass(eq=False)
-class Segments:
-    """Which rows of x use which adapter, seed and sign: S segments of contiguous rows.
-
-    indptr: int [S+1], rows of segment s are indptr[s]:indptr[s+1] (non-decreasing, from 0 to T)
-    adapter: int [S], index into lora_a/lora_b's first dimension
-    seed: int64 [S], in [0, 2**63 - 1]
-    sign: int [S], in {-1, 0, +1} (0: plain LoRA, no z)
-
-    A host (CPU) copy of all four is kept: the launcher builds its grid and the tile -> segment map
-    from it, so a call never waits on the GPU. Building Segments from CUDA tensors reads them back
-    once (one sync), ``.to(device)`` copies the host copy along without a sync; prefer building on
-    the CPU and moving. The kernels read only the host copy (through ``tile_map``), never the
-    device tensors. Segments are immutable: editing the tensors in place is not seen.
-    Values are checked against T and the number of adapters by the launcher.
-    """
-
-    indptr: torch.Tensor
-    adapter: torch.Tensor
-    seed: torch.Tensor
-    sign: torch.Tensor
-    _host: tuple = field(init=False, repr=False, compare=False)
-    _tile_maps: dict = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        host = []
-        for name in ("indptr", "adapter", "seed", "sign"):
-            tensor, values = _as_int_tensor(getattr(self, name), f"segments.{name}")
-            setattr(self, name, tensor)
-            host.append(values)
-        if len(host[0]) < 1:
-            raise ValueError("segments.indptr must have S+1 >= 1 entries")
-        num = len(host[0]) - 1
-        for name, values in zip(("adapter", "seed", "sign"), host[1:], strict=True):
-            if len(values) != num:
-                raise ValueError(
-                    f"segments.{name} must have {num} entries (one per segment), got {len(values)}"
-                )
-        devices = {t.device for t in (self.indptr, self.adapter, self.seed, self.sign)}
-        if len(devices) > 1:
-            raise ValueError(f"segments tensors must share a device, got {sorted(map(str, devices))}")
-        self._host = tuple(host)
-        self._tile_maps = {}
-
-    @classmethod
-    def single(cls, num_rows: int, adapter: int = 0, seed: int = 0, sign: int = 0, device=None) -> Segments:
-        """One segment covering all ``num_rows`` rows."""
-        return cls.from_lists([num_rows], [adapter], [seed], [sign], device=device)
-
-    @classmethod
-    def from_lists(cls, lengths, adapters, seeds, signs, device=None) -> Segments:
-        """Segments from per-segment row counts (``lengths``) and per-segment adapter/seed/sign."""
-        lengths = [operator.index(n) for n in lengths]
-        if any(n < 0 for n in lengths):
-            raise ValueError(f"lengths must be >= 0, got {lengths}")
-        indptr = [0]
-        for n in lengths:
-            indptr.append(indptr[-1] + n)
-        seg = cls(indptr, adapters, seeds, signs)  # built on the CPU
-        return seg if device is None else seg.to(device)
-
-    @property
-    def num_segments(self) -> int:
-        return len(self._host[0]) - 1
-
-    @property
-    def num_rows(self) -> int:
-        return self._host[0][-1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.indptr.device
-
-    def to(self, device) -> Segments:
-        """The same segments with device tensors on ``device``; the host copy travels without a sync."""
-        device = torch.device(device)
-        new = object.__new__(Segments)
-        for name in ("indptr", "adapter", "seed", "sign"):
-            setattr(new, name, getattr(self, name).to(device))
-        new._host = self._host
-        new._tile_maps = {}
-        return new
-
-    def validate(self, num_rows: int, num_adapters: int) -> None:
-        """ValueError naming the field unless the segments fit x (num_rows) and the adapters."""
-        indptr, adapter, seed, sign = self._host
-        if indptr[0] != 0:
-            raise ValueError(f"segments.indptr must start at 0, got {indptr[0]}")
-        if any(b < a for a, b in zip(indptr[:-1], indptr[1:], strict=True)):
-            raise ValueError(f"segments.indptr must be non-decreasing, got {indptr}")
-        if indptr[-1] != num_rows:
-            raise ValueError(f"segments.indptr must end at T = x.shape[0] = {num_rows}, got {indptr[-1]}")
-        bad = [a for a in adapter if not 0 <= a < num_adapters]
-        if bad:
-            raise ValueError(f"segments.adapter must lie in [0, {num_adapters}), got {bad[0]}")
-        bad = [s for s in sign if s not in (-1, 0, 1)]
-        if bad:
-            raise ValueError(f"segments.sign must be -1, 0 or +1, got {bad[0]}")
-        for s in seed:
-            check_seed(s, "segments.seed")
-
-    def tile_map(self, rows_per_tile: int, device: torch.device) -> torch.Tensor:
-        """int64 [num_tiles, 5]: (row_start, row_stop, adapter, seed, sign) per tile of at most
-        ``rows_per_tile`` rows; a tile never straddles two segments. Built on the host, cached."""
-        key = (rows_per_tile, str(device))
-        if key not in self._tile_maps:
-            indptr, adapter, seed, sign = self._host
-            rows = []
-            for s in range(self.num_segments):
-                for start in range(indptr[s], indptr[s + 1], rows_per_tile):
-                    stop = min(start + rows_per_tile, indptr[s + 1])
-                    rows.append((start, stop, adapter[s], seed[s], sign[s]))
-            tiles = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TILE_FIELDS)
-            if device.type == "cuda":  # pinned + non_blocking: no stream sync for the copy
-                tiles = tiles.pin_memory().to(device, non_blocking=True)
-            self._tile_maps[key] = tiles.to(device)
-        return self._tile_maps[key]
-
-
-def _as_int_tensor(value, name: str) -> tuple[torch.Tensor, list[int]]:
-    """(1-D int64 tensor on the value's device, its values as a host list); ValueError otherwise."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
-        if value.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
-        values = value.tolist()  # one device read-back if value is on a GPU
-        device = value.device
-    else:
-        try:
-            values = [operator.index(v) for v in value]
-        except TypeError:
-            raise ValueError(f"{name} must be a 1-D sequence of ints or an integer tensor") from None
-        device = torch.device("cpu")
-    if any(not -(2**63) <= v < 2**63 for v in values):
-        raise ValueError(f"{name} values must fit int64 (seeds lie in [0, 2**63 - 1])")
-    return torch.tensor(values, dtype=torch.int64, device=device), values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +94,7 @@ def _as_int_tensor(value, name: str) -> tuple[torch.Tensor, list[int]]:
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
+    zrow_ptr,
     u_ptr,
     tiles_ptr,
     K,
@@ -253,38 +108,39 @@ def _lora_shrink_kernel(
     stride_us,
     stride_um,
     eps,
-    a_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,
+    U_COLS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """u_part[split, rows, :] = x[rows, ks] @ (A_a + sign*eps*Z_A)[:, ks].T for one row tile (one
-    segment) and one K split ks; Z_A is regenerated tile by tile, indexed by its global position.
+    segment) and one K split ks, all parts' u columns at once (A: the parts' A side by side).
+    Z_A is regenerated tile by tile at global indices zrow[j] + k (zrow: each u column's A row).
 
-    NOTE: each row tile regenerates its Z_A slice, so the shrink evaluates ceil(T/BLOCK_M)*R_PAD*K
-    Philox+Box-Muller draws (~100 integer/SFU instructions each), against a base GEMM of 2*T*N*K
-    tensor-core FLOPs: estimated a few % of the GEMM's time at BLOCK_M >= 128, more at small T
-    where the split-K keeps the SMs busy instead. An estimate, not a measurement (no GPU yet).
+    NOTE: each row tile regenerates its Z_A slice, so the shrink evaluates ceil(T/BLOCK_M)*U_COLS*K
+    Philox+Box-Muller draws (~100 integer/SFU instructions each); lora_launches counts them. An
+    estimate of their cost, not a measurement (no GPU yet): a few % of the base GEMM's time at
+    BLOCK_M >= 128 and r <= 16.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    row_start = tl.load(tiles_ptr + tile * 5 + 0)
-    row_stop = tl.load(tiles_ptr + tile * 5 + 1)
-    adapter = tl.load(tiles_ptr + tile * 5 + 2)
-    seed = tl.load(tiles_ptr + tile * 5 + 3)
-    sign = tl.load(tiles_ptr + tile * 5 + 4)
+    row_start = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_START)
+    row_stop = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_STOP)
+    adapter = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ADAPTER)
+    seed = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SEED)
+    sign = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SIGN)
     coef = sign.to(tl.float32) * eps
 
     rows = row_start + tl.arange(0, BLOCK_M)  # int64
     row_mask = rows < row_stop
-    offs_r = tl.arange(0, R_PAD)
+    offs_r = tl.arange(0, U_COLS)
     r_mask = offs_r < R
+    zrow = tl.load(zrow_ptr + offs_r)  # int32 [U_COLS]
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     a_base = a_ptr + adapter * stride_aa
 
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, U_COLS), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
@@ -296,15 +152,38 @@ def _lora_shrink_kernel(
         a_mask = k_mask[:, None] & r_mask[None, :]
         a = tl.load(
             a_base + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0
-        )  # A^T tile: [BLOCK_K, R_PAD]
+        )  # A^T tile: [BLOCK_K, U_COLS]
         if sign != 0:
-            # global flat index of A[i, k] in the adapter's parameter space (int32, checked < 2**31)
-            z = tl.randn(seed, a_offset + offs_r[None, :] * K + offs_k[:, None])
+            # global flat index of A_p[i, k] in the adapter's parameter space (int32, checked < 2**31)
+            gidx = zrow[None, :] + offs_k[:, None]
+            tl.static_assert(gidx.dtype == tl.int32)
+            z = tl.randn(seed, gidx)
             a = tl.where(a_mask, a + coef * z, 0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    # every column of the R_PAD-wide tile is written (zeros past r), so the expand reads no garbage
+    # every column of the U_COLS-wide tile is written (zeros past R), so no reader sees garbage
     u_ptrs = u_ptr + split * stride_us + rows[:, None] * stride_um + offs_r[None, :]
     tl.store(u_ptrs, acc, mask=row_mask[:, None])
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    u_ptr,
+    numel,
+    split_k,
+    stride_us,
+    BLOCK: tl.constexpr,
+):
+    """u_part[0] = u_part[0] + u_part[1] + ... + u_part[split_k - 1], in that order, elementwise
+    over the numel = T * U_COLS values of one split (each split contiguous)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    ptrs = u_ptr + offs
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, split_k):
+        ptrs += stride_us  # pointer arithmetic: no int32 product s * stride_us to overflow
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(u_ptr + offs, acc, mask=mask)
 
 
 @triton.jit
@@ -313,10 +192,7 @@ def _lora_expand_kernel(
     b_ptr,
     y_ptr,
     tiles_ptr,
-    N,
-    R,
-    SPLIT_K,
-    stride_us,
+    cols_ptr,
     stride_um,
     stride_ba,
     stride_bn,
@@ -325,47 +201,57 @@ def _lora_expand_kernel(
     stride_yn,
     eps,
     scaling,
-    b_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
-    """y[rows, cols] += scaling * u[rows] @ (B_a + sign*eps*Z_B)[cols].T for one row chunk (one
-    segment) and one column block; the B_eff tile is regenerated once and reused over the chunk."""
+    """y[rows, cols] += scaling * u[rows, part's columns] @ (B_a + sign*eps*Z_B)[cols].T for one
+    row chunk (one segment) and one column block (one part); the B_eff tile is regenerated once
+    and reused over the chunk. Z_B of column n, rank i of the part is at b_offset + (n - start)*r + i.
+    """
     tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    row_start = tl.load(tiles_ptr + tile * 5 + 0)
-    row_stop = tl.load(tiles_ptr + tile * 5 + 1)
-    adapter = tl.load(tiles_ptr + tile * 5 + 2)
-    seed = tl.load(tiles_ptr + tile * 5 + 3)
-    sign = tl.load(tiles_ptr + tile * 5 + 4)
+    block = tl.program_id(1)
+    row_start = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_START)
+    row_stop = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ROW_STOP)
+    adapter = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_ADAPTER)
+    seed = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SEED)
+    sign = tl.load(tiles_ptr + tile * TILE_FIELDS + TILE_SIGN)
     coef = sign.to(tl.float32) * eps
+    col_start = tl.load(cols_ptr + block * COL_FIELDS + COL_START)  # int32, like every column field
+    col_stop = tl.load(cols_ptr + block * COL_FIELDS + COL_STOP)
+    part_start = tl.load(cols_ptr + block * COL_FIELDS + COL_PART_START)
+    u_col = tl.load(cols_ptr + block * COL_FIELDS + COL_U)
+    rank = tl.load(cols_ptr + block * COL_FIELDS + COL_RANK)
+    b_offset = tl.load(cols_ptr + block * COL_FIELDS + COL_B_OFFSET)
+    b_row = tl.load(cols_ptr + block * COL_FIELDS + COL_B_ROW)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_n = col_start + tl.arange(0, BLOCK_N)  # y columns
+    n_mask = offs_n < col_stop
+    n_part = offs_n - part_start  # the part's own column index
     offs_r = tl.arange(0, R_PAD)
-    b_mask = (offs_r < R)[:, None] & n_mask[None, :]
+    r_mask = offs_r < rank
+    b_mask = r_mask[:, None] & n_mask[None, :]
     b = tl.load(
-        b_ptr + adapter * stride_ba + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        b_ptr + adapter * stride_ba + (b_row + n_part)[None, :] * stride_bn + offs_r[:, None] * stride_br,
         mask=b_mask,
         other=0.0,
     )  # B^T tile: [R_PAD, BLOCK_N]
     if sign != 0:
-        z = tl.randn(seed, b_offset + offs_n[None, :] * R + offs_r[:, None])
+        gidx = b_offset + n_part[None, :] * rank + offs_r[:, None]
+        tl.static_assert(gidx.dtype == tl.int32)
+        z = tl.randn(seed, gidx)
         b = tl.where(b_mask, b + coef * z, 0.0)
 
     for m0 in range(row_start, row_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_stop
-        u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :], mask=row_mask[:, None], other=0.0)
-        for s in range(1, SPLIT_K):  # the K splits' partial sums, in a fixed order
-            u += tl.load(
-                u_ptr + s * stride_us + rows[:, None] * stride_um + offs_r[None, :],
-                mask=row_mask[:, None],
-                other=0.0,
-            )
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + (u_col + offs_r)[None, :],
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, R_PAD]: this part's u columns
         delta = tl.dot(u, b, input_precision=PRECISION) * scaling  # [BLOCK_M, BLOCK_N] fp32
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         y_mask = row_mask[:, None] & n_mask[None, :]
@@ -389,7 +275,7 @@ def _bf16_round_to_nearest_even(v):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 
 
 def perturbed_lora_linear(
@@ -411,7 +297,7 @@ def perturbed_lora_linear(
     with (a, seed, s) the adapter, seed and sign of t's segment.
 
     Args:
-        x: [T, K] fp32, bf16 or fp16 (T may be 0).
+        x: [T, K] fp32, bf16 or fp16 (T and K may be 0).
         weight: [N, K], x's dtype. bias: [N], x's dtype, or None.
         lora_a: [n_adapters, r, K] fp32, 1 <= r <= 64. lora_b: [n_adapters, N, r] fp32.
             Every tensor may have any strides: the kernels take them all, nothing is copied.
@@ -420,227 +306,333 @@ def perturbed_lora_linear(
         a_offset, b_offset: global index of Z_A[0, 0] and Z_B[0, 0] (see the module docstring);
             a_offset + r*K and b_offset + N*r must be <= 2**31.
         impl: None: Triton on CUDA, torch otherwise; "triton" (CPU tensors need TRITON_INTERPRET=1)
-            or "torch" to force one. config: block sizes of the Triton path (default DEFAULT_CONFIG).
+            or "torch" to force one. config: overrides of the plan's tiles (launch_plan.py).
 
     Returns:
         y: [T, N] in x's dtype. Nothing is differentiable; W, A and B are never written.
     """
-    T, K, N, r = _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset)
+    _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset)
+    stack = single_part_stack(lora_a, lora_b, a_offset, b_offset)
+    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config)
+
+
+def perturbed_lora_linear_parts(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    parts: Sequence[LoRAPart] | LoRAStack,
+    segments: Segments,
+    *,
+    scaling: float,
+    eps: float,
+    impl: str | None = None,
+    config: LoRAKernelConfig | None = None,
+) -> torch.Tensor:
+    """y = x @ W.T + bias, then for every part p: y[t, p.start:p.stop] += scaling *
+    (x[t] @ (A_p,a + s*eps*Z_A,p).T) @ (B_p,a + s*eps*Z_B,p).T, with each part's z at its own
+    offsets (as ``perturbed_lora_linear`` on weight[p.start:p.stop] alone). One base GEMM, one
+    shrink and one expand launch for all parts.
+
+    Args:
+        x: [T, K] fp32, bf16 or fp16. weight: [N_total, K], x's dtype (the parts' rows stacked).
+        bias: [N_total], x's dtype, or None.
+        parts: ``LoRAPart``s in column order, not overlapping (columns outside every part get the
+            base only; parts may differ in width and rank), or a ``LoRAStack`` packed from them
+            once (``stack_lora_parts``; lora_parts.py says what packing costs).
+        segments, scaling, eps, impl, config: as in ``perturbed_lora_linear``.
+
+    Returns:
+        y: [T, N_total] in x's dtype. W, A and B are never written.
+    """
+    stack = _check_parts_call(x, weight, bias, None, parts, segments, scaling, eps)
+    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config)
+
+
+def perturbed_lora_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    parts: Sequence[LoRAPart] | LoRAStack,
+    segments: Segments,
+    *,
+    scaling: float,
+    eps: float,
+    impl: str | None = None,
+    config: LoRAKernelConfig | None = None,
+) -> torch.Tensor:
+    """y[t, p.start:p.stop] += scaling * (x[t] @ (A_p,a + s*eps*Z_A,p).T) @ (B_p,a + s*eps*Z_B,p).T
+    for every part p, in place: the LoRA term alone, for a y whose base GEMM ran elsewhere.
+
+    Args:
+        y: [T, N_total], x's dtype, any strides; updated in place (y + delta formed in fp32,
+            rounded once). x: [T, K]. parts, segments, scaling, eps, impl, config: as in
+            ``perturbed_lora_linear_parts``.
+
+    Returns:
+        y (the same tensor).
+    """
+    stack = _check_parts_call(x, None, None, y, parts, segments, scaling, eps)
     impl = resolve_impl(impl, x.device)
     if impl == "torch":
-        y = _perturbed_lora_torch(
-            x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset, torch.float32, None
-        )
-        return y.to(x.dtype)
-    check_triton_device(x.device)
-
-    # NOTE: the base GEMM is cuBLAS, and the LoRA part runs beside it in two small Triton kernels
-    # (shrink, then an expand that adds into y), rather than one Triton GEMM with LoRA fused in its
-    # epilogue. The base GEMM is ~99% of the FLOPs (2*T*N*K against 2*T*r*(K+N), r <= 64 << K, N)
-    # and cuBLAS runs it near the H100's peak, where a Triton GEMM usually trails it by 10-30%; the
-    # LoRA part is bound by memory (reading x, read-modify-write of y) and by regenerating z, so
-    # fusing it into the GEMM would save little traffic and cost the faster GEMM. NOT YET MEASURED on a
-    # GPU; bench/bench_perturbed_lora.py checks it: fused vs the unfused torch
-    # code a user would write vs the bare base GEMM (the floor), on OPT q_proj shapes in bf16.
-    y = F.linear(x, weight, bias)  # [T, N] in x.dtype, contiguous
-    if T == 0 or N == 0:
+        if y.dtype == torch.float32:
+            _add_lora_torch(y, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None)
+        else:
+            y32 = y.to(torch.float32)
+            _add_lora_torch(y32, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None)
+            y.copy_(y32)
         return y
-    cfg = config if config is not None else DEFAULT_CONFIG
-    u = _lora_shrink(x, lora_a, segments, eps=eps, a_offset=a_offset, cfg=cfg)
-    _lora_expand(u, lora_b, y, segments, eps=eps, scaling=scaling, b_offset=b_offset, cfg=cfg)
+    check_triton_device(x.device)
+    _add_lora_triton(y, x, stack, segments, scaling, eps, config)
     return y
 
 
-def _lora_shrink(x, lora_a, segments, *, eps, a_offset, cfg) -> torch.Tensor:
-    """Launch the shrink; returns u_part: [split_k, T, R_PAD] fp32 (sum over dim 0 = x @ A_eff.T)."""
+def _linear(x, weight, bias, stack, segments, scaling, eps, impl, config) -> torch.Tensor:
+    impl = resolve_impl(impl, x.device)
+    if impl == "torch":
+        y = _perturbed_lora_torch(x, weight, bias, stack.parts, segments, scaling, eps, torch.float32, None)
+        return y.to(x.dtype)
+    check_triton_device(x.device)
+    # NOTE: the base GEMM is cuBLAS, and the LoRA part runs beside it in small Triton kernels
+    # (shrink, a split-K reduction when K is split, then an expand that adds into y), rather than
+    # one Triton GEMM with LoRA fused in its epilogue. The base GEMM is ~99% of the FLOPs (2*T*N*K
+    # against 2*T*r*(K+N), r <= 64 << K, N) and cuBLAS runs it near the H100's peak, where a Triton
+    # GEMM usually trails it by 10-30%; the LoRA part is bound by memory (reading x,
+    # read-modify-write of y) and by regenerating z, so fusing it into the GEMM would save little
+    # traffic and cost the faster GEMM. NOT YET MEASURED on a GPU; bench/bench_perturbed_lora.py
+    # checks it: fused vs the unfused torch code a user would write vs the bare base GEMM (the
+    # floor), on OPT q_proj shapes in bf16, next to lora_launches' traffic model.
+    y = F.linear(x, weight, bias)  # [T, N] in x.dtype, contiguous
+    _add_lora_triton(y, x, stack, segments, scaling, eps, config)
+    return y
+
+
+def _add_lora_triton(y, x, stack, segments, scaling, eps, config) -> None:
+    """The three LoRA launches (shrink, reduction if K is split, expand) into y, in place."""
     T, K = x.shape
-    r = lora_a.shape[1]
-    r_pad = _r_pad(r)
-    block_m = cfg.shrink_block_m or _default_shrink_block_m(r_pad, x.dtype)
-    block_k = cfg.shrink_block_k
-    tiles = segments.tile_map(block_m, x.device)
-    k_blocks = triton.cdiv(K, block_k)
-    split = cfg.shrink_split_k
-    if split is None:  # enough programs to fill the GPU twice over; the interpreter wants few
-        target = 2 * _num_sms(x.device) if x.device.type == "cuda" else 1
-        split = max(1, min(k_blocks, 32, triton.cdiv(target, max(1, tiles.shape[0]))))
-    k_per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(K, k_per_split)  # no empty split
-    u = torch.empty((split, T, r_pad), dtype=torch.float32, device=x.device)
-    grid = (tiles.shape[0], split)
-    _lora_shrink_kernel[grid](
-        x, lora_a, u, tiles,
-        K, r, k_per_split,
-        x.stride(0), x.stride(1), *lora_a.stride(), u.stride(0), u.stride(1),
-        float(eps), int(a_offset),
-        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, PRECISION=_precision(x.dtype),
-        num_warps=cfg.shrink_num_warps, num_stages=cfg.shrink_num_stages,
+    if T == 0 or K == 0 or y.shape[1] == 0:  # K == 0: x @ A_eff.T is empty, the LoRA term is zero
+        return
+    plan = lora_plan(K, y.shape[1], stack.ranks, x.dtype, DeviceInfo.of(x.device), config)
+    u = _lora_shrink(x, stack, segments, plan, eps)
+    u = _lora_reduce(u, plan)
+    _lora_expand(u, stack, y, segments, plan, eps, scaling)
+
+
+def _lora_shrink(x, stack: LoRAStack, segments: Segments, plan: LoRAPlan, eps: float) -> torch.Tensor:
+    """Launch the shrink; returns u_part: [split_k, T, U_COLS] fp32 (sum over dim 0 = x @ A_eff.T,
+    all parts side by side, zeros past their ranks)."""
+    T, K = x.shape
+    tiles = segments.tile_map(plan.shrink_block_m, x.device)
+    zrow = _zrow_table(stack.layouts, K, plan.u_cols, str(x.device))
+    u = torch.empty((plan.split_k, T, plan.u_cols), dtype=torch.float32, device=x.device)
+    a = stack.a
+    _lora_shrink_kernel[plan.shrink_grid(tiles.shape[0])](
+        x, a, zrow, u, tiles,
+        K, a.shape[1], plan.k_per_split,
+        x.stride(0), x.stride(1), *a.stride(), u.stride(0), u.stride(1),
+        float(eps),
+        BLOCK_M=plan.shrink_block_m, BLOCK_K=plan.shrink_block_k, U_COLS=plan.u_cols, PRECISION=plan.precision,
+        num_warps=plan.shrink_num_warps, num_stages=plan.shrink_num_stages, enable_fp_fusion=False,
     )  # fmt: skip
     return u
 
 
-def _lora_expand(u, lora_b, y, segments, *, eps, scaling, b_offset, cfg) -> None:
-    """Launch the expand: y += scaling * u_part.sum(0) @ B_eff.T, in place.
+def _lora_reduce(u_part: torch.Tensor, plan: LoRAPlan) -> torch.Tensor:
+    """Sum the K splits once, in order, into u_part[0]; returns u: [T, U_COLS] fp32 (a view)."""
+    split, T, cols = u_part.shape
+    if split > 1:
+        _lora_reduce_kernel[plan.reduce_grid(T)](
+            u_part, T * cols, split, u_part.stride(0),
+            BLOCK=plan.reduce_block, num_warps=plan.reduce_num_warps, enable_fp_fusion=False,
+        )  # fmt: skip
+    return u_part[0]
 
-    u_part: [split_k, T, R_PAD] fp32 with unit stride in its last dim (as _lora_shrink returns it);
-    y: [T, N], any float dtype and strides."""
-    T, N = y.shape
-    r = lora_b.shape[2]
-    block_m, block_n = cfg.expand_block_m, cfg.expand_block_n
-    n_blocks = triton.cdiv(N, block_n)
-    rows = cfg.expand_rows
-    if rows is None:  # long chunks reuse each B_eff tile; enough chunks to fill the GPU twice over
-        rows = T * n_blocks // (2 * _num_sms(y.device))
-        rows = min(max(rows // block_m * block_m, block_m), 1024)
+
+def _lora_expand(u, stack: LoRAStack, y, segments: Segments, plan: LoRAPlan, eps: float, scaling: float) -> None:
+    """Launch the expand: y[:, part] += scaling * u[:, part's columns] @ B_eff.T for every part.
+
+    u: [T, >= U_COLS] fp32 with unit stride in its last dim; y: [T, N_total], any float dtype and
+    strides."""
+    T = y.shape[0]
+    cols = _column_table(stack.layouts, plan.expand_block_n, str(y.device))
+    rows = plan.expand_rows_for(T, cols.shape[0])
     tiles = segments.tile_map(rows, y.device)
-    grid = (tiles.shape[0], n_blocks)
-    _lora_expand_kernel[grid](
-        u, lora_b, y, tiles,
-        N, r, u.shape[0],
-        u.stride(0), u.stride(1), *lora_b.stride(), y.stride(0), y.stride(1),
-        float(eps), float(scaling), int(b_offset),
-        BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=u.shape[2], PRECISION=_precision(y.dtype),
-        BF16_BY_BITS=y.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=cfg.expand_num_warps, num_stages=cfg.expand_num_stages,
+    b = stack.b
+    _lora_expand_kernel[(tiles.shape[0], cols.shape[0])](
+        u, b, y, tiles, cols,
+        u.stride(0), *b.stride(), y.stride(0), y.stride(1),
+        float(eps), float(scaling),
+        BLOCK_M=plan.expand_block_m, BLOCK_N=plan.expand_block_n, R_PAD=plan.r_pad, PRECISION=plan.precision,
+        BF16_BY_BITS=y.dtype == torch.bfloat16 and interpreting(),
+        num_warps=plan.expand_num_warps, num_stages=plan.expand_num_stages, enable_fp_fusion=False,
     )  # fmt: skip
 
 
-def _default_shrink_block_m(r_pad: int, dtype: torch.dtype) -> int:
-    # the largest row tiles without register spills on sm_90 (see LoRAKernelConfig's NOTE); fp32
-    # ("ieee" dots run on the FMA units) needs far more registers per tile than TF32
-    if dtype == torch.float32:
-        return 64 if r_pad <= 16 else 32
-    return 256 if r_pad <= 32 else 128
+@functools.lru_cache(maxsize=1024)
+def _zrow_table(layouts, K: int, u_cols: int, device: str) -> torch.Tensor:
+    return _to_device(torch.tensor(z_rows(layouts, K, u_cols), dtype=torch.int32), torch.device(device))
 
 
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
+@functools.lru_cache(maxsize=1024)
+def _column_table(layouts, block_n: int, device: str) -> torch.Tensor:
+    rows = column_blocks(layouts, block_n)
+    table = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), COL_FIELDS.value)
+    return _to_device(table, torch.device(device))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 products; bf16/fp16 x is exact in TF32 and A_eff/B_eff's TF32
-    # rounding (2**-11 relative) stays below the 16-bit output's own rounding.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned + non_blocking: no stream sync for the copy
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_lora_expand_kernel, InterpretedFunction)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(device_str: str) -> int:
-    return torch.cuda.get_device_properties(torch.device(device_str)).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter runs programs one by one: fewest programs is fastest
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _num_sms_cached(str(device))
+# ---------------------------------------------------------------------------------------------
+# The launchers' argument checks (the references make the same)
 
 
 def _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset):
-    """ValueError naming the argument for anything the kernels cannot take; returns (T, K, N, r)."""
+    """InputError naming the argument for anything the kernels cannot take; returns (T, K, N, r)."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise InputError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if not isinstance(segments, Segments):
-        raise ValueError(f"segments must be a Segments, got {type(segments).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, K], got shape {tuple(x.shape)}")
-    T, K = x.shape
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"weight must be [N, K={K}] to chain with x, got shape {tuple(weight.shape)}")
-    N = weight.shape[0]
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if bias is not None:
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must be [N={N}], got shape {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise ValueError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        raise InputError(f"segments must be a Segments, got {type(segments).__name__}")
+    T, K = _check_x(x)
+    N = _check_weight_bias(x, weight, bias)
     if lora_a.dim() != 3 or lora_a.shape[2] != K or lora_a.shape[0] < 1:
-        raise ValueError(f"lora_a must be [n_adapters >= 1, r, K={K}], got shape {tuple(lora_a.shape)}")
+        raise InputError(f"lora_a must be [n_adapters >= 1, r, K={K}], got shape {tuple(lora_a.shape)}")
     n_adapters, r = lora_a.shape[0], lora_a.shape[1]
     if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"lora_a's rank r = lora_a.shape[1] must be in [1, {MAX_RANK}], got {r}")
+        raise InputError(f"lora_a's rank r = lora_a.shape[1] must be in [1, {MAX_RANK}], got {r}")
     if tuple(lora_b.shape) != (n_adapters, N, r):
-        raise ValueError(
-            f"lora_b must be [n_adapters={n_adapters}, N={N}, r={r}], got shape {tuple(lora_b.shape)}"
-        )
+        raise InputError(f"lora_b must be [n_adapters={n_adapters}, N={N}, r={r}], got shape {tuple(lora_b.shape)}")
     for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
+            raise InputError(f"{name} must be float32, got {t.dtype}")
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if segments.device.type != "cpu" and segments.device != x.device:
-        raise ValueError(f"segments must be on the CPU or on x's device {x.device}, got {segments.device}")
-    segments.validate(T, n_adapters)
-    if not _is_real(scaling) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
-    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
-    for name, value, size in (("a_offset", a_offset, r * K), ("b_offset", b_offset, N * r)):
-        try:
-            offset = None if isinstance(value, bool) else operator.index(value)
-        except TypeError:
-            offset = None
-        if offset is None:
-            raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-        if offset < 0 or offset + size > MAX_INDEX:
-            raise ValueError(
-                f"{name} must be >= 0 with {name} + {size} <= 2**31 (int32 global indices), got {offset}"
-            )
+            raise InputError(f"{name} must be on x's device {x.device}, got {t.device}")
+    _check_segments_scalars(x, segments, n_adapters, scaling, eps)
+    check_z_offset(a_offset, "a_offset", r * K)
+    check_z_offset(b_offset, "b_offset", N * r)
     return T, K, N, r
+
+
+def _check_parts_call(x, weight, bias, y, parts, segments, scaling, eps) -> LoRAStack:
+    """The checks of the stacked-projection launchers (weight/bias, or y for the add); returns the
+    packed parts."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(segments, Segments):
+        raise InputError(f"segments must be a Segments, got {type(segments).__name__}")
+    T, K = _check_x(x)
+    if y is None:
+        if not isinstance(weight, torch.Tensor):
+            raise InputError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise InputError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        N = _check_weight_bias(x, weight, bias)
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.device != x.device:
+                raise InputError(f"{name} must be on x's device {x.device}, got {t.device}")
+    else:
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != T:
+            raise InputError(f"y must be a 2-D tensor [T={T}, N], got {_shape(y)}")
+        if y.dtype != x.dtype or y.device != x.device:
+            raise InputError(f"y must have x's dtype {x.dtype} and device {x.device}, got {y.dtype} on {y.device}")
+        N = y.shape[1]
+    stack = stack_lora_parts(parts)
+    if stack.K != K:
+        raise InputError(f"parts' lora_a must be [n_adapters, r, K={K}] to chain with x, got K={stack.K}")
+    if stack.stop > N:
+        raise InputError(f"parts cover columns up to {stack.stop}, past N = {N} output columns")
+    if stack.a.device != x.device:
+        raise InputError(f"parts' tensors must be on x's device {x.device}, got {stack.a.device}")
+    _check_segments_scalars(x, segments, stack.num_adapters, scaling, eps)
+    return stack
+
+
+def _check_x(x) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise InputError(f"x must be 2-D [T, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise InputError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.shape[0], x.shape[1]
+
+
+def _check_weight_bias(x, weight, bias) -> int:
+    K = x.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise InputError(f"weight must be [N, K={K}] to chain with x, got shape {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if weight.dtype != x.dtype:
+        raise InputError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (N,):
+            raise InputError(f"bias must be [N={N}], got shape {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise InputError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    return N
+
+
+def _check_segments_scalars(x, segments, n_adapters, scaling, eps) -> None:
+    if segments.device.type != "cpu" and segments.device != x.device:
+        raise InputError(f"segments must be on the CPU or on x's device {x.device}, got {segments.device}")
+    segments.validate(x.shape[0], n_adapters)
+    if not _is_real(scaling) or not math.isfinite(scaling):
+        raise InputError(f"scaling must be a finite real number, got {scaling!r}")
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+        raise InputError(f"eps must be a finite real number >= 0, got {eps!r}")
 
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 # ---------------------------------------------------------------------------------------------
-# Torch path and reference
+# Torch path and references
 
 
-def _perturbed_lora_torch(
-    x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset, dtype, z_impl
-) -> torch.Tensor:
-    """The formula in ``dtype``, segment by segment, z materialized once per distinct seed.
+def _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl) -> None:
+    """y[rows, part] += scaling * (x[rows] @ A_eff.T) @ B_eff.T in ``dtype``, part by part and
+    segment by segment, z materialized once per (part, seed). y and xc: already in ``dtype``.
 
     z_impl: gaussian's impl (None: its default for x's device; "torch": the CPU generator, bit-exact
-    to the kernels under the interpreter). Returns y: [T, N] in ``dtype``.
-    """
-    T, K = x.shape
-    N, r = weight.shape[0], lora_a.shape[1]
+    to the kernels under the interpreter)."""
+    K = xc.shape[1]
     indptr, adapters, seeds, signs = segments._host
+    for part in parts:
+        lora_a, lora_b = part.lora_a, part.lora_b
+        N, r = lora_b.shape[1], lora_b.shape[2]
+        zs = {}  # seed -> (Z_A [r, K], Z_B [N, r])
+        for s in range(segments.num_segments):
+            start, stop, a, seed, sign = indptr[s], indptr[s + 1], adapters[s], seeds[s], signs[s]
+            if start == stop:
+                continue
+            a_eff, b_eff = lora_a[a].to(dtype), lora_b[a].to(dtype)
+            if sign != 0:
+                if seed not in zs:
+                    z_device = "cpu" if z_impl == "torch" else xc.device  # the CPU generator is bit-exact
+                    z_a = gaussian(seed, r * K, offset=part.a_offset, device=z_device, impl=z_impl)
+                    z_b = gaussian(seed, N * r, offset=part.b_offset, device=z_device, impl=z_impl)
+                    zs[seed] = (z_a.view(r, K).to(xc.device, dtype), z_b.view(N, r).to(xc.device, dtype))
+                z_a, z_b = zs[seed]
+                a_eff = a_eff + (sign * eps) * z_a
+                b_eff = b_eff + (sign * eps) * z_b
+            y[start:stop, part.start : part.stop] += scaling * ((xc[start:stop] @ a_eff.T) @ b_eff.T)
+
+
+def _perturbed_lora_torch(x, weight, bias, parts, segments, scaling, eps, dtype, z_impl) -> torch.Tensor:
+    """The formula in ``dtype``: the base, then every part's LoRA term. Returns y: [T, N] in ``dtype``."""
     xc = x.to(dtype)
     y = xc @ weight.to(dtype).T  # [T, N]
     if bias is not None:
         y += bias.to(dtype)
-    zs = {}  # seed -> (Z_A [r, K], Z_B [N, r])
-    for s in range(segments.num_segments):
-        start, stop, a, seed, sign = indptr[s], indptr[s + 1], adapters[s], seeds[s], signs[s]
-        if start == stop:
-            continue
-        a_eff, b_eff = lora_a[a].to(dtype), lora_b[a].to(dtype)
-        if sign != 0:
-            if seed not in zs:
-                z_device = "cpu" if z_impl == "torch" else x.device  # the CPU generator is bit-exact
-                z_a = gaussian(seed, r * K, offset=a_offset, device=z_device, impl=z_impl)
-                z_b = gaussian(seed, N * r, offset=b_offset, device=z_device, impl=z_impl)
-                zs[seed] = (z_a.view(r, K).to(x.device, dtype), z_b.view(N, r).to(x.device, dtype))
-            z_a, z_b = zs[seed]
-            a_eff = a_eff + (sign * eps) * z_a
-            b_eff = b_eff + (sign * eps) * z_b
-        y[start:stop] += scaling * ((xc[start:stop] @ a_eff.T) @ b_eff.T)
+    _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl)
     return y
 
 
@@ -663,7 +655,44 @@ def perturbed_lora_linear_ref(
     (gaussian(..., impl="torch")), every input upcast to ``compute_dtype`` (fp64 for an "exact"
     reference), a loop over segments. Returns y: [T, N] in ``out_dtype`` (default: x's dtype)."""
     _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset)
-    y = _perturbed_lora_torch(
-        x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset, compute_dtype, "torch"
-    )
+    parts = single_part_stack(lora_a, lora_b, a_offset, b_offset).parts
+    y = _perturbed_lora_torch(x, weight, bias, parts, segments, scaling, eps, compute_dtype, "torch")
     return y.to(out_dtype if out_dtype is not None else x.dtype)
+
+
+def perturbed_lora_linear_parts_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    parts: Sequence[LoRAPart] | LoRAStack,
+    segments: Segments,
+    *,
+    scaling: float,
+    eps: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``perturbed_lora_linear_parts`` in plain torch (z materialized per part, as in
+    ``perturbed_lora_linear_ref``). Returns y: [T, N_total] in ``out_dtype`` (default: x's dtype)."""
+    stack = _check_parts_call(x, weight, bias, None, parts, segments, scaling, eps)
+    y = _perturbed_lora_torch(x, weight, bias, stack.parts, segments, scaling, eps, compute_dtype, "torch")
+    return y.to(out_dtype if out_dtype is not None else x.dtype)
+
+
+def perturbed_lora_add_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    parts: Sequence[LoRAPart] | LoRAStack,
+    segments: Segments,
+    *,
+    scaling: float,
+    eps: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y + the LoRA term of every part, out of place, in ``compute_dtype``; returns [T, N_total]
+    in ``out_dtype`` (default: y's dtype). y is not written."""
+    stack = _check_parts_call(x, None, None, y, parts, segments, scaling, eps)
+    out = y.to(compute_dtype, copy=True)
+    _add_lora_torch(out, x.to(compute_dtype), stack.parts, segments, scaling, eps, compute_dtype, "torch")
+    return out.to(out_dtype if out_dtype is not None else y.dtype)

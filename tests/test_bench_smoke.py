@@ -21,6 +21,7 @@ def test_perturbed_lora_microbenchmark_smoke(tmp_path):
     names = os.listdir(tmp_path)
     assert any(n.endswith(".csv") for n in names) and any(n.endswith(".png") for n in names), names
     assert "ms" in out
+    assert "traffic model" in out and " expand " in out and " shrink " in out  # lora_launches' table
 
 
 def test_sharing_report_smoke(tmp_path):

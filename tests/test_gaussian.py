@@ -7,6 +7,7 @@ bit for bit; with CUDA the compiled kernel must match it to a few ulps.
 import pytest
 import torch
 
+from flashzo.errors import InputError
 from flashzo.kernels import gaussian
 from flashzo.kernels.gaussian import _philox_first_two, _uint_to_int31, gaussian_at, gaussian_torch
 
@@ -146,7 +147,7 @@ def test_statistics():
     ],
 )
 def test_bad_inputs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         gaussian(**kwargs)
 
 
@@ -161,7 +162,7 @@ def test_bad_inputs(kwargs, match):
     ],
 )
 def test_gaussian_at_bad_inputs(seed, index, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         gaussian_at(seed, index)
 
 

@@ -12,9 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flashzo.errors import InputError
 from flashzo.kernels import Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
 from flashzo.kernels.gaussian import gaussian_at
+from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
+from flashzo.kernels.lora_parts import single_part_stack
 from flashzo.kernels.perturbed_lora import LoRAKernelConfig, _lora_expand, _lora_shrink
+from flashzo.kernels.segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -139,11 +143,13 @@ def test_kernel_z_is_gaussian_bit_for_bit(config, r):
         want_b[sl] = b_eff[:, rows[sl] % r].T
 
     x = F.one_hot(rows % K, K).float().to(DEVICE)  # x[t] = e_{t % K}
-    u = _lora_shrink(x, lora_a, segments, eps=eps, a_offset=KW["a_offset"], cfg=cfg)
+    stack = single_part_stack(lora_a, lora_b, KW["a_offset"], KW["b_offset"])
+    plan = lora_plan(K, N, [r], torch.float32, DeviceInfo.of(x.device), cfg)
+    u = _lora_shrink(x, stack, segments, plan, eps)
     got_a = u.sum(0)[:, :r].cpu()  # each split holds the value or exact zeros
-    u_onehot = F.one_hot(rows % r, u.shape[2]).float().to(DEVICE)[None]  # u[t] = e_{t % r}
+    u_onehot = F.one_hot(rows % r, u.shape[2]).float().to(DEVICE)  # u[t] = e_{t % r}
     y = torch.zeros(T, N, device=DEVICE)
-    _lora_expand(u_onehot, lora_b, y, segments, eps=eps, scaling=1.0, b_offset=KW["b_offset"], cfg=cfg)
+    _lora_expand(u_onehot, stack, y, segments, plan, eps, 1.0)
     if DEVICE == "cpu":
         assert torch.equal(got_a, want_a) and torch.equal(y.cpu(), want_b)
     else:  # compiled log/cos and FMA contraction may move the last bit
@@ -265,12 +271,17 @@ def test_segments_helpers():
     moved = seg.to("meta")  # the host copy travels, so the launcher never reads the device tensors
     assert moved.device.type == "meta" and moved.num_rows == 7
     tiles = seg.tile_map(2, torch.device("cpu"))  # no tile straddles a segment
-    assert tiles[:, :2].tolist() == [[0, 2], [2, 3], [3, 5], [5, 7]]
-    assert tiles[:, 2:].tolist() == [[0, 1, 1], [0, 1, 1], [0, 3, -1], [0, 3, -1]]
+    assert tiles.shape == (4, TILE_FIELDS.value)
+    rows = [TILE_ROW_START.value, TILE_ROW_STOP.value]
+    fields = [TILE_ADAPTER.value, TILE_SEED.value, TILE_SIGN.value]
+    assert tiles[:, rows].tolist() == [[0, 2], [2, 3], [3, 5], [5, 7]]
+    assert tiles[:, fields].tolist() == [[0, 1, 1], [0, 1, 1], [0, 3, -1], [0, 3, -1]]
+    assert seg.tile_rows(2) == [tuple(t) for t in tiles[:, rows + fields].tolist()]
+    assert seg.num_tiles(2) == 4 and seg.num_tiles(3) == 3 and seg.num_tiles(100) == 2
 
 
 def _bad_cases():
-    """(name the ValueError must mention, function that makes the bad call)."""
+    """(name the InputError must mention, function that makes the bad call)."""
 
     def call(**over):  # builds the inputs and the bad one only when called, inside pytest.raises
         def run():
@@ -331,8 +342,8 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("name,make_call", _bad_cases())
-def test_bad_input_raises_value_error(name, make_call):
-    with pytest.raises(ValueError, match=re.escape(name)):
+def test_bad_input_raises_input_error(name, make_call):
+    with pytest.raises(InputError, match=re.escape(name)):
         make_call()
 
 

@@ -9,6 +9,7 @@ the compiled kernel is compared within a bound derived from z's tolerance (see t
 import pytest
 import torch
 
+from flashzo.errors import InputError
 from flashzo.kernels import gaussian, zo_update_, zo_update_ref
 
 SEEDS = [7, 2**40 + 3, 2**63 - 1]
@@ -138,12 +139,12 @@ def test_bad_inputs(case):
     kwargs, match = _bad_calls()[case]
     params = kwargs["params"]
     before = params.clone() if isinstance(params, torch.Tensor) else None
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         zo_update_(**kwargs)
     if before is not None:
         assert torch.equal(params, before)  # nothing written before the checks
     if "impl" not in kwargs:  # zo_update_ref checks the same arguments
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(InputError, match=match):
             zo_update_ref(**kwargs)
 
 
