@@ -25,13 +25,13 @@ loss reads get logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
 
 from flashzo.errors import InputError
-from flashzo.kernels import Segments
+from flashzo.kernels import LoRAPart, LoRAStack, Segments, stack_lora_parts
 
 from .attention import AttentionMetadata
 from .example import Example, Limits, check_examples
@@ -80,14 +80,29 @@ class LoRAWeights:
     b_offset: int
 
 
+# A stacked projection, as the batcher needs to know it: (layer, ((part name, first row, end row), ...)).
+Projection = tuple[int, tuple[tuple[str, int, int], ...]]
+
+
 @dataclass
 class LoRABatch:
-    """The adapters a forward applies: per adapted (layer, module) its weights; one segment per copy."""
+    """The adapters a forward applies: per adapted (layer, module) its weights; one segment per copy.
+
+    stacks: per stacked projection of the model (keyed by its Projection), its adapted parts packed
+    for the kernel's one-launch path (flashzo.kernels.stack_lora_parts), built once per batch.
+    """
 
     weights: dict[tuple[int, str], LoRAWeights]
     segments: Segments  # over the signed rows, one per copy
     eps: float
     scaling: float
+    stacks: dict[Projection, LoRAStack] = field(default_factory=dict)
+
+    def stack(self, projection: Projection) -> LoRAStack | None:
+        """The packed parts of `projection` that an adapter targets (None: none of them)."""
+        if projection in self.stacks:
+            return self.stacks[projection]
+        return pack_projection(self.weights, projection)
 
 
 @dataclass
@@ -277,7 +292,8 @@ class _Layout:
 def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
                 adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, num_layers: int,
                 max_positions: int, vocab_size: int | None = None, device, sharing: str = "all",
-                fork: bool = True, examples_per_copy: Sequence[Sequence[int]] | None = None) -> StepBatch:
+                fork: bool = True, examples_per_copy: Sequence[Sequence[int]] | None = None,
+                projections: Sequence[Projection] = ()) -> StepBatch:
     """One forward batch scoring `examples` under every copy (the examples are checked first).
 
     examples_per_copy: which examples each copy scores (default: all of them in every copy); used
@@ -291,13 +307,18 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
     limits = Limits(vocab_size if vocab_size is not None else 2**63, max_positions)
     check_examples(examples, limits, what="examples", training=False)
     return plan_batch(examples, copies, adapters=adapters, eps=eps, num_layers=num_layers, device=device,
-                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy)
+                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy, projections=projections)
 
 
 def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters: Sequence[LoRAAdapter] = (),
                eps: float = 0.0, num_layers: int, device, sharing: str = "all", fork: bool = True,
-               examples_per_copy: Sequence[Sequence[int]] | None = None) -> StepBatch:
-    """build_batch for examples an entry point has already checked (engine/example.py)."""
+               examples_per_copy: Sequence[Sequence[int]] | None = None,
+               projections: Sequence[Projection] = ()) -> StepBatch:
+    """build_batch for examples an entry point has already checked (engine/example.py).
+
+    projections: the model's stacked projections (CausalLM.projections); their adapted parts are
+    packed for the kernel once here, not in every forward.
+    """
     if sharing not in SHARING:
         raise InputError(f"sharing must be one of {SHARING}, got {sharing!r}")
     if not copies:
@@ -362,7 +383,13 @@ def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters:
         seg_lens = [copy_start[i + 1] - copy_start[i] for i in range(len(copies))]
         segments = Segments.from_lists(seg_lens, [c.adapter for c in copies], [c.seed for c in copies],
                                        [c.sign for c in copies], device=device)
-        lora = LoRABatch(stack_weights(adapters), segments, float(eps), adapters[0].config.scaling)
+        weights = stack_weights(adapters)
+        stacks = {}
+        for proj in projections:
+            packed = pack_projection(weights, proj)
+            if packed is not None:
+                stacks[proj] = packed
+        lora = LoRABatch(weights, segments, float(eps), adapters[0].config.scaling, stacks)
 
     lt = dict(dtype=torch.long, device=device)
     inputs = ModelInputs(input_ids=torch.tensor(ids, **lt), positions=torch.tensor(pos, **lt), meta=meta,
@@ -398,3 +425,12 @@ def stack_weights(adapters: Sequence[LoRAAdapter]) -> dict[tuple[int, str], LoRA
             b = torch.stack([ad.slots[key].b for ad in adapters])
         out[key] = LoRAWeights(a, b, slot.a_offset, slot.b_offset)
     return out
+
+
+def pack_projection(weights: dict[tuple[int, str], LoRAWeights], projection: Projection) -> LoRAStack | None:
+    """The adapted parts of one stacked projection, packed for flashzo.kernels (None: no part adapted)."""
+    layer, parts = projection
+    adapted = [LoRAPart(start, stop, w.a, w.b, w.a_offset, w.b_offset)
+               for name, start, stop in parts if (w := weights.get((layer, name))) is not None]
+    return stack_lora_parts(adapted) if adapted else None
+

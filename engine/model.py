@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashzo.kernels import perturbed_lora_linear
+from flashzo.kernels import perturbed_lora_add_, perturbed_lora_linear_parts
 
 from .attention import KVPool, resolve_backend
 from .batch import Copy, ModelInputs, Readout, StepBatch, plan_batch
@@ -87,6 +87,11 @@ class ZOProjection(nn.Module):
             self.parts.append((name, start, start + n))
             start += n
 
+    @property
+    def projection(self) -> tuple:
+        """This projection as the batcher knows it (engine/batch.py's Projection)."""
+        return (self.layer_id, tuple(self.parts))
+
     def part_rows(self, name: str) -> tuple[int, int]:
         for part, start, stop in self.parts:
             if part == name:
@@ -96,29 +101,28 @@ class ZOProjection(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
         # x: [T_in, in] -> one [T, n_i] per part (T = T_in, or the signed rows at a fork)
         lora = ctx.lora
-        weights = [lora.weights.get((self.layer_id, name)) if lora is not None else None
-                   for name, _, _ in self.parts]
+        stack = lora.stack(self.projection) if lora is not None else None
         fork = ctx.inputs.fork_index if self.fork_input and ctx.inputs.forks_at(self.layer_id) else None
-        if all(w is None for w in weights):  # every copy computes the same: one GEMM for the stack
+        names = [name for name, _, _ in self.parts]
+        if stack is None:  # every copy computes the same: one GEMM, on the trunk at a fork
             y = F.linear(x, self.weight, self.bias)
-            self._trace(ctx, [name for name, _, _ in self.parts], x.shape[0])
+            self._trace(ctx, names, x.shape[0])
             if fork is not None:
                 y = y[fork]
-            return [y[:, start:stop] for _, start, stop in self.parts]
-        signed = x[fork] if fork is not None else x
-        outs = []
-        for (name, start, stop), w in zip(self.parts, weights):
-            bias = self.bias[start:stop] if self.bias is not None else None
-            if w is None:
-                y = F.linear(x, self.weight[start:stop], bias)
-                self._trace(ctx, [name], x.shape[0])
-                outs.append(y[fork] if fork is not None else y)
-            else:
-                outs.append(perturbed_lora_linear(signed, self.weight[start:stop], bias, w.a, w.b, lora.segments,
-                                                  scaling=lora.scaling, eps=lora.eps, a_offset=w.a_offset,
-                                                  b_offset=w.b_offset))
-                self._trace(ctx, [name], signed.shape[0])
-        return outs
+        elif fork is None:  # one base GEMM, one shrink and one expand for every adapted part
+            y = perturbed_lora_linear_parts(x, self.weight, self.bias, stack, lora.segments, scaling=lora.scaling,
+                                            eps=lora.eps)
+            self._trace(ctx, names, x.shape[0])
+        else:
+            # At the fork every copy's input is the trunk's: the base GEMM runs once on the trunk's
+            # rows, and only the LoRA term of the adapted parts on every copy's rows.
+            y = F.linear(x, self.weight, self.bias)[fork]
+            signed = x[fork]
+            perturbed_lora_add_(y, signed, stack, lora.segments, scaling=lora.scaling, eps=lora.eps)
+            adapted = {(p.start, p.stop) for p in stack.parts}
+            for name, start, stop in self.parts:
+                self._trace(ctx, [name], signed.shape[0] if (start, stop) in adapted else x.shape[0])
+        return [y[:, start:stop] for _, start, stop in self.parts]
 
     def _trace(self, ctx: ForwardContext, names: list[str], rows: int) -> None:
         if ctx.trace is not None:
@@ -180,6 +184,7 @@ class CausalLM(nn.Module):
         self._backend = None
         self.backend_name: str | None = None  # None: resolved once on first use
         self.trace: list | None = None  # see ForwardContext
+        self._projections: list[tuple] | None = None
 
     def _finish_init(self, dtype: torch.dtype | None) -> None:
         if dtype is not None:
@@ -268,7 +273,15 @@ class CausalLM(nn.Module):
 
     def plan_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), **kw) -> StepBatch:
         """build_batch for examples an entry point has already checked."""
-        return plan_batch(examples, copies, num_layers=self.config.num_hidden_layers, device=self.device, **kw)
+        return plan_batch(examples, copies, num_layers=self.config.num_hidden_layers, device=self.device,
+                          projections=self.projections, **kw)
+
+    @property
+    def projections(self) -> list[tuple]:
+        """Every stacked projection of the model, as the batcher packs LoRA weights for them."""
+        if self._projections is None:
+            self._projections = [m.projection for m in self.modules() if isinstance(m, ZOProjection)]
+        return self._projections
 
     @torch.no_grad()
     def token_logprobs(self, sequences: Sequence[Sequence[int]], adapter=None, *,
