@@ -114,13 +114,21 @@ class Server:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def close(self) -> None:
+        """However a test ended: no server left behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
 
 @pytest.fixture(scope="module")
 def server(files):
-    s = Server(files, files["root"] / "data", "--max-upload-mb", "0.05").start()
-    yield s
-    if s.proc.poll() is None:
+    s = Server(files, files["root"] / "data", "--max-upload-mb", "0.05")
+    try:
+        yield s.start()
         assert s.stop() == 0, open(s.log).read()[-3000:]
+    finally:
+        s.close()
 
 
 def wait_job(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=240, until=None):
@@ -456,8 +464,15 @@ def test_load_while_training(server, files):
     assert len(lat) == 400 and during.status == "running" and during.flashzo["step"] > 0
 
 
-def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(files, tmp_path):
-    s = Server(files, tmp_path / "data", key=None).start()
+@pytest.fixture
+def own_server(files, tmp_path):
+    s = Server(files, tmp_path / "data", key=None)
+    yield s
+    s.close()
+
+
+def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(files, tmp_path, own_server):
+    s = own_server.start()
     c = s.client()
     fid = upload(c, files["train"])
     done = wait_job(c, create(c, fid, **dict(BASE, steps=3)).id)
@@ -540,3 +555,13 @@ def test_groups_take_turns_and_no_job_starves(tmp_path):
     steps = {k: j.step for k, j in sched.running.items()}
     assert sorted(steps[k] for k in "abc") == [6, 7, 7] and steps["d"] == steps["e"] == 10, steps  # shared fairly
     store.close()
+
+
+def test_a_model_without_tokenizer_files_serves_token_ids(tmp_path):
+    from flashzo.serve.served import load_served
+
+    flashzo.save_opt(flashzo.OPTModel.from_config(OPTConfig(**TINY)), str(tmp_path / "m"))
+    served = load_served("m", str(tmp_path / "m"))
+    assert served.tokenizer is None and served.pieces([5, 6]) == ["<5>", "<6>"]
+    with pytest.raises(flashzo.InputError, match="no tokenizer"):
+        served.encode("w5 w6")

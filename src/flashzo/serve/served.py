@@ -11,6 +11,7 @@ from flashzo.errors import InputError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_CACHE = 8  # fine-tuned adapters kept in memory per base model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 class ServedModel:
@@ -91,8 +92,12 @@ def load_served(name: str, path: str, *, dtype=None, device=None) -> ServedModel
     from flashzo.engine import load_model
 
     model = load_model(path, dtype=dtype, device=device)
-    try:
-        tokenizer = load_tokenizer(path)
-    except InputError:
-        tokenizer = None  # token-id data and prompts need none
+    tokenizer = None  # token-id data and prompts need none
+    # NOTE: transformers 5 builds an empty tokenizer (one token, encodes everything to []) for a
+    # directory without tokenizer files, so the files are looked for first.
+    if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        try:
+            tokenizer = load_tokenizer(path)
+        except InputError:
+            tokenizer = None
     return ServedModel(name, path, model, tokenizer)
