@@ -24,7 +24,7 @@ from flashzo.errors import InputError
 from flashzo.kernels import gaussian, zo_update_
 
 from . import distributed
-from .batch import SHARING, Copy, SignedPair, pair_copies
+from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
 from .example import Example, check_examples
 from .lora import LoRAAdapter, LoRAConfig
 from .loss import PairLoss, copy_losses, pair_losses
@@ -361,6 +361,26 @@ def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Ex
     layers); each job keeps its own lr, seed, schedule and data, and its trajectory equals training
     it alone.
     """
+    scored = score_together(trainers, batches)
+    return [tr.apply(losses, tokens=scored.stats.num_tokens) for tr, losses in zip(trainers, scored.losses)]
+
+
+@dataclass
+class TogetherScores:
+    """What one shared forward of several jobs gave: each job's pair losses, its copies' scores, the cost."""
+
+    losses: list[list[PairLoss]]  # per job: one PairLoss per perturbation of its current step
+    correct: list[list[int]]  # per job, per copy: examples whose argmax candidate is the label
+    num_examples: list[int]  # per job: examples in its batch
+    stats: BatchStats  # the shared forward's cost (all jobs' copies)
+
+
+def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Example]]) -> TogetherScores:
+    """The scoring half of step_together: one forward for every job's signed copies, no update.
+
+    A caller that applies each job's losses itself (`trainer.apply(scores.losses[j])`) can keep one
+    job's failure from touching the others.
+    """
     if len(trainers) != len(batches):
         raise InputError(f"{len(trainers)} trainers but {len(batches)} batches")
     if not trainers:
@@ -387,5 +407,6 @@ def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Ex
                              eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
                              examples_per_copy=per_copy)
     scores = copy_losses(batch.readout, model.score(batch), examples)
-    return [tr.apply(pair_losses(scores.loss[a:b]), tokens=batch.stats.num_tokens)
-            for tr, (a, b) in zip(trainers, spans)]
+    return TogetherScores(losses=[pair_losses(scores.loss[a:b]) for a, b in spans],
+                          correct=[scores.correct[a:b] for a, b in spans],
+                          num_examples=[len(b) for b in batches], stats=batch.stats)

@@ -225,22 +225,28 @@ class CausalLM(nn.Module):
         """Final norm(s) and the LM head: [n, h] -> logits [n, vocab] (fp32)."""
         return F.linear(self.decoder.final(x), self.lm_head_weight).float()
 
-    def prepare(self, inputs: ModelInputs) -> ForwardContext:
-        """The runtime for one forward: the (reused) KV pool, the attention backend, each stage planned once."""
+    def prepare(self, inputs: ModelInputs, *, pool: KVPool | None = None) -> ForwardContext:
+        """The runtime for one forward: the (reused) KV pool, the attention backend, each stage planned once.
+
+        pool: a caller's own pool instead of the model's (a cache that outlives the forward, as
+        incremental decoding keeps one: engine/generate.py); the caller sizes it.
+        """
         cfg = self.config
         if self._backend is None:
             self._backend = resolve_backend(self.backend_name, device=self.device)
-        if self._pool is None or self._pool.dtype != self.dtype or self._pool.device != self.device:
-            self._pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
-                                device=self.device, num_buffers=1)
-        rows = max(inputs.meta.num_tokens, inputs.trunk_meta.num_tokens if inputs.trunk_meta else 0)
-        self._pool.reserve(rows)
+        if pool is None:
+            if self._pool is None or self._pool.dtype != self.dtype or self._pool.device != self.device:
+                self._pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype=self.dtype,
+                                    device=self.device, num_buffers=1)
+            pool = self._pool
+            rows = max(inputs.meta.num_tokens, inputs.trunk_meta.num_tokens if inputs.trunk_meta else 0)
+            pool.reserve(rows)
         kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                   dtype=self.dtype)
         plans = {id(inputs.meta): self._backend.plan(inputs.meta, stage=0, **kw)}
         if inputs.trunk_meta is not None:
             plans[id(inputs.trunk_meta)] = self._backend.plan(inputs.trunk_meta, stage=1, **kw)
-        return ForwardContext(inputs, self._pool, self._backend, plans, trace=self.trace)
+        return ForwardContext(inputs, pool, self._backend, plans, trace=self.trace)
 
     def set_attention_backend(self, name: str | None) -> None:
         """Force "torch" or "flashinfer" (None: automatic) for this model's later forwards."""

@@ -28,3 +28,10 @@ def test_sharing_report_smoke(tmp_path):
     run("report_sharing.py", "--smoke", "--out-dir", str(tmp_path))
     names = os.listdir(tmp_path)
     assert any(n.endswith(".json") for n in names) and any(n.endswith(".md") for n in names), names
+
+
+def test_serve_benchmark_smoke(tmp_path):
+    out = run("bench_serve.py", "--smoke", "--out-dir", str(tmp_path))
+    names = os.listdir(tmp_path)
+    assert {"serve_cpu_smoke.json", "serve_cpu_smoke.md", "serve_cpu_smoke.png"} <= set(names), names
+    assert "serve K=2" in out and "train K=2" in out

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+    from flashzo.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 
@@ -216,12 +220,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from flashzo.serve.cli import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from flashzo.engine.distributed import DistributedError
 
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve}[args.command](args)
     except InputError as e:  # bad input: one clear line, no traceback (anything else is a bug: it keeps its own)
         print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
         return 2
