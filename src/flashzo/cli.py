@@ -156,14 +156,14 @@ def _demo(args, device) -> int:
 
 
 def _load(args, device=None):
-    from flashzo.data import load_tokenizer
+    from flashzo.data import NoTokenizer, load_tokenizer
     from flashzo.engine.loading import load_model
 
     model = load_model(args.model, dtype=_dtype(args.dtype), device=device or _device(args.device))
     try:
         tokenizer = load_tokenizer(args.model)
-    except InputError:
-        tokenizer = None  # token-id datasets need none; text datasets say so when read
+    except InputError as e:
+        tokenizer = NoTokenizer(str(e))  # token-id datasets need none; text datasets are refused with the reason
     return model, tokenizer
 
 
