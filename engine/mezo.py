@@ -279,7 +279,7 @@ class MeZOTrainer:
         kind = check_examples(examples, self.model.limits, what="eval set")
         loss_sum, loss_cnt, correct = distributed.eval_sums(
             ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing), examples)
-        return _eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
+        return eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
 
     # Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -414,7 +414,7 @@ def evaluate(model: CausalLM, adapter: LoRAAdapter | None, examples: Sequence[Ex
              batch_size: int = 32, sharing: str = "all") -> dict:
     """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
     kind = check_examples(examples, model.limits, what="eval set")
-    return _eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
+    return eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
 
 
 def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, float, int]:
@@ -431,7 +431,8 @@ def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, fl
     return loss_sum, loss_cnt, correct
 
 
-def _eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: int) -> dict:
+def eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: int) -> dict:
+    """evaluate()'s summary from its sums (kind: check_examples' "classification" or "lm")."""
     out = {"loss": loss_sum / loss_cnt, "num_examples": n}
     if kind == "classification":
         out["accuracy"] = correct / n

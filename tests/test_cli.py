@@ -2,7 +2,7 @@
 
 What a user meets: a run defined by its checkpoint (--resume refuses changed flags), --out never
 overwritten, Ctrl-C / SIGTERM / kill -9 (real processes), one-line errors before any loading,
-PEFT reading what flashzo writes.
+predictions, PEFT reading what flashzo writes.
 """
 
 import json
@@ -282,7 +282,7 @@ def test_train_refuses_bad_flags_before_loading(checkpoint, tmp_path, capsys, no
 
 @pytest.mark.parametrize("argv,needle", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"), (["--batch-size", "-1"], "--batch-size must be >= 1"),
-    (["--device", "cuda"], "--device cuda"),
+    (["--device", "cuda"], "--device cuda"), (["--predictions", "{dir}"], "is a directory, not a file"),
 ])
 def test_eval_refuses_bad_flags_before_loading(checkpoint, tmp_path, capsys, no_loading, argv, needle):
     ids, _, _ = write_data(tmp_path)
@@ -378,6 +378,49 @@ def test_nonfinite_loss_is_one_line_and_saves(checkpoint, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "5 consecutive steps" in err and f"the run so far is saved in {out}" in err and err.count("\n") == 1
     assert state(out)["step"] == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# eval --predictions
+# --------------------------------------------------------------------------------------------------
+
+def test_eval_predictions_and_perplexity(checkpoint, tmp_path, capsys):
+    from flashzo.data import read_dataset
+    from flashzo.engine.mezo import evaluate
+
+    ids, _, lm = write_data(tmp_path)
+    model = load_model(checkpoint)
+    for data, kind in ((ids, "classification"), (lm, "lm")):
+        preds = tmp_path / f"predictions_{kind}.jsonl"
+        capsys.readouterr()
+        assert main(["eval", "--model", checkpoint, "--data", data, "--predictions", str(preds), "--batch-size",
+                     "5"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        ds = read_dataset(data, _tokenizer(checkpoint), limits=model.limits)
+        expected = evaluate(model, None, ds.examples, batch_size=5)
+        assert {k: v for k, v in summary.items() if k != "predictions"} == expected
+        lines = [json.loads(line) for line in preds.read_text().splitlines()]
+        assert [r["line"] for r in lines] == ds.lines
+        if kind == "classification":
+            assert all(r["prediction"] == max(range(2), key=r["scores"].__getitem__) for r in lines)
+            assert sum(r["prediction"] == r["label"] for r in lines) / len(lines) == expected["accuracy"]
+            ex = ds.examples[0]
+            lp = model.token_logprobs([list(ex.prompt) + list(c) for c in ex.candidates])
+            assert lines[0]["scores"] == pytest.approx([float(t[len(ex.prompt) - 1:].double().mean()) for t in lp],
+                                                       abs=1e-6)
+        else:
+            assert "perplexity" in expected and "accuracy" not in expected
+            for r, ex in zip(lines, ds.examples):
+                lp = model.token_logprobs([list(ex.prompt) + list(ex.target)])[0][len(ex.prompt) - 1:]
+                assert r["nll"] == pytest.approx((-lp).tolist(), abs=1e-6) and r["tokens"] == len(ex.target)
+            nll = [x for r in lines for x in r["nll"]]
+            assert expected["perplexity"] == pytest.approx(float(torch.tensor(nll).double().mean().exp()), rel=1e-6)
+
+
+def _tokenizer(path):
+    from flashzo.data import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 # --------------------------------------------------------------------------------------------------

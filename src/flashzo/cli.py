@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="JSONL file to evaluate on")
     e.add_argument("--template", default=None, choices=("sst2", "rte", "copa"), help="MeZO prompt template")
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+    e.add_argument("--predictions", default=None,
+                   help="write one JSON line per example to this file: the line, each candidate's score (mean "
+                        "token log-prob), the prediction and the label; for LM data every target token's NLL")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
@@ -451,16 +454,25 @@ def cmd_eval(args) -> int:
     from flashzo.data import read_dataset
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.engine.mezo import evaluate
+    from flashzo.predict import write_predictions
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--threads", args.threads)
     device = _device(args.device)
+    if args.predictions is not None:
+        if os.path.isdir(args.predictions):
+            raise InputError(f"--predictions {args.predictions} is a directory, not a file")
+        _check_out(os.path.dirname(os.path.abspath(args.predictions)), flag="--predictions")
     with _threads(args.threads):
         model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
             else None
         data = read_dataset(args.data, tok, template=args.template, limits=model.limits)
-        res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
+        if args.predictions is None:
+            res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
+        else:
+            res = write_predictions(model, adapter, data, args.predictions, batch_size=args.batch_size)
+            res["predictions"] = os.path.abspath(args.predictions)
     print(json.dumps(res, indent=1))
     return 0
 
