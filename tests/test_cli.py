@@ -1,8 +1,8 @@
-"""The `flashzo` command: demo, train, eval on a tiny checkpoint written by transformers.
+"""The `flashzo` command: demo, train, eval, merge on a tiny checkpoint written by transformers.
 
 What a user meets: a run defined by its checkpoint (--resume refuses changed flags), --out never
 overwritten, Ctrl-C / SIGTERM / kill -9 (real processes), one-line errors before any loading,
-predictions, PEFT reading what flashzo writes.
+predictions, PEFT and transformers reading what flashzo writes.
 """
 
 import json
@@ -381,7 +381,7 @@ def test_nonfinite_loss_is_one_line_and_saves(checkpoint, tmp_path, capsys, monk
 
 
 # --------------------------------------------------------------------------------------------------
-# eval --predictions
+# eval --predictions, merge
 # --------------------------------------------------------------------------------------------------
 
 def test_eval_predictions_and_perplexity(checkpoint, tmp_path, capsys):
@@ -421,6 +421,33 @@ def _tokenizer(path):
     from flashzo.data import load_tokenizer
 
     return load_tokenizer(path)
+
+
+def test_merge_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path, capsys):
+    import transformers
+
+    from flashzo.engine import LoRAConfig
+
+    model = load_model(checkpoint)
+    adapter = LoRAAdapter.empty(LoRAConfig(r=3, alpha=5, target_modules=("q_proj", "v_proj", "fc2")), model.config)
+    adapter.buffer.copy_(0.3 * torch.randn(adapter.buffer.shape, generator=torch.Generator().manual_seed(0)))
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", checkpoint, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    assert "tokenizer.json" in os.listdir(out)
+    seqs = [[2, 9, 3, 4, 5, 6, 7], [2, 11, 12]]
+    want = model.token_logprobs(seqs, adapter=adapter)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    merged = load_model(str(out))
+    for seq, w, m in zip(seqs, want, merged.token_logprobs(seqs)):
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq])).logits[0, :-1].float()
+        theirs = logits.log_softmax(-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+        torch.testing.assert_close(theirs, w, rtol=0, atol=1e-4)  # transformers vs flashzo, as in test_opt.py
+        torch.testing.assert_close(m, w, rtol=0, atol=1e-5)  # merged vs adapter: fp32 rounding only
+        assert (model.token_logprobs([seq])[0] - w).abs().max() > 1e-2  # the adapter matters: the test can fail
+    assert main(["merge", "--model", checkpoint, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

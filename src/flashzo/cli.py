@@ -1,4 +1,4 @@
-"""The `flashzo` command: demo, train and eval (also `python -m flashzo`).
+"""The `flashzo` command: demo, train, eval and merge (also `python -m flashzo`).
 
 Each subcommand is a parser (in build_parser) and a function `cmd_<name>(args)`. Everything a
 command can check without loading a model (flags, --out, --device, a --resume launch against the run
@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
 
+    m = sub.add_parser("merge", help="write a Hugging Face checkpoint with a LoRA adapter merged into the weights")
+    m.add_argument("--model", required=True, help="the adapter's base model (Hugging Face checkpoint directory)")
+    m.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (OUT/adapter of a run, or OUT/best)")
+    m.add_argument("--out", required=True, help="directory for the merged checkpoint (config, weights, tokenizer)")
+    m.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the merged weights (default: the model checkpoint's)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
 
@@ -447,7 +454,7 @@ def _train(args, plan: _TrainPlan, device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# eval
+# eval and merge
 # --------------------------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
@@ -477,6 +484,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import shutil
+
+    import torch
+
+    from flashzo.engine.loading import load_model, save_model
+    from flashzo.engine.lora import LoRAAdapter
+    from flashzo.merge import copy_side_files, merge_adapter
+
+    out = _check_out(args.out)
+    for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
+        if not os.path.exists(path):
+            raise InputError(f"{flag} {path}: no such directory")
+        if os.path.realpath(path) == os.path.realpath(out):
+            raise InputError(f"--out {args.out} is the {flag} directory: choose another")
+    if os.path.isdir(out) and os.listdir(out):
+        if not args.overwrite:
+            raise InputError(f"--out {args.out} is not empty: choose another, or --overwrite it")
+        shutil.rmtree(out)
+    model = load_model(args.model, dtype=_dtype(DTYPES[args.dtype] if args.dtype else None), device=torch.device("cpu"))
+    adapter = LoRAAdapter.from_pretrained(args.adapter, model.config)
+    merge_adapter(model, adapter)
+    save_model(model, out)
+    copied = copy_side_files(args.model, out)
+    dtype = str(model.dtype).replace("torch.", "")
+    print(f"flashzo merge: wrote {out}: {args.adapter} (r={adapter.config.r}, "
+          f"{','.join(adapter.config.target_modules)}) merged into {args.model}, {dtype}"
+          f"{'; copied ' + ', '.join(copied) if copied else ''}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -485,7 +523,7 @@ def main(argv=None) -> int:
     from flashzo.engine.distributed import DistributedError
     from flashzo.engine.mezo import NonFiniteLossError
 
-    commands = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}
+    commands = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
     try:
         return commands[args.command](args)
     except InputError as e:  # bad input: one clear line, no traceback (anything else is a bug: it keeps its own)
