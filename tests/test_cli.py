@@ -74,6 +74,16 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert len(metrics["history"]["loss"]) == 6
     assert "accuracy" in metrics["eval_after"]
     assert str(out) in capsys.readouterr().out
+    # a demo replaces an earlier demo, never another run
+    assert main(["demo", "--out", str(out), "--steps", "2", "--train-size", "32", "--eval-size", "16",
+                 "--no-progress"]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 2
+    state = out / "checkpoint" / "trainer_state.json"
+    d = json.loads(state.read_text())
+    d["run_info"]["command"] = "train"
+    state.write_text(json.dumps(d))
+    assert main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 2
+    assert "not a demo: choose another --out, or --overwrite it" in capsys.readouterr().err
 
 
 def test_train_eval_resume(checkpoint, tmp_path, capsys):
@@ -259,11 +269,11 @@ def no_loading(monkeypatch):
     (["--out", "{file}/run"], "is a file, so nothing can be written under it"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
     (["--device", "cuda:7"], "--device cuda:7"),
-    (["--eval-every", "-1"], "eval_every must be >= 0, got -1"),
-    (["--save-every", "-1"], "save_every must be >= 0, got -1"),
-    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--train", "{dir}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--resume"], "--resume: no checkpoint at"),
 ])
@@ -503,7 +513,7 @@ def test_a_signal_saves_the_run_and_says_how_to_resume(checkpoint, tmp_path, cap
     assert "Traceback" not in stderr
     step = state(out)["step"]
     assert f"{signal.Signals(signum).name} at step {step} of 100000: saved the run in {out}" in stdout
-    assert f"resume with: flashzo train --out {out} --resume" in stdout
+    assert f"resume with: flashzo train --out {out} --resume --no-progress --threads 1" in stdout
     for f in ("adapter/adapter_model.safetensors", "metrics.json", "curve.png", "log.jsonl"):
         assert (out / f).exists(), f
     assert len((out / "log.jsonl").read_text().splitlines()) == step

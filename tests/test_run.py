@@ -43,3 +43,10 @@ def test_differences_compare_meanings():
 def test_new_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RunOptions(**kwargs)
+
+
+def test_from_args_names_the_flag():
+    import argparse
+
+    with pytest.raises(ValueError, match="^--eval-every must be >= 0, got -1$"):
+        RunOptions.from_args(argparse.Namespace(eval_every=-1, lora_r=2))

@@ -445,7 +445,9 @@ def _train(args, plan: _TrainPlan, device) -> int:
     if "interrupted" in res:
         print(f"flashzo train: {res['interrupted']} at step {res['step']} of {opts.steps}: saved the run in {out} "
               f"({_written(out)})")
-        print(f"resume with: flashzo train --out {shlex.quote(out)} --resume")
+        launch = [f"--{d.replace('_', '-')}" + ("" if isinstance(getattr(args, d), bool) else f" {getattr(args, d)}")
+                  for d in sorted(getattr(args, "given", ())) if d in ("threads", "device", "no_progress")]
+        print(f"resume with: flashzo train --out {shlex.quote(out)} --resume{''.join(' ' + f for f in launch)}")
         return 128 + res["signal"]
     keys = ("steps_run", "step", "seconds", "steps_per_second", "eval_before", "eval_after", "best", "world_size",
             "parallel", "traffic")

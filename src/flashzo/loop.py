@@ -288,7 +288,8 @@ class _Stop:
     def __enter__(self) -> _Stop:
         if self.enabled:
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup`, a background job: keep ignoring it
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -99,8 +99,16 @@ class RunOptions:
 
     @classmethod
     def from_args(cls, args) -> RunOptions:
-        """From parsed `flashzo train` / `flashzo demo` arguments (argparse.Namespace)."""
-        return cls(**{n: getattr(args, n) for n in cls.names() if hasattr(args, n)})
+        """From parsed `flashzo train` / `flashzo demo` arguments (argparse.Namespace); a refusal names the
+        flag (`--eval-every must be >= 0`)."""
+        try:
+            return cls(**{n: getattr(args, n) for n in cls.names() if hasattr(args, n)})
+        except InputError as e:
+            msg = str(e)
+            name = next((n for n in cls.names() if msg.startswith(n + " ")), None)
+            if name is None:
+                raise
+            raise InputError("--" + name.replace("_", "-") + msg[len(name):]) from None
 
     def to_dict(self) -> dict:
         d = {n: getattr(self, n) for n in self.names()}
