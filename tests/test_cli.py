@@ -238,6 +238,22 @@ def test_a_run_writes_its_log_and_names_its_base_model(checkpoint, tmp_path, cap
     assert (base - theirs).abs().max() > 1e-2  # the adapter moved the log-probs: the test can fail
 
 
+def test_threads_apply_to_the_command_only(checkpoint, tmp_path, monkeypatch):
+    from flashzo.engine.mezo import MeZOTrainer
+
+    ids, _, _ = write_data(tmp_path)
+    seen, real = [], MeZOTrainer.step
+    monkeypatch.setattr(MeZOTrainer, "step", lambda self, b: (seen.append(torch.get_num_threads()), real(self, b))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["train", "--model", checkpoint, "--train", ids, "--out", str(tmp_path / "run"), "--steps", "2",
+                     "--threads", "1", "--no-progress"]) == 0
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_keep_best_and_eval_batch_size(checkpoint, tmp_path, capsys):
     ids, _, _ = write_data(tmp_path)
     out = tmp_path / "run"
@@ -401,7 +417,7 @@ def test_eval_predictions_and_perplexity(checkpoint, tmp_path, capsys):
     ids, _, lm = write_data(tmp_path)
     model = load_model(checkpoint)
     for data, kind in ((ids, "classification"), (lm, "lm")):
-        preds = tmp_path / f"predictions_{kind}.jsonl"
+        preds = tmp_path / "new" / f"predictions_{kind}.jsonl"  # its folder is made
         capsys.readouterr()
         assert main(["eval", "--model", checkpoint, "--data", data, "--predictions", str(preds), "--batch-size",
                      "5"]) == 0

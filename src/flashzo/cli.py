@@ -480,6 +480,7 @@ def cmd_eval(args) -> int:
         if args.predictions is None:
             res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
         else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
             res = write_predictions(model, adapter, data, args.predictions, batch_size=args.batch_size)
             res["predictions"] = os.path.abspath(args.predictions)
     print(json.dumps(res, indent=1))
