@@ -181,3 +181,5 @@ def test_out_dir_helpers(model, tmp_path):
     assert describe_run(str(tmp_path)) == "a run with a checkpoint at step 1"
     clear_run(str(tmp_path))
     assert run_files(str(tmp_path)) == [] and (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "log.jsonl").write_text("")  # killed before its first checkpoint
+    assert describe_run(str(tmp_path)) == "the files of a run without a checkpoint (log.jsonl)"

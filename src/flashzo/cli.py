@@ -373,8 +373,10 @@ def _plan_train(args) -> _TrainPlan | None:
         raise InputError("a new run needs --model and --train (with --resume they are the run's)")
     existing = describe_run(out)
     if existing and not args.overwrite:
-        raise InputError(f"{out} already holds {existing}: --resume continues it, --overwrite replaces it, or "
-                         "choose another --out")
+        resumable = os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")
+        raise InputError(f"{out} already holds {existing}: "
+                         f"{'--resume continues it, ' if resumable else ''}--overwrite replaces it, or choose "
+                         "another --out")
     options = RunOptions.from_args(args)
     if options.keep_best and not args.eval:
         raise InputError(f"--keep-best {options.keep_best} needs --eval (the data the best is judged on)")

@@ -93,7 +93,7 @@ def describe_run(out_dir: str) -> str | None:
             return f"a run with a checkpoint at step {step}"
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return "a run (" + ", ".join(os.path.basename(f) for f in files) + ")"
+    return "the files of a run without a checkpoint (" + ", ".join(os.path.basename(f) for f in files) + ")"
 
 
 def clear_run(out_dir: str) -> None:
