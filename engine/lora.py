@@ -90,6 +90,8 @@ class LoRAAdapter:
     model_config: object  # a family config (engine/config.py's OPTConfig ...)
     buffer: torch.Tensor
     slots: dict[tuple[int, str], LoRASlot] = field(default_factory=dict)
+    # The base model's path, as PEFT's adapter_config.json names it (AutoPeftModel loads it from there).
+    base_model_name_or_path: str | None = None
 
     # Construction ---------------------------------------------------------------------------------
     @classmethod
@@ -176,13 +178,12 @@ class LoRAAdapter:
         return out
 
     def clone(self) -> "LoRAAdapter":
-        new = LoRAAdapter.empty(self.config, self.model_config, device=self.device)
-        new.buffer.copy_(self.buffer)
-        return new
+        return self.to(self.device)
 
     def to(self, device) -> "LoRAAdapter":
         new = LoRAAdapter.empty(self.config, self.model_config, device=device)
         new.buffer.copy_(self.buffer)
+        new.base_model_name_or_path = self.base_model_name_or_path
         return new
 
     # PEFT format ----------------------------------------------------------------------------------
@@ -210,7 +211,12 @@ class LoRAAdapter:
         }
 
     def save_pretrained(self, path: str, *, base_model_name_or_path: str | None = None) -> None:
-        """adapter_config.json + adapter_model.safetensors with PEFT's key names (files replaced atomically)."""
+        """adapter_config.json + adapter_model.safetensors with PEFT's key names (files replaced atomically).
+
+        base_model_name_or_path: what the config names as the base model (default: this adapter's).
+        """
+        if base_model_name_or_path is None:
+            base_model_name_or_path = self.base_model_name_or_path
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -232,8 +238,10 @@ class LoRAAdapter:
         try:
             with open(cfg_path) as f:
                 pc = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{cfg_path}: cannot be read: {e}") from e
+        if not isinstance(pc, dict):
+            raise InputError(f"{cfg_path}: holds a JSON {type(pc).__name__}, not an object")
         if pc.get("peft_type", "LORA") != "LORA":
             raise InputError(f"{cfg_path}: peft_type {pc.get('peft_type')!r} is not LORA")
         for key, ok in (("bias", ("none", None)), ("use_dora", (False, None)), ("use_rslora", (False, None)),
@@ -250,12 +258,29 @@ class LoRAAdapter:
             targets = [m for m in model_config.lora_modules if m in targets.split("|") or targets == m]
             if not targets:
                 raise InputError(f"{cfg_path}: target_modules regex {pc['target_modules']!r} is not supported")
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(m, str) for m in targets):
+            raise InputError(f"{cfg_path}: target_modules must be module names, got {json.dumps(targets)[:60]}")
+        if "r" not in pc:
+            raise InputError(f"{cfg_path}: no 'r' (the LoRA rank)")
+        r, alpha = pc["r"], pc.get("lora_alpha", 8)
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise InputError(f"{cfg_path}: 'r' must be an integer rank, got {json.dumps(r)}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise InputError(f"{cfg_path}: 'lora_alpha' must be a number, got {json.dumps(alpha)}")
         layers = pc.get("layers_to_transform")
-        if isinstance(layers, int):
+        if isinstance(layers, int) and not isinstance(layers, bool):
             layers = [layers]
-        config = LoRAConfig(r=int(pc["r"]), alpha=pc.get("lora_alpha", 8), target_modules=tuple(targets),
-                            layers=tuple(layers) if layers is not None else None, seed=seed)
+        if layers is not None and (not isinstance(layers, list) or
+                                   not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise InputError(f"{cfg_path}: layers_to_transform must be layer indices, got {json.dumps(layers)[:60]}")
+        try:
+            config = LoRAConfig(r=r, alpha=alpha, target_modules=tuple(targets),
+                                layers=tuple(layers) if layers is not None else None, seed=seed)
+        except InputError as e:
+            raise InputError(f"{cfg_path}: {e}") from None
+        base = pc.get("base_model_name_or_path")
         adapter = cls.empty(config, model_config, device=device)
+        adapter.base_model_name_or_path = base if isinstance(base, str) else None
         tensors = _read_adapter_tensors(path)
         expected = adapter.named_tensors()
         given = {_normalise_peft_key(k): v for k, v in tensors.items()}

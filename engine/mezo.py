@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from flashzo.kernels import gaussian, zo_update_
 from . import distributed
 from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
 from .example import Example, check_examples
-from .lora import LoRAAdapter, LoRAConfig
+from .lora import ADAPTER_CONFIG, LoRAAdapter, LoRAConfig
 from .loss import PairLoss, copy_losses, pair_losses
 from .model import CausalLM
 
@@ -50,6 +51,14 @@ class MeZOConfig:
     parallel: str | None = None  # under torch.distributed: "perturbations" | "batch" (engine.distributed)
 
     def __post_init__(self):
+        for name in ("lr", "eps", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{name} must be a number, got {value!r}")
+        for name in ("num_perturbations", "seed", "warmup_steps", "max_nonfinite_steps", "total_steps"):
+            value = getattr(self, name)
+            if (value is not None or name != "total_steps") and (isinstance(value, bool) or not _is_int(value)):
+                raise InputError(f"{name} must be an integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr < 0:
             raise InputError(f"lr must be a finite number >= 0, got {self.lr}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps <= 0:
@@ -84,6 +93,14 @@ class MeZOConfig:
         if self.lr_schedule == "linear":
             return self.lr * (1.0 - frac)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _is_int(value) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _splitmix64(x: int) -> int:
@@ -145,6 +162,9 @@ class MeZOTrainer:
         self.model, self.config, self.adapter = model, config, adapter
         self.counters = _Counters()
         self._exchange: distributed.Exchange | None = None
+        # What the application says defines the run (flashzo train: its options and data fingerprints;
+        # src/flashzo/record.py): any JSON object, saved in the checkpoint and given back by resume().
+        self.run_info: dict | None = None
 
     # Seeds and perturbations ----------------------------------------------------------------------
     @property
@@ -259,12 +279,12 @@ class MeZOTrainer:
         kind = check_examples(examples, self.model.limits, what="eval set")
         loss_sum, loss_cnt, correct = distributed.eval_sums(
             ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing), examples)
-        return _eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
+        return eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
 
     # Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         c = self.counters
-        return {
+        state = {
             "step": c.step,
             "nonfinite_total": c.nonfinite_total,
             "nonfinite_consecutive": c.nonfinite_consecutive,
@@ -272,9 +292,12 @@ class MeZOTrainer:
             "lora_config": dataclasses.asdict(self.adapter.config),
             "lr_next": self.config.lr_at(c.step),
         }
+        if self.run_info is not None:
+            state["run_info"] = self.run_info
+        return state
 
     def save(self, path: str) -> None:
-        """Adapter (PEFT format) + step + config + schedule state, replacing `path` atomically.
+        """Adapter (PEFT format) + step + config + schedule state (+ run_info), replacing `path` atomically.
 
         Everything is written to `path.tmp`, then swapped in with two renames; if a crash lands
         between them, `path.old` holds the previous checkpoint and resume() finds it there.
@@ -305,24 +328,85 @@ class MeZOTrainer:
 
     @classmethod
     def resume(cls, path: str, model: CausalLM, **overrides) -> "MeZOTrainer":
-        """A trainer that continues the run saved at `path` (bit-identically on the same device)."""
-        path = os.path.abspath(path)
-        old = path + ".old"
-        if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(old, STATE_FILE)):
-            path = old  # a crash between the two renames of save()
-        state_file = os.path.join(path, STATE_FILE)
-        if not os.path.isfile(state_file):
-            raise InputError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")
-        with open(state_file) as f:
-            state = json.load(f)
-        cfg = dict(state["mezo_config"], **overrides)
-        config = MeZOConfig(**cfg)
-        lc = state["lora_config"]
-        adapter = LoRAAdapter.from_pretrained(path, model.config, seed=lc.get("seed", 0), device=model.device)
+        """A trainer that continues the run saved at `path` (bit-identically on the same device).
+
+        overrides: MeZOConfig fields this launch sets (`parallel`; `total_steps` to extend a run).
+        A checkpoint that is not one flashzo wrote (edited, truncated) is refused with an InputError.
+        """
+        path, state = read_state(path)
+        try:
+            config = MeZOConfig(**dict(state["mezo_config"], **overrides))
+        except TypeError as e:
+            raise InputError(f"overrides: {e}") from None
+        lora = LoRAConfig(**state["lora_config"])
+        adapter = LoRAAdapter.from_pretrained(path, model.config, seed=lora.seed, device=model.device)
+        if adapter.config != lora:
+            raise InputError(f"{path}: its {ADAPTER_CONFIG} ({_lora_fields(adapter.config)}) disagrees with "
+                             f"{STATE_FILE}'s lora_config ({_lora_fields(lora)})")
         trainer = cls(model, adapter, config)
         trainer.counters = _Counters(step=state["step"], nonfinite_total=state.get("nonfinite_total", 0),
                                      nonfinite_consecutive=state.get("nonfinite_consecutive", 0))
+        trainer.run_info = state.get("run_info")
         return trainer
+
+
+STATE_KEYS = ("step", "nonfinite_total", "nonfinite_consecutive", "mezo_config", "lora_config", "lr_next",
+              "run_info")
+
+
+def read_state(path: str) -> tuple[str, dict]:
+    """(the checkpoint directory read, its trainer_state.json checked): `path`, or `path.old` when a crash
+    landed between save()'s two renames. Anything save() would not have written is an InputError
+    naming the file and the key: a missing or unknown key, a step that is not an integer >= 0, a
+    config MeZOConfig or LoRAConfig refuses."""
+    path = os.path.abspath(path)
+    old = path + ".old"
+    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(old, STATE_FILE)):
+        path = old
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise InputError(f"{path}: no {STATE_FILE}; not a flashzo checkpoint")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{state_file}: cannot be read as JSON (truncated or edited?): {e}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{state_file}: holds a JSON {type(state).__name__}, not an object")
+    unknown = sorted(set(state) - set(STATE_KEYS))
+    if unknown:
+        raise InputError(f"{state_file}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(known: {', '.join(STATE_KEYS)})")
+    missing = [k for k in ("step", "mezo_config", "lora_config") if k not in state]
+    if missing:
+        raise InputError(f"{state_file}: no {', '.join(missing)} (truncated or edited?)")
+    for key in ("step", "nonfinite_total", "nonfinite_consecutive"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{state_file}: {key} must be an integer >= 0, got {json.dumps(value)}")
+    for key, cls in (("mezo_config", MeZOConfig), ("lora_config", LoRAConfig)):
+        value = state[key]
+        if not isinstance(value, dict):
+            raise InputError(f"{state_file}: {key} must be an object, got {json.dumps(value)[:60]}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(value) - set(fields))
+        if bad:
+            raise InputError(f"{state_file}: {key} has unknown key{'s' if len(bad) > 1 else ''} {', '.join(bad)} "
+                             f"(known: {', '.join(fields)})")
+        try:
+            cls(**value)
+        except TypeError as e:  # a required field is missing
+            raise InputError(f"{state_file}: {key}: {e}") from None
+        except InputError as e:
+            raise InputError(f"{state_file}: {key}: {e}") from None
+    if state.get("run_info") is not None and not isinstance(state["run_info"], dict):
+        raise InputError(f"{state_file}: run_info must be an object, got {json.dumps(state['run_info'])[:60]}")
+    return path, state
+
+
+def _lora_fields(c: LoRAConfig) -> str:
+    layers = "every layer" if c.layers is None else f"layers {list(c.layers)}"
+    return f"r={c.r}, alpha={c.alpha:g}, {','.join(c.target_modules)}, {layers}"
 
 
 @torch.no_grad()
@@ -330,7 +414,7 @@ def evaluate(model: CausalLM, adapter: LoRAAdapter | None, examples: Sequence[Ex
              batch_size: int = 32, sharing: str = "all") -> dict:
     """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
     kind = check_examples(examples, model.limits, what="eval set")
-    return _eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
+    return eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
 
 
 def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, float, int]:
@@ -347,10 +431,13 @@ def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, fl
     return loss_sum, loss_cnt, correct
 
 
-def _eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: int) -> dict:
+def eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: int) -> dict:
+    """evaluate()'s summary from its sums (kind: check_examples' "classification" or "lm")."""
     out = {"loss": loss_sum / loss_cnt, "num_examples": n}
     if kind == "classification":
         out["accuracy"] = correct / n
+    else:  # LM: the token-weighted mean NLL's exponential
+        out["perplexity"] = math.exp(out["loss"]) if out["loss"] < 700 else math.inf
     return out
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flashzo.data import DataError, load_jsonl, read_dataset
+from flashzo.data import DataError, NoTokenizer, load_jsonl, load_tokenizer, read_dataset
 from flashzo.engine.example import Limits
 
 LIMITS = Limits(vocab_size=100, max_positions=16)
@@ -92,11 +92,35 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(ValueError, match="not a file"):
         load_jsonl(str(tmp_path))
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(b'{"prompt": "caf\xe9", "target": [1]}\n')
-    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8"):
+    bad.write_bytes(b'{"prompt": [1], "target": [1]}\n{"prompt": "caf\xe9", "target": [1]}\n\xff\n')
+    with pytest.raises(DataError) as info:
         load_jsonl(str(bad))
-    with pytest.raises(ValueError, match="text but the model has no tokenizer"):
-        load_jsonl(_write(tmp_path, [{"prompt": "words", "target": [1]}]))
+    assert f"{bad}:2: not UTF-8 text (byte 16 of the line" in str(info.value)
+    assert f"{bad}:3: not UTF-8 text (byte 1 of the line" in str(info.value)
+
+
+def test_text_without_a_tokenizer_is_refused_once_with_the_reason(tmp_path):
+    path = _write(tmp_path, [{"prompt": [1], "target": [1]}] + [{"prompt": "words", "target": [1]}] * 5)
+    with pytest.raises(DataError) as info:
+        load_jsonl(path)
+    assert info.value.problems == [(2, info.value.problems[0][1])]
+    assert "prompt is text but the model has no tokenizer" in str(info.value)
+    with pytest.raises(DataError, match=f"{path}:2: prompt is text but the model has no tokenizer: /m has none"):
+        load_jsonl(path, tokenizer=NoTokenizer("/m has none"))
+
+
+def test_a_model_directory_without_tokenizer_files(tmp_path):
+    """transformers gives such a directory an empty tokenizer (text -> no tokens): the cause is named."""
+    transformers = pytest.importorskip("transformers")
+    transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2,
+                           max_position_embeddings=16).save_pretrained(tmp_path)
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path))("a b c")["input_ids"]) == 0
+    with pytest.raises(ValueError, match=f"{tmp_path} has no tokenizer files \\(none of tokenizer.json, vocab.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "vocab.json").write_text("{}")  # a vocabulary file, but an empty one
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="turns text into no tokens|cannot be loaded"):
+        load_tokenizer(str(tmp_path))
 
 
 class _WordTokenizer:

@@ -6,6 +6,8 @@ PEFT on transformers, is tests/test_opt.py's.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,41 @@ def test_adapter_round_trip(tmp_path):
     again = LoRAAdapter.from_pretrained(str(tmp_path), cfg)
     assert again.structure() == adapter.structure()
     assert torch.equal(again.buffer, adapter.buffer)
+    assert again.base_model_name_or_path is None
+
+
+def test_adapter_names_its_base_model(tmp_path):
+    cfg = OPTConfig.from_name("opt-tiny")
+    adapter = LoRAAdapter.init(LoRAConfig(r=2), cfg)
+    adapter.base_model_name_or_path = "/models/opt-tiny"
+    adapter.clone().save_pretrained(str(tmp_path / "a"))  # kept by clone() and to()
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "/models/opt-tiny"
+    assert LoRAAdapter.from_pretrained(str(tmp_path / "a"), cfg).base_model_name_or_path == "/models/opt-tiny"
+    adapter.save_pretrained(str(tmp_path / "b"), base_model_name_or_path="/elsewhere")  # the argument wins
+    assert LoRAAdapter.from_pretrained(str(tmp_path / "b"), cfg).base_model_name_or_path == "/elsewhere"
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (dict(r=None), r"no 'r' \(the LoRA rank\)"), (dict(r="8"), "'r' must be an integer rank"),
+    (dict(r=0), "r must be an integer in 1.."), (dict(lora_alpha="16"), "'lora_alpha' must be a number"),
+    (dict(target_modules=[1, 2]), "target_modules must be module names"),
+    (dict(layers_to_transform=["0"]), "layers_to_transform must be layer indices"),
+])
+def test_bad_adapter_config_is_refused_by_name(tmp_path, edit, needle):
+    cfg = OPTConfig.from_name("opt-tiny")
+    LoRAAdapter.init(LoRAConfig(r=2), cfg).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    d = json.loads(path.read_text())
+    for k, v in edit.items():
+        if v is None:
+            del d[k]
+        else:
+            d[k] = v
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=needle) as info:
+        LoRAAdapter.from_pretrained(str(tmp_path), cfg)
+    assert str(path) in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The MeZO trainer: the estimate, reproducibility, resume, NaN handling, step_together, bad input."""
 
+import json
 import math
 import os
 
@@ -188,6 +189,80 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
     assert MeZOTrainer.resume(path, model).step_count == 2
 
 
+def test_run_info_is_saved_and_resumed(model, tmp_path):
+    tr = MeZOTrainer(model, LoRAConfig(r=2), MeZOConfig(lr=1e-2, eps=1e-3))
+    assert "run_info" not in tr.state_dict()
+    tr.run_info = {"options": {"batch_size": 3}, "data": ["x"]}
+    tr.save(tmp_path / "ck")
+    back = MeZOTrainer.resume(tmp_path / "ck", model)
+    assert back.run_info == tr.run_info
+    assert back.state_dict()["run_info"] == tr.run_info
+
+
+def _edited_checkpoint(model, path, edit):
+    tr = MeZOTrainer(model, LoRAConfig(r=2), MeZOConfig(lr=1e-2, eps=1e-3))
+    tr.step(cls_examples(2))
+    tr.save(path)
+    state_file = os.path.join(path, "trainer_state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    text = edit(state)
+    with open(state_file, "w") as f:
+        f.write(text if isinstance(text, str) else json.dumps(state))
+    return state_file
+
+
+def _drop(key, where=None):
+    def edit(state):
+        (state if where is None else state[where]).pop(key)
+    return edit
+
+
+def _set(key, value, where=None):
+    def edit(state):
+        (state if where is None else state[where])[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: json.dumps(s)[:40], "cannot be read as JSON"),
+    (lambda s: "[1, 2]", "not an object"),
+    (_drop("step"), "no step"),
+    (_drop("mezo_config"), "no mezo_config"),
+    (_set("step", "3"), 'step must be an integer >= 0, got "3"'),
+    (_set("step", 2.0), "step must be an integer >= 0, got 2.0"),
+    (_set("step", -5), "step must be an integer >= 0, got -5"),
+    (_set("step", True), "step must be an integer >= 0, got true"),
+    (_set("nonfinite_total", -1), "nonfinite_total must be an integer >= 0"),
+    (_set("learning_rate", 1e-3), "unknown key learning_rate"),
+    (_set("momentum", 0.9, "mezo_config"), "mezo_config has unknown key momentum"),
+    (_drop("lr", "mezo_config"), "mezo_config: .*lr"),
+    (_set("lr", "fast", "mezo_config"), "mezo_config: lr must be a number"),
+    (_set("num_perturbations", 1.5, "mezo_config"), "mezo_config: num_perturbations must be an integer"),
+    (_set("mezo_config", [1], None), "mezo_config must be an object"),
+    (_set("r", 0, "lora_config"), "lora_config: r must be an integer"),
+    (_set("r", 4, "lora_config"), "disagrees with trainer_state.json's lora_config"),
+    (_set("run_info", "yes"), "run_info must be an object"),
+])
+def test_edited_checkpoints_are_refused_by_name(model, tmp_path, edit, needle):
+    state_file = _edited_checkpoint(model, tmp_path / "ck", edit)
+    with pytest.raises(flashzo.InputError, match=needle) as info:
+        MeZOTrainer.resume(tmp_path / "ck", model)
+    if "disagrees" not in needle:
+        assert state_file in str(info.value)
+
+
+def test_adapter_config_without_rank_is_refused(model, tmp_path):
+    tr = MeZOTrainer(model, LoRAConfig(r=2), MeZOConfig(lr=1e-2, eps=1e-3))
+    tr.save(tmp_path / "ck")
+    cfg = tmp_path / "ck" / "adapter_config.json"
+    d = json.loads(cfg.read_text())
+    del d["r"]
+    cfg.write_text(json.dumps(d))
+    with pytest.raises(flashzo.InputError, match=r"adapter_config.json: no 'r' \(the LoRA rank\)"):
+        MeZOTrainer.resume(tmp_path / "ck", model)
+
+
 def test_nonfinite_loss_skips_and_stops(model, monkeypatch):
     tr = MeZOTrainer(model, LoRAConfig(r=2), MeZOConfig(lr=1e-2, eps=1e-3, max_nonfinite_steps=3))
     ex = cls_examples(2)
@@ -258,6 +333,7 @@ def test_lm_loss_is_token_weighted(model):
     nll = torch.cat([-lp[len(e.prompt) - 1:] for lp, e in zip(lps, ex)])
     assert res["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
     assert "accuracy" not in res
+    assert res["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
     assert math.isfinite(tr.step(ex).loss)
 
 
@@ -292,6 +368,9 @@ def test_lr_schedules():
     (dict(lr=1e-3, eps=1e-3, lr_schedule="step"), "lr_schedule"),
     (dict(lr=1e-3, eps=1e-3, lr_schedule="cosine"), "total_steps"),
     (dict(lr=1e-3, eps=1e-3, weight_decay=-1), "weight_decay"),
+    (dict(lr="1e-3", eps=1e-3), "lr must be a number"),
+    (dict(lr=1e-3, eps=1e-3, seed=1.0), "seed must be an integer"),
+    (dict(lr=1e-3, eps=1e-3, lr_schedule="linear", total_steps=True), "total_steps must be an integer"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

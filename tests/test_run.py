@@ -29,3 +29,24 @@ def test_out_of_range_options_are_refused(kwargs, match):
 def test_unknown_option_names_are_refused():
     with pytest.raises(ValueError, match="unknown option learning_rate"):
         RunOptions.from_dict({"learning_rate": 1e-3})
+
+
+def test_differences_compare_meanings():
+    a = RunOptions(lora_r=4, target_modules="q_proj,v_proj", lora_layers="1,3")
+    assert a.differences(RunOptions(lora_r=4, lora_alpha=8, target_modules="v_proj,q_proj", lora_layers="3,1")) == []
+    assert a.differences(a.replace(lr=1.0, steps=5, lora_alpha=3.0)) == ["steps", "lr", "lora_alpha"]
+    assert a.differences(a.replace(lr=1.0, steps=5), names=("steps",)) == ["steps"]
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+                                          (dict(keep_best="f1"), "keep_best must be None or one of")])
+def test_new_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunOptions(**kwargs)
+
+
+def test_from_args_names_the_flag():
+    import argparse
+
+    with pytest.raises(ValueError, match="^--eval-every must be >= 0, got -1$"):
+        RunOptions.from_args(argparse.Namespace(eval_every=-1, lora_r=2))

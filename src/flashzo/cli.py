@@ -1,12 +1,22 @@
-"""The `flashzo` command: demo, train and eval (also `python -m flashzo`)."""
+"""The `flashzo` command: demo, train, eval and merge (also `python -m flashzo`).
+
+Each subcommand is a parser (in build_parser) and a function `cmd_<name>(args)`. Everything a
+command can check without loading a model (flags, --out, --device, a --resume launch against the run
+it continues) is checked before it loads one. `main` prints an InputError as one line and exits with
+status 2; a run stopped by SIGINT / SIGTERM exits with 130 / 143 once it is saved; anything else is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 
 from flashzo.errors import InputError
 
@@ -24,14 +34,76 @@ def _device(name):
     import torch
 
     if name:
-        return torch.device(name)
+        return _check_device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+def _check_device(name: str | None):
+    """The torch.device `--device` names, refused unless this machine has it (None: not given)."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise InputError(f"--device {name}: flashzo runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible"
+        raise InputError(f"--device {name}: {why}")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
+def _check_out(path: str, flag: str = "--out") -> str:
+    """The absolute path of an output directory that can be written: not a file, not under a file."""
+    out = os.path.abspath(path)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{flag} {path} is a file, not a directory")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {parent} is not writable")
+    return out
+
+
+def _check_positive(flag: str, value) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"{flag} must be >= 1, got {value}")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads for one command (None: unchanged), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------------
 
 def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, eps: float,
                            lora_r: int, eval_every: int, target_modules: str = "q_proj,v_proj",
                            lora_layers: str | None = None) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"total MeZO steps to train (default {steps})")
+    p.add_argument("--steps", type=int, default=steps, help=f"total MeZO steps to train (default {steps}); "
+                   "with --resume, more or fewer steps than the run's (a linear or cosine schedule is re-planned)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
     p.add_argument("--eps", type=float, default=eps, help=f"perturbation scale eps (default {eps})")
@@ -51,16 +123,23 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--num-perturbations", type=int, default=1, help="perturbations per step (q)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (perturbations, data order, LoRA init)")
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (0: only at the ends)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward (default 32)")
+    p.add_argument("--keep-best", choices=("loss", "accuracy"), default=None,
+                   help="also keep the checkpoint of the best eval (lowest loss or highest accuracy) in OUT/best")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's intra-op CPU threads (default: torch's; fewer is faster on a busy machine)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashzo", description="MeZO fine-tuning of OPT LoRA adapters.")
+    p = argparse.ArgumentParser(prog="flashzo", description="MeZO fine-tuning of LoRA adapters.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train LoRA on a tiny random OPT on the built-in synthetic task (CPU, < 2 min)")
-    d.add_argument("--out", default="flashzo-demo", help="output directory (default ./flashzo-demo)")
+    d.add_argument("--out", default="flashzo-demo", help="output directory (default ./flashzo-demo; a previous "
+                   "demo there is replaced)")
     d.add_argument("--train-size", type=int, default=512, help="synthetic training examples")
     d.add_argument("--eval-size", type=int, default=256, help="synthetic held-out examples")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -71,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                            target_modules="v_proj", lora_layers="0")
 
     t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset")
-    t.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory")
-    t.add_argument("--train", required=True, help="training JSONL file")
-    t.add_argument("--eval", default=None, help="held-out JSONL file")
-    t.add_argument("--out", required=True, help="output directory (checkpoint/, adapter/, metrics.json, curve.png)")
+    t.add_argument("--model", default=None, help="Hugging Face checkpoint directory (with --resume: the run's)")
+    t.add_argument("--train", default=None, help="training JSONL file (with --resume: the run's)")
+    t.add_argument("--eval", default=None, help="held-out JSONL file (with --resume: the run's)")
+    t.add_argument("--out", required=True, help="output directory (log.jsonl, metrics.json, checkpoint/, adapter/, "
+                   "curve.png, best/)")
     t.add_argument("--template", default=None, choices=("sst2", "rte", "copa"),
                    help="map raw task fields (e.g. sentence,label) through a MeZO prompt template")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT/checkpoint: flags not given are the run's; only --steps, "
+                        "--eval-every, --save-every, --eval-batch-size, --no-progress, --threads, --device, "
+                        "--parallel and --dist-timeout may differ from it")
     t.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun, "
                    "cuda:LOCAL_RANK)")
@@ -90,13 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common_training_flags(t, steps=1000, batch_size=16, lr=1e-4, eps=1e-3, lora_r=8, eval_every=0)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
-    e.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory")
+    e.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (default: the base model)")
     e.add_argument("--data", required=True, help="JSONL file to evaluate on")
     e.add_argument("--template", default=None, choices=("sst2", "rte", "copa"), help="MeZO prompt template")
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+    e.add_argument("--predictions", default=None,
+                   help="write one JSON line per example to this file: the line, each candidate's score (mean "
+                        "token log-prob), the prediction and the label; for LM data every target token's NLL")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
+
+    m = sub.add_parser("merge", help="write a Hugging Face checkpoint with a LoRA adapter merged into the weights")
+    m.add_argument("--model", required=True, help="the adapter's base model (Hugging Face checkpoint directory)")
+    m.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (OUT/adapter of a run, or OUT/best)")
+    m.add_argument("--out", required=True, help="directory for the merged checkpoint (config, weights, tokenizer)")
+    m.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the merged weights (default: the model checkpoint's)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from flashzo.serve.cli import add_parser as add_serve_parser
 
@@ -104,36 +199,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNSET = object()
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the flags given on the command line (not their defaults) of the command argv[0]."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    ns = argparse.Namespace(**{a.dest: _UNSET for a in sub._actions if a.dest != "help"})
+    sub.parse_args(argv[1:], namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not _UNSET}
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------------
+
 def _trainer_from_args(args, model, *, resume_dir=None):
     from flashzo.engine.mezo import MeZOTrainer
     from flashzo.run import RunOptions
 
     parallel = getattr(args, "parallel", None)
-    if resume_dir is not None:  # how many processes run the rest, and how they split it, is this launch's choice
+    if resume_dir is not None:
         return MeZOTrainer.resume(resume_dir, model, parallel=parallel)
     opts = RunOptions.from_args(args)
     return MeZOTrainer(model, opts.lora_config(), opts.mezo_config(parallel=parallel))
 
 
 def cmd_demo(args) -> int:
-    import torch
+    from flashzo.loop import clear_run, describe_run
+    from flashzo.run import RunOptions
 
+    RunOptions.from_args(args)
+    _check_positive("--threads", args.threads)
     device = _device(args.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
-        # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores): one thread.
-        torch.set_num_threads(1)
-    try:
-        return _demo(args, device)
-    finally:
-        torch.set_num_threads(threads)
+    out = _check_out(args.out)
+    existing = describe_run(out)
+    if existing and not args.overwrite and not _holds_demo(out):
+        raise InputError(f"{out} already holds {existing}, not a demo: choose another --out, or --overwrite it")
+    if existing:
+        clear_run(out)
+    # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
+    # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores): one thread.
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    with _threads(threads):
+        return _demo(args, device, out)
 
 
-def _demo(args, device) -> int:
+def _holds_demo(out: str) -> bool:
+    from flashzo.engine.mezo import STATE_FILE
+    from flashzo.loop import CHECKPOINT_DIR, METRICS_FILE
+
+    for path, keys in ((os.path.join(out, CHECKPOINT_DIR, STATE_FILE), ("run_info", "command")),
+                       (os.path.join(out, METRICS_FILE), ("command",))):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            for k in keys:
+                d = d[k]
+            return d == "demo"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
+def _demo(args, device, out) -> int:
     from flashzo.engine.config import OPTConfig
     from flashzo.engine.opt import OPTModel
     from flashzo.loop import fit
+    from flashzo.record import RunRecord
+    from flashzo.run import RunOptions
     from flashzo.tasks import synthetic_task
 
     cfg = OPTConfig.from_name("opt-tiny")
@@ -141,7 +275,7 @@ def _demo(args, device) -> int:
     train = synthetic_task(args.train_size, seed=args.seed, vocab_size=cfg.vocab_size, split="train")
     held_out = synthetic_task(args.eval_size, seed=args.seed, vocab_size=cfg.vocab_size, split="eval")
     trainer = _trainer_from_args(args, model)
-    out = os.path.abspath(args.out)
+    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32").to_dict()
     layers = "every layer" if not (args.lora_layers or "").strip() else \
         f"layer{'s' if ',' in args.lora_layers else ''} {args.lora_layers}"
     print(f"flashzo demo: tiny random OPT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {device}, "
@@ -151,72 +285,242 @@ def _demo(args, device) -> int:
     t0 = time.perf_counter()
     res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
               eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
-              metrics_extra={"task": "synthetic", "model": "opt-tiny (random)", "device": str(device)})
+              eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
+              metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
+                             "device": str(device)})
+    if "interrupted" in res:
+        print(f"flashzo demo: {res['interrupted']} at step {res['step']} of {args.steps}; wrote {_written(out)}")
+        return 128 + res["signal"]
     before, after = res["eval_before"]["accuracy"], res["eval_after"]["accuracy"]
     print(f"held-out accuracy: {before:.3f} before -> {after:.3f} after ({res['steps_run']} steps: "
           f"{res['seconds']:.1f} s in the training loop, {time.perf_counter() - t0:.1f} s in all)")
-    print(f"wrote {out}/curve.png, {out}/metrics.json, {out}/adapter (PEFT format), {out}/checkpoint")
+    print(f"wrote {out}/curve.png, {out}/metrics.json, {out}/log.jsonl, {out}/adapter (PEFT format), "
+          f"{out}/checkpoint")
     return 0
 
 
-def _load(args, device=None):
-    from flashzo.data import load_tokenizer
-    from flashzo.engine.loading import load_model
+def _written(out: str) -> str:
+    from flashzo.loop import run_files
 
-    model = load_model(args.model, dtype=_dtype(args.dtype), device=device or _device(args.device))
-    try:
-        tokenizer = load_tokenizer(args.model)
-    except InputError:
-        tokenizer = None  # token-id datasets need none; text datasets say so when read
-    return model, tokenizer
+    return ", ".join(run_files(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _TrainPlan:
+    """What a `flashzo train` launch runs, settled before any loading."""
+
+    options: object  # RunOptions
+    model: str
+    train: str
+    eval: str | None
+    dtype: str | None
+    out: str
+    checkpoint: str
+    resume_step: int | None  # None: a new run
+    best: dict | None
+    notes: list
 
 
 def cmd_train(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) every process runs this; see engine/distributed.py."""
     from flashzo.engine import distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _train(args, None)
-    if args.parallel is None:
-        raise InputError(f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE) need --parallel perturbations or "
-                         "--parallel batch")
-    device = distributed.init_distributed(device=args.device, timeout_s=args.dist_timeout)
+    plan = _plan_train(args)
+    if plan is None:
+        return 0
+    with _threads(args.threads):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return _train(args, plan, None)
+        if args.parallel is None:
+            raise InputError(f"{os.environ['WORLD_SIZE']} processes (WORLD_SIZE) need --parallel perturbations or "
+                             "--parallel batch")
+        device = distributed.init_distributed(device=args.device, timeout_s=args.dist_timeout)
+        try:
+            return _train(args, plan, device)
+        finally:
+            distributed.shutdown()
+
+
+def _plan_train(args) -> _TrainPlan | None:
+    """Every check a launch needs before loading anything; None: a resumed run with nothing to train."""
+    from flashzo.engine.mezo import read_state
+    from flashzo.loop import CHECKPOINT_DIR, describe_run
+    from flashzo.record import RunRecord, plan_resume
+    from flashzo.run import RunOptions
+
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    _check_positive("--threads", args.threads)
+    _check_device(args.device)
+    out = _check_out(args.out)
+    ckpt = os.path.join(out, CHECKPOINT_DIR)
+    if args.resume:
+        if not (os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")):
+            raise InputError(f"--resume: no checkpoint at {ckpt}")
+        path, state = read_state(ckpt)
+        record = RunRecord.from_dict(state.get("run_info"), where=os.path.join(path, "trainer_state.json"))
+        given = {d: getattr(args, d) for d in getattr(args, "given", ()) if d not in ("resume", "out", "overwrite")}
+        if given.get("dtype") is not None:
+            given["dtype"] = DTYPES[given["dtype"]]
+        r = plan_resume(record, given, step=state["step"], out=out)
+        if r.options.steps == state["step"]:
+            print(f"flashzo train: the run in {out} is at step {state['step']} of {r.options.steps}: nothing to "
+                  "train (--steps N continues it to step N)")
+            return None
+        return _TrainPlan(r.options, r.model, r.train, r.eval, r.dtype, out, ckpt, state["step"], record.best,
+                          r.notes)
+    if args.model is None or args.train is None:
+        raise InputError("a new run needs --model and --train (with --resume they are the run's)")
+    existing = describe_run(out)
+    if existing and not args.overwrite:
+        resumable = os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")
+        raise InputError(f"{out} already holds {existing}: "
+                         f"{'--resume continues it, ' if resumable else ''}--overwrite replaces it, or choose "
+                         "another --out")
+    options = RunOptions.from_args(args)
+    if options.keep_best and not args.eval:
+        raise InputError(f"--keep-best {options.keep_best} needs --eval (the data the best is judged on)")
+    if not os.path.exists(args.model):
+        raise InputError(f"{args.model}: no such model directory")
+    for path in (args.train, args.eval):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return _TrainPlan(options, args.model, args.train, args.eval, dtype, out, ckpt, None, None, [])
+
+
+def _load(model_path: str, dtype: str | None, device):
+    from flashzo.data import NoTokenizer, load_tokenizer
+    from flashzo.engine.loading import load_model
+
+    model = load_model(model_path, dtype=_dtype(dtype), device=device)
     try:
-        return _train(args, device)
-    finally:
-        distributed.shutdown()
+        tokenizer = load_tokenizer(model_path)
+    except InputError as e:
+        tokenizer = NoTokenizer(str(e))  # token-id datasets need none; text datasets are refused with the reason
+    return model, tokenizer
 
 
-def _train(args, device) -> int:
-    from flashzo.data import load_jsonl
-    from flashzo.loop import CHECKPOINT_DIR, fit
+def _train(args, plan: _TrainPlan, device) -> int:
+    from flashzo.data import read_dataset
+    from flashzo.engine.mezo import MeZOTrainer
+    from flashzo.loop import clear_run, fit
+    from flashzo.record import RunRecord, file_fingerprint, model_fingerprint
 
-    model, tok = _load(args, device)
-    train = load_jsonl(args.train, tok, template=args.template, limits=model.limits)
-    held_out = load_jsonl(args.eval, tok, template=args.template, limits=model.limits) if args.eval else None
-    ckpt = os.path.join(args.out, CHECKPOINT_DIR)
-    if args.resume and not (os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")):
-        raise InputError(f"--resume: no checkpoint at {ckpt}")
-    trainer = _trainer_from_args(args, model, resume_dir=ckpt if args.resume else None)
-    res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=args.out,
-              eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
-              metrics_extra={"model": os.path.abspath(args.model)})
+    opts = plan.options
+    model, tok = _load(plan.model, plan.dtype, device or _device(args.device))
+    train = read_dataset(plan.train, tok, template=opts.template, limits=model.limits)
+    held_out = read_dataset(plan.eval, tok, template=opts.template, limits=model.limits) if plan.eval else None
+    if opts.keep_best == "accuracy" and not held_out.examples[0].is_classification:
+        raise InputError(f"--keep-best accuracy: {plan.eval} is LM data, which has no accuracy (use --keep-best loss)")
+    mezo = opts.mezo_config(parallel=args.parallel)
+    if plan.resume_step is None:
+        trainer = MeZOTrainer(model, opts.lora_config(), mezo)
+    else:
+        trainer = MeZOTrainer.resume(plan.checkpoint, model, parallel=args.parallel, total_steps=opts.steps)
+        if trainer.config != mezo or trainer.adapter.config != opts.lora_config():
+            raise InputError(f"{plan.checkpoint}: its mezo_config or lora_config disagrees with its run_info.options "
+                             "(edited?)")
+    trainer.adapter.base_model_name_or_path = os.path.abspath(plan.model)
+    model_info = {"path": os.path.abspath(plan.model), "fingerprint": model_fingerprint(plan.model)}
+    record = RunRecord("train", opts, model_info, str(model.dtype).replace("torch.", ""),
+                       {**file_fingerprint(plan.train), "examples": len(train.examples)},
+                       {**file_fingerprint(plan.eval), "examples": len(held_out.examples)} if held_out else None,
+                       plan.best)
+    trainer.run_info = record.to_dict()
+    out = plan.out
     if trainer.is_main:
-        keys = ("steps_run", "seconds", "steps_per_second", "eval_before", "eval_after", "world_size", "parallel",
-                "traffic")
-        print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
+        if plan.resume_step is None and args.overwrite:
+            clear_run(out)
+        for note in plan.notes:
+            print(f"flashzo train: {note}")
+        print(f"flashzo train: {'continuing' if plan.resume_step is not None else 'writing'} the run in {out}: "
+              f"log.jsonl (every step), metrics.json and checkpoint/ "
+              f"({f'every {opts.save_every} steps and ' if opts.save_every else ''}at the end), adapter/ and "
+              f"curve.png (at the end){', best/ (the best eval by ' + opts.keep_best + ')' if opts.keep_best else ''}")
+    res = fit(trainer, train.examples, held_out.examples if held_out else None, steps=opts.steps,
+              batch_size=opts.batch_size, out_dir=out, eval_every=opts.eval_every, save_every=opts.save_every,
+              progress=not args.no_progress, eval_batch_size=opts.eval_batch_size, keep_best=opts.keep_best,
+              metrics_extra={"command": "train", "model": os.path.abspath(plan.model)})
+    if not trainer.is_main:
+        return 128 + res["signal"] if "interrupted" in res else 0
+    if "interrupted" in res:
+        print(f"flashzo train: {res['interrupted']} at step {res['step']} of {opts.steps}: saved the run in {out} "
+              f"({_written(out)})")
+        launch = [f"--{d.replace('_', '-')}" + ("" if isinstance(getattr(args, d), bool) else f" {getattr(args, d)}")
+                  for d in sorted(getattr(args, "given", ())) if d in ("threads", "device", "no_progress")]
+        print(f"resume with: flashzo train --out {shlex.quote(out)} --resume{''.join(' ' + f for f in launch)}")
+        return 128 + res["signal"]
+    keys = ("steps_run", "step", "seconds", "steps_per_second", "eval_before", "eval_after", "best", "world_size",
+            "parallel", "traffic")
+    print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# eval and merge
+# --------------------------------------------------------------------------------------------------
+
 def cmd_eval(args) -> int:
-    from flashzo.data import load_jsonl
+    from flashzo.data import read_dataset
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.engine.mezo import evaluate
+    from flashzo.predict import write_predictions
 
-    model, tok = _load(args)
-    adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter else None
-    data = load_jsonl(args.data, tok, template=args.template, limits=model.limits)
-    print(json.dumps(evaluate(model, adapter, data, batch_size=args.batch_size), indent=1))
+    _check_positive("--batch-size", args.batch_size)
+    _check_positive("--threads", args.threads)
+    device = _device(args.device)
+    if args.predictions is not None:
+        if os.path.isdir(args.predictions):
+            raise InputError(f"--predictions {args.predictions} is a directory, not a file")
+        _check_out(os.path.dirname(os.path.abspath(args.predictions)), flag="--predictions")
+    with _threads(args.threads):
+        model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device)
+        adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
+            else None
+        data = read_dataset(args.data, tok, template=args.template, limits=model.limits)
+        if args.predictions is None:
+            res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
+            res = write_predictions(model, adapter, data, args.predictions, batch_size=args.batch_size)
+            res["predictions"] = os.path.abspath(args.predictions)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    import shutil
+
+    import torch
+
+    from flashzo.engine.loading import load_model, save_model
+    from flashzo.engine.lora import LoRAAdapter
+    from flashzo.merge import copy_side_files, merge_adapter
+
+    out = _check_out(args.out)
+    for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
+        if not os.path.exists(path):
+            raise InputError(f"{flag} {path}: no such directory")
+        if os.path.realpath(path) == os.path.realpath(out):
+            raise InputError(f"--out {args.out} is the {flag} directory: choose another")
+    if os.path.isdir(out) and os.listdir(out):
+        if not args.overwrite:
+            raise InputError(f"--out {args.out} is not empty: choose another, or --overwrite it")
+        shutil.rmtree(out)
+    model = load_model(args.model, dtype=_dtype(DTYPES[args.dtype] if args.dtype else None), device=torch.device("cpu"))
+    adapter = LoRAAdapter.from_pretrained(args.adapter, model.config)
+    merge_adapter(model, adapter)
+    save_model(model, out)
+    copied = copy_side_files(args.model, out)
+    dtype = str(model.dtype).replace("torch.", "")
+    print(f"flashzo merge: wrote {out}: {args.adapter} (r={adapter.config.r}, "
+          f"{','.join(adapter.config.target_modules)}) merged into {args.model}, {dtype}"
+          f"{'; copied ' + ', '.join(copied) if copied else ''}")
     return 0
 
 
@@ -227,17 +531,29 @@ def cmd_serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _given_flags(parser, argv)
     from flashzo.engine.distributed import DistributedError
+    from flashzo.engine.mezo import NonFiniteLossError
 
+    commands = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "serve": cmd_serve}
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve}[args.command](args)
+        return commands[args.command](args)
     except InputError as e:  # bad input: one clear line, no traceback (anything else is a bug: it keeps its own)
         print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except DistributedError as e:  # another process failed or hung: one clear line, no traceback
         print(f"flashzo {args.command}: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         return 1
+    except NonFiniteLossError as e:  # training diverged: the run so far is saved (src/flashzo/loop.py)
+        where = f" (the run so far is saved in {os.path.abspath(args.out)})" if getattr(args, "out", None) else ""
+        print(f"flashzo {args.command}: error: {e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # outside training (loading, evaluating): nothing to save
+        print(f"flashzo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

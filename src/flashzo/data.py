@@ -110,28 +110,58 @@ TEMPLATES: dict[str, Callable[[dict], dict]] = {"sst2": sst2_template, "rte": rt
 # --------------------------------------------------------------------------------------------------
 
 
+# A tokenizer's vocabulary lives in one of these (with the tokenizer_config.json beside it); a directory
+# without any is given an empty tokenizer by transformers' AutoTokenizer, which turns text into nothing.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "tekken.json")
+
+
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline)."""
+    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline).
+
+    InputError naming the cause when the directory has no tokenizer files, or when what transformers
+    returns turns text into no tokens.
+    """
+    if os.path.isdir(model_dir) and not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise InputError(f"{model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy the "
+                         "model's tokenizer files into it, or give token-id lists in the data")
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dev extra
         raise InputError("text datasets need transformers: pip install 'flashzo[dev]'") from e
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:
-        raise InputError(f"{model_dir}: no usable tokenizer files ({type(e).__name__}: {e}); "
-                         "use token-id lists in the dataset or add the tokenizer files") from e
+        raise InputError(f"{model_dir}: its tokenizer files cannot be loaded ({type(e).__name__}: {e}); "
+                         "use token-id lists in the data or fix the tokenizer files") from e
+    if not tokenizer("a b c", add_special_tokens=False)["input_ids"]:
+        raise InputError(f"{model_dir}: its tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) turns "
+                         "text into no tokens: its vocabulary files are missing or empty")
+    return tokenizer
+
+
+class NoTokenizer:
+    """Stands for a model's missing tokenizer, with the reason (a data file with text is refused with it)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 class _RecordError(ValueError):
     """One record cannot become an Example (the reader adds the file and line)."""
 
 
+class _NoTokenizerError(_RecordError):
+    """Text without a tokenizer: the file is refused at its first text line (every line would say it)."""
+
+
 def _ids(value, tokenizer, *, field: str, prompt: bool) -> list[int]:
     if isinstance(value, str):
+        if isinstance(tokenizer, NoTokenizer):
+            raise _NoTokenizerError(f"{field} is text but the model has no tokenizer: {tokenizer.reason}")
         if tokenizer is None:
-            raise _RecordError(f"{field} is text but the model has no tokenizer (give token-id lists, or add the "
-                               "tokenizer files to the model directory)")
+            raise _NoTokenizerError(f"{field} is text but the model has no tokenizer (give token-id lists, or add "
+                                    "the tokenizer files to the model directory)")
         if prompt:
             return list(tokenizer(value)["input_ids"])  # a tokenizer that adds a BOS adds it to the prompt
         return list(tokenizer(value, add_special_tokens=False)["input_ids"])
@@ -176,6 +206,8 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                  training: bool = True, max_errors: int = MAX_ERRORS) -> Dataset:
     """Every example of a JSONL file, checked; DataError listing every problem (FILE:LINE) otherwise.
 
+    tokenizer: the model's, for text (None, or a NoTokenizer saying why there is none: a file with
+    text is then refused at its first text line, with the reason).
     template: "sst2", "rte" or "copa" maps raw task fields first (extra fields are ignored).
     limits: the model's vocabulary and positions (None: not checked). training: also require what a
     loss needs (two or more candidates and a label, a non-empty target), and one kind in the file.
@@ -197,8 +229,13 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
             problems.append((line, msg))
 
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, text in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problem(n, f"not UTF-8 text (byte {e.start + 1} of the line: {e.reason})")
+                    continue
                 if not text.strip():
                     continue
                 try:
@@ -212,6 +249,9 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                             raise TemplateError(f"expected a JSON object, got {type(rec).__name__}")
                         rec = TEMPLATES[template](rec)
                     ex = record_to_example(rec, tokenizer)
+                except _NoTokenizerError as e:
+                    problem(n, str(e))
+                    raise DataError(path, problems, total) from None
                 except (TemplateError, _RecordError, InputError) as e:
                     problem(n, str(e) if template is None or not isinstance(e, TemplateError)
                             else f"{template} template: {e}")
@@ -224,8 +264,6 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                     continue
                 examples.append(ex)
                 lines.append(n)
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot be read: {e.strerror or e}") from None
     if training and len(kinds) > 1:

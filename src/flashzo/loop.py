@@ -1,28 +1,56 @@
-"""The training loop behind `flashzo train` and `flashzo demo`: steps, progress, evals, checkpoints.
+"""The training loop behind `flashzo train` and `flashzo demo`: steps, progress, evals, checkpoints, logs.
 
 The mini-batch of step t is a pure function of (seed, t), so a run resumed from a checkpoint sees
 exactly the batches it would have seen, and continues bit-identically on the same device.
 
-Under torch.distributed (MeZOConfig.parallel) every rank runs fit() on the same data: steps, evals and
-checkpoints are collective, and only the main rank (`is_main`) logs, shows progress and writes files.
+What a run writes to its out dir:
+
+    log.jsonl      one line per step, written as it is trained: step, loss, loss_plus, loss_minus,
+                   projected_grads, lr, tokens, skipped, seconds (the step's), time (Unix time)
+    metrics.json   the loss curve, one entry per evaluated step, eval_before / eval_after, the state
+    checkpoint/    the resumable checkpoint, every save_every steps and at the end (atomic)
+    best/          with keep_best: the checkpoint of the best eval so far (also a PEFT adapter)
+    adapter/       the adapter in PEFT format, at the end
+    curve.png      the loss and eval curves, at the end
+
+metrics.json is written just before each checkpoint, so it never lags the checkpoint a run resumes
+from; on resume, the log lines and curve points past the checkpoint's step are dropped (those steps
+run again) and nothing is evaluated at the resume point.
+
+SIGINT and SIGTERM stop a run after the current step (a second signal abandons that step); the run
+is then saved as at the end, without the final eval, and fit returns with `interrupted` set. A
+NonFiniteLossError saves the run the same way before it propagates.
+
+Under torch.distributed (MeZOConfig.parallel) every rank runs fit() on the same data: steps, evals,
+checkpoints and the decision to stop are collective, and only the main rank (`is_main`) logs, shows
+progress and writes files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Callable, Sequence
 
 import torch
 
 from flashzo.engine.example import Example
-from flashzo.engine.mezo import MeZOTrainer
+from flashzo.engine.mezo import STATE_FILE, MeZOTrainer, NonFiniteLossError
 from flashzo.errors import InputError
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
+BEST_DIR = "best"
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+CURVE_FILE = "curve.png"
+RUN_FILES = (LOG_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR, ADAPTER_DIR, CURVE_FILE)
 
 
 def batches(examples: Sequence[Example], batch_size: int, *, seed: int = 0, epoch: int = 0) -> list[list[Example]]:
@@ -38,89 +66,335 @@ def batch_for_step(examples: Sequence[Example], batch_size: int, step: int, seed
     return batches(examples, batch_size, seed=seed, epoch=epoch)[k]
 
 
+# --------------------------------------------------------------------------------------------------
+# The out dir
+# --------------------------------------------------------------------------------------------------
+
+def run_files(out_dir: str) -> list[str]:
+    """The files and folders of a run in `out_dir` (with a save's leftovers, `checkpoint.old` ...)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = set(os.listdir(out_dir))
+    found = []
+    for name in RUN_FILES:
+        found += [n for n in (name, name + ".old", name + ".tmp") if n in names]
+    return [os.path.join(out_dir, n) for n in found]
+
+
+def describe_run(out_dir: str) -> str | None:
+    """None if `out_dir` holds no run; else a few words about the one it holds."""
+    files = run_files(out_dir)
+    if not files:
+        return None
+    for ck in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        try:
+            with open(os.path.join(out_dir, ck, STATE_FILE)) as f:
+                step = json.load(f)["step"]
+            return f"a run with a checkpoint at step {step}"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "the files of a run without a checkpoint (" + ", ".join(os.path.basename(f) for f in files) + ")"
+
+
+def clear_run(out_dir: str) -> None:
+    """Remove the run in `out_dir` (only the files a run writes; anything else stays)."""
+    for path in run_files(out_dir):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
 def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Example] | None, *, steps: int,
         batch_size: int, out_dir: str, eval_every: int = 0, save_every: int = 0, progress: bool = True,
-        log: Callable[[str], None] = print, is_main: bool = True, metrics_extra: dict | None = None) -> dict:
-    """Train until `steps` steps are done (counting steps already in a resumed trainer)."""
+        log: Callable[[str], None] = print, is_main: bool = True, metrics_extra: dict | None = None,
+        eval_batch_size: int = 32, keep_best: str | None = None, handle_signals: bool = True) -> dict:
+    """Train until `steps` steps are done (counting steps already in a resumed trainer).
+
+    keep_best: "loss" or "accuracy": keep the checkpoint of the best eval in OUT/best (ties keep the
+    earlier). handle_signals: stop on SIGINT / SIGTERM and save (when fit runs in the main thread).
+    Returns the summary (also in metrics.json) with the curve as "history".
+    """
     is_main = is_main and trainer.is_main
     if not is_main:
         log = _quiet
-    if steps < 0 or batch_size < 1:
-        raise InputError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-    if not train:
-        raise InputError("the training set is empty")
-    os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    history = {"step": [], "loss": [], "lr": [], "eval": []}
-    if trainer.step_count and os.path.isfile(metrics_path):  # resumed: keep the curve so far
-        with open(metrics_path) as f:
-            old = json.load(f).get("history", history)
-        keep = [i for i, s in enumerate(old.get("step", [])) if s < trainer.step_count]
-        history = {k: [old[k][i] for i in keep] for k in ("step", "loss", "lr")}
-        history["eval"] = [e for e in old.get("eval", []) if e["step"] <= trainer.step_count]
+    writes = is_main or trainer.exchange is not None  # trainer.save is collective under torch.distributed
+    _check_fit_args(trainer, train, eval_set, steps, batch_size, eval_batch_size, keep_best)
+    start = trainer.step_count
+    paths = _Paths(out_dir)
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    history, eval_before = _previous_history(paths.metrics, start) if start else (_empty_history(), None)
+    step_log = _StepLog(paths.log, start) if is_main else None
 
-    def run_eval():
-        if eval_set:
-            res = trainer.evaluate(eval_set)
-            history["eval"].append({"step": trainer.step_count, **res})
-            return res
-        return None
+    def run_eval() -> dict:
+        res = trainer.evaluate(eval_set, batch_size=eval_batch_size)
+        step = trainer.step_count
+        history["eval"] = [e for e in history["eval"] if e["step"] != step] + [{"step": step, **res}]
+        if keep_best:
+            _consider_best(trainer, res, keep_best, paths.best if writes else None)
+        return res
 
-    first = None
-    if eval_set and (not history["eval"] or history["eval"][-1]["step"] != trainer.step_count):
+    if eval_set and (start == 0 or not history["eval"]):
         first = run_eval()
-        if first is not None:
-            log(f"eval at step {trainer.step_count}: " + _fmt(first))
+        log(f"eval at step {trainer.step_count}: " + _fmt(first))
+        if start == 0:
+            eval_before = first
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=trainer.step_count, desc="MeZO", unit="step", dynamic_ncols=True)
-    t0, start_step = time.perf_counter(), trainer.step_count
-    running = None
-    try:
-        while trainer.step_count < steps:
-            t = trainer.step_count
-            res = trainer.step(batch_for_step(train, batch_size, t, trainer.config.seed))
-            if not res.skipped:
-                running = res.loss if running is None else 0.9 * running + 0.1 * res.loss
-            history["step"].append(t)
-            history["loss"].append(res.loss)
-            history["lr"].append(res.lr)
+        bar = tqdm(total=steps, initial=start, desc="MeZO", unit="step", dynamic_ncols=True)
+    say = bar.write if bar is not None else log
+    stop = _Stop(can_abandon=trainer.exchange is None) if handle_signals else _Stop(enabled=False)
+    t0 = time.perf_counter()
+    running, error = None, None
+    with stop:
+        try:
+            while trainer.step_count < steps and not _agreed(trainer, stop):
+                t = trainer.step_count
+                snapshot = (trainer.adapter.buffer.clone(), dataclasses.replace(trainer.counters)) \
+                    if stop.can_abandon else None
+                t_step = time.perf_counter()
+                stop.in_step = True
+                try:
+                    res = trainer.step(batch_for_step(train, batch_size, t, trainer.config.seed))
+                finally:
+                    stop.in_step = False
+                if step_log is not None:
+                    step_log.write(res, time.perf_counter() - t_step)
+                if not res.skipped:
+                    running = res.loss if running is None else 0.9 * running + 0.1 * res.loss
+                history["step"].append(t)
+                history["loss"].append(res.loss)
+                history["lr"].append(res.lr)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan",
+                                    skipped=trainer.counters.nonfinite_total)
+                done = trainer.step_count
+                if eval_set and eval_every and done % eval_every == 0 and done < steps:
+                    say(f"eval at step {done}: " + _fmt(run_eval()))
+                if save_every and done % save_every == 0 and writes:
+                    if is_main:
+                        _write_metrics(paths.metrics, history, trainer, metrics_extra, eval_before)
+                    trainer.save(paths.checkpoint)
+        except _Abandoned:
+            buffer, counters = snapshot
+            trainer.adapter.buffer.copy_(buffer)
+            trainer.counters = counters
+        except NonFiniteLossError as e:
+            error = e
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan",
-                                skipped=trainer.counters.nonfinite_total)
-            done = trainer.step_count
-            if eval_every and done % eval_every == 0 and done < steps:
-                r = run_eval()
-                if r is not None:
-                    (bar.write if bar is not None else log)(f"eval at step {done}: " + _fmt(r))
-            if save_every and done % save_every == 0 and (is_main or trainer.exchange is not None):
-                trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))  # collective under torch.distributed
-                if is_main:
-                    _write_metrics(metrics_path, history, trainer, metrics_extra)
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    final = run_eval()
-    if final is not None:
-        log(f"eval at step {trainer.step_count}: " + _fmt(final))
-    summary = {"steps_run": trainer.step_count - start_step, "seconds": elapsed,
-               "steps_per_second": (trainer.step_count - start_step) / elapsed if elapsed > 0 else None,
-               "nonfinite_steps": trainer.counters.nonfinite_total, "eval_before": first, "eval_after": final}
-    if trainer.exchange is not None:
-        summary["world_size"] = trainer.exchange.world
-        summary["parallel"] = trainer.config.parallel
-        summary["traffic"] = trainer.exchange.traffic.per_step()
-    if is_main or trainer.exchange is not None:
-        trainer.save(os.path.join(out_dir, CHECKPOINT_DIR))  # collective under torch.distributed
-    if is_main:
-        trainer.adapter.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
-        _write_metrics(metrics_path, history, trainer, {**(metrics_extra or {}), **summary})
-        plot_history(history, os.path.join(out_dir, "curve.png"))
+                bar.close()
+            if step_log is not None:
+                step_log.close()
+        elapsed = time.perf_counter() - t0
+        final = None
+        if eval_set and error is None and trainer.step_count >= steps:  # a stopped run is saved without it
+            final = run_eval()
+            log(f"eval at step {trainer.step_count}: " + _fmt(final))
+        ran = trainer.step_count - start
+        summary = {"steps_run": ran, "step": trainer.step_count, "steps": steps, "seconds": elapsed,
+                   "steps_per_second": ran / elapsed if elapsed > 0 else None,
+                   "nonfinite_steps": trainer.counters.nonfinite_total, "eval_before": eval_before,
+                   "eval_after": final}
+        if keep_best and trainer.run_info and trainer.run_info.get("best"):
+            summary["best"] = trainer.run_info["best"]
+        if stop.signum is not None:
+            summary["interrupted"] = signal.Signals(stop.signum).name
+            summary["signal"] = int(stop.signum)
+        if error is not None:
+            summary["error"] = str(error)
+        if trainer.exchange is not None:
+            summary["world_size"] = trainer.exchange.world
+            summary["parallel"] = trainer.config.parallel
+            summary["traffic"] = trainer.exchange.traffic.per_step()
+        if is_main:
+            _write_metrics(paths.metrics, history, trainer, {**(metrics_extra or {}), **summary}, eval_before)
+        if writes:
+            trainer.save(paths.checkpoint)
+        if is_main:
+            trainer.adapter.save_pretrained(paths.adapter)
+            plot_history(history, paths.curve)
+    if error is not None:
+        raise error
     return {"history": history, **summary}
+
+
+def _check_fit_args(trainer, train, eval_set, steps, batch_size, eval_batch_size, keep_best) -> None:
+    for name, value, lo in (("steps", steps, 0), ("batch_size", batch_size, 1),
+                            ("eval_batch_size", eval_batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if steps < trainer.step_count:
+        raise InputError(f"steps {steps} is below the trainer's step {trainer.step_count}")
+    if not train:
+        raise InputError("the training set is empty")
+    if keep_best is not None:
+        if keep_best not in ("loss", "accuracy"):
+            raise InputError(f"keep_best must be 'loss' or 'accuracy', got {keep_best!r}")
+        if not eval_set:
+            raise InputError("keep_best needs an eval set")
+        if keep_best == "accuracy" and not eval_set[0].is_classification:
+            raise InputError("keep_best 'accuracy' needs classification eval data (LM evals have a loss)")
+
+
+class _Paths:
+    def __init__(self, out_dir: str):
+        join = lambda name: os.path.join(out_dir, name)
+        self.log, self.metrics, self.curve = join(LOG_FILE), join(METRICS_FILE), join(CURVE_FILE)
+        self.checkpoint, self.adapter, self.best = join(CHECKPOINT_DIR), join(ADAPTER_DIR), join(BEST_DIR)
+
+
+def _consider_best(trainer: MeZOTrainer, res: dict, metric: str, path: str | None) -> None:
+    """Save the trainer to `path` if `res` is its best eval by `metric` (ties keep the earlier)."""
+    value = res[metric]
+    best = (trainer.run_info or {}).get("best")
+    if best is not None and best.get("metric") == metric:
+        if not (value < best["value"] if metric == "loss" else value > best["value"]):
+            return
+    trainer.run_info = {**(trainer.run_info or {}),
+                        "best": {"step": trainer.step_count, "metric": metric, "value": value}}
+    if path is not None:
+        trainer.save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------------
+
+class _Abandoned(BaseException):
+    """A second signal during a step: the step is abandoned (fit restores the state from before it)."""
+
+
+class _Stop:
+    """SIGINT / SIGTERM while fit runs: remember the first, stop after the current step; a second one
+    during a step abandons it (single process only: under torch.distributed the ranks must agree)."""
+
+    def __init__(self, *, can_abandon: bool = False, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.can_abandon = can_abandon and self.enabled
+        self.signum: int | None = None
+        self.count = 0
+        self.in_step = False
+        self._old: dict = {}
+
+    def __enter__(self) -> _Stop:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup`, a background job: keep ignoring it
+                    self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            more = "; again to abandon the step" if self.can_abandon else ""
+            _say(f"\n{name}: stopping after this step, then saving the run{more}\n")
+        elif self.in_step and self.can_abandon:
+            self.in_step = False
+            _say(f"\n{name}: abandoning the step, then saving the run\n")
+            raise _Abandoned()
+
+
+def _say(text: str) -> None:
+    try:  # a handler may interrupt a write to stderr: os.write does not re-enter Python's buffered stream
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+def _agreed(trainer: MeZOTrainer, stop: _Stop) -> bool:
+    """Whether to stop now: this process had a signal, or (under torch.distributed) any rank had one."""
+    ex = trainer.exchange
+    if ex is None:
+        return stop.signum is not None
+    rows = ex.gather([float(stop.signum or 0)], kind="control", what=f"step {trainer.step_count}: stop signals")
+    signum = int(rows[:, 0].max())
+    if signum and stop.signum is None:
+        stop.signum = signum
+    return bool(signum)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+def _empty_history() -> dict:
+    return {"step": [], "loss": [], "lr": [], "eval": []}
+
+
+def _previous_history(path: str, start: int) -> tuple[dict, dict | None]:
+    """(the curve up to step `start`, eval_before) from a resumed run's metrics.json."""
+    if not os.path.isfile(path):
+        return _empty_history(), None
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        hist = old["history"]
+        steps = hist["step"]
+        keep = [i for i, s in enumerate(steps) if s < start]
+        history = {k: [hist[k][i] for i in keep] for k in ("step", "loss", "lr")}
+        history["eval"] = [e for e in hist["eval"] if e["step"] <= start]
+        before = old.get("eval_before")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InputError(f"{path}: cannot be read as a run's metrics (truncated or edited?): {type(e).__name__}: "
+                         f"{e}; move it away to resume without the curve so far") from None
+    return history, before if isinstance(before, dict) else None
+
+
+class _StepLog:
+    """OUT/log.jsonl: one line per step, flushed as it is written; lines from `start` on are dropped first."""
+
+    def __init__(self, path: str, start: int):
+        kept = []
+        if start and os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] < start:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        self._f = open(path, "a")
+
+    def write(self, res, seconds: float) -> None:
+        rec = {"step": res.step, "loss": res.loss, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
+               "projected_grads": res.projected_grads, "lr": res.lr, "tokens": res.tokens, "skipped": res.skipped,
+               "seconds": round(seconds, 6), "time": round(time.time(), 3)}
+        self._f.write(json.dumps(_finite(rec)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: such floats are written as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _quiet(_msg: str) -> None:
@@ -131,10 +405,12 @@ def _fmt(res: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
 
 
-def _write_metrics(path: str, history: dict, trainer: MeZOTrainer, extra: dict | None) -> None:
+def _write_metrics(path: str, history: dict, trainer: MeZOTrainer, extra: dict | None,
+                   eval_before: dict | None) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"history": history, "state": trainer.state_dict(), **(extra or {})}, f, indent=1)
+        json.dump({"history": history, "state": trainer.state_dict(), "eval_before": eval_before, **(extra or {})},
+                  f, indent=1)
     os.replace(tmp, path)
 
 

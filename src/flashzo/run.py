@@ -4,6 +4,11 @@
 (names are the flags with underscores: `--lora-r` is `lora_r`). A run is a pure function of its
 options, its data and its model (docs/design.md, "The algorithm"): the same options give the same
 LoRA init, perturbations and mini-batches, and so the same adapter.
+
+A resumed run keeps its options, except `RESUMABLE` ones, which say how long it runs and how often
+it is evaluated and saved, not what it computes. `steps` may extend (or shorten) a run: a linear or
+cosine schedule is then re-planned over the new `steps`, so every step from the checkpoint on takes
+the learning rate a run of that many steps has at that step; the steps already done keep theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from flashzo.engine.mezo import SCHEDULES, MeZOConfig
 from flashzo.errors import InputError
 
 TEMPLATE_NAMES = ("sst2", "rte", "copa")
+KEEP_BEST = ("loss", "accuracy")  # the eval metric a run's best checkpoint is kept by
+# What a resumed run may change (the rest defines what it computes).
+RESUMABLE = ("steps", "eval_every", "save_every", "eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -37,18 +45,20 @@ class RunOptions:
     template: str | None = None
     eval_every: int = 0  # 0: only before and after training
     save_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 32  # examples per evaluation forward
+    keep_best: str | None = None  # None, or keep the checkpoint of the best eval "loss" / "accuracy"
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "target_modules", _modules(self.target_modules))
         set_(self, "lora_layers", _layers(self.lora_layers))
         for name in ("steps", "batch_size", "num_perturbations", "warmup_steps", "lora_r", "seed", "eval_every",
-                     "save_every"):
+                     "save_every", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InputError(f"{name} must be an integer, got {value!r}")
         for name, lo in (("steps", 0), ("batch_size", 1), ("num_perturbations", 1), ("warmup_steps", 0),
-                         ("lora_r", 1), ("seed", 0), ("eval_every", 0), ("save_every", 0)):
+                         ("lora_r", 1), ("seed", 0), ("eval_every", 0), ("save_every", 0), ("eval_batch_size", 1)):
             if getattr(self, name) < lo:
                 raise InputError(f"{name} must be >= {lo}, got {getattr(self, name)}")
         for name in ("lr", "eps", "weight_decay", "lora_alpha"):
@@ -68,6 +78,8 @@ class RunOptions:
             raise InputError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise InputError(f"template must be one of {TEMPLATE_NAMES}, got {self.template!r}")
+        if self.keep_best is not None and self.keep_best not in KEEP_BEST:
+            raise InputError(f"keep_best must be None or one of {KEEP_BEST}, got {self.keep_best!r}")
 
     # Names ------------------------------------------------------------------------------------------
     @classmethod
@@ -87,14 +99,42 @@ class RunOptions:
 
     @classmethod
     def from_args(cls, args) -> RunOptions:
-        """From parsed `flashzo train` / `flashzo demo` arguments (argparse.Namespace)."""
-        return cls(**{n: getattr(args, n) for n in cls.names() if hasattr(args, n)})
+        """From parsed `flashzo train` / `flashzo demo` arguments (argparse.Namespace); a refusal names the
+        flag (`--eval-every must be >= 0`)."""
+        try:
+            return cls(**{n: getattr(args, n) for n in cls.names() if hasattr(args, n)})
+        except InputError as e:
+            msg = str(e)
+            name = next((n for n in cls.names() if msg.startswith(n + " ")), None)
+            if name is None:
+                raise
+            raise InputError("--" + name.replace("_", "-") + msg[len(name):]) from None
 
     def to_dict(self) -> dict:
         d = {n: getattr(self, n) for n in self.names()}
         d["target_modules"] = list(self.target_modules)
         d["lora_layers"] = list(self.lora_layers) if self.lora_layers is not None else None
         return d
+
+    def replace(self, **changes) -> RunOptions:
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: RunOptions, names=None) -> list[str]:
+        """The option names (of `names`, default all) whose meaning differs between two runs' options.
+
+        Equal meanings are equal whatever the spelling: target modules and layers are sets, and
+        lora_alpha None is 2 * lora_r.
+        """
+        return [n for n in (names if names is not None else self.names()) if self._meaning(n) != other._meaning(n)]
+
+    def _meaning(self, name: str):
+        if name == "target_modules":
+            return frozenset(self.target_modules)
+        if name == "lora_layers":
+            return None if self.lora_layers is None else frozenset(self.lora_layers)
+        if name == "lora_alpha":
+            return self.alpha
+        return getattr(self, name)
 
     # The configs a run trains with ---------------------------------------------------------------
     @property
