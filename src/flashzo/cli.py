@@ -205,9 +205,12 @@ _UNSET = object()
 def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the flags given on the command line (not their defaults) of the command argv[0]."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
-    ns = argparse.Namespace(**{a.dest: _UNSET for a in sub._actions if a.dest != "help"})
+    # actions that build on the namespace's value (append, count) start from None, the others from a marker
+    building = (argparse._AppendAction, argparse._CountAction, argparse._ExtendAction)
+    ns = argparse.Namespace(**{a.dest: None if isinstance(a, building) else _UNSET
+                               for a in sub._actions if a.dest != "help"})
     sub.parse_args(argv[1:], namespace=ns)
-    return {k for k, v in vars(ns).items() if v is not _UNSET}
+    return {k for k, v in vars(ns).items() if v is not _UNSET and v is not None}
 
 
 # --------------------------------------------------------------------------------------------------
