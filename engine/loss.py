@@ -1,12 +1,14 @@
 """The losses (docs/design.md, "Losses"), computed per signed copy from a batch's readout log-probs.
 
 Requests of one group (a candidate, or an LM target) are contiguous in the batch, and groups are
-ordered copy -> example -> candidate, so every reduction is a deterministic segment sum (a cumsum
-in fp64), never an atomic scatter.
+ordered copy -> example -> candidate. A group's sum reads only its own log-probs (math.fsum, correctly
+rounded), so a non-finite score in one job's group never reaches another job's, and no sum depends
+on the groups before it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,12 +48,12 @@ class CopyScores:
 
 
 def group_sums(readout: Readout, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log-probs, token count) of every group, fp64 on the CPU."""
+    """(sum of log-probs, token count) of every group, fp64 on the CPU; each sum correctly rounded."""
     counts = torch.bincount(readout.req_group, minlength=readout.num_groups).cpu()
-    cs = torch.cat([torch.zeros(1, dtype=torch.float64), logprobs.double().cpu().cumsum(0)])
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    return cs[ends] - cs[starts], counts.double()
+    lp = logprobs.double().cpu().tolist()
+    ends = counts.cumsum(0).tolist()
+    sums = [math.fsum(lp[end - n:end]) for end, n in zip(ends, counts.tolist())]
+    return torch.tensor(sums, dtype=torch.float64), counts.double()
 
 
 def copy_losses(readout: Readout, logprobs: torch.Tensor, examples: Sequence[Example]) -> CopyScores:
