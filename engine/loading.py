@@ -101,7 +101,7 @@ class CheckpointFill:
 
     def check_name(self, key: str, where: str) -> str:
         name = self.fam.checkpoint_key(key)
-        if name != self.fam.tied_head and name not in self.names:
+        if not self._tied(name) and name not in self.names:
             raise InputError(f"{where}: unexpected tensor {key!r}: the {self.fam.name.upper()} config has no such "
                              "parameter")
         if name in self.seen:
@@ -109,8 +109,12 @@ class CheckpointFill:
         self.seen[name] = key
         return name
 
+    def _tied(self, name: str) -> bool:
+        """A tied head listed by the checkpoint (a model with its own head has it among its parameters)."""
+        return name == self.fam.tied_head and name not in self.names
+
     def check_shape(self, key: str, name: str, shape, where: str) -> None:
-        if name == self.fam.tied_head:
+        if self._tied(name):
             expected = self.tied_shape
         else:
             pname, rows = self.names[name]
@@ -124,7 +128,7 @@ class CheckpointFill:
         """Check one checkpoint tensor and copy it into place (named: check_name already saw it)."""
         name = self.fam.checkpoint_key(key) if named else self.check_name(key, where)
         self.check_shape(key, name, tuple(tensor.shape), where)
-        if name == self.fam.tied_head:
+        if self._tied(name):
             return
         pname, rows = self.names[name]
         module_name, _, leaf = pname.rpartition(".")

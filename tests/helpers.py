@@ -42,6 +42,38 @@ def hf_opt(seed: int = 0, **overrides):
     return model
 
 
+# A small Llama-family shape: 8 query heads over 2 KV heads (grouped-query attention), 3 layers.
+LLAMA_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+
+def hf_llama(seed: int = 0, model_type: str = "llama", qk_std: float = 0.5, **overrides):
+    """A transformers Llama / Mistral / Qwen2 causal LM with random weights everywhere (norms, biases too).
+
+    q_proj and k_proj get std `qk_std` so attention is peaky: with HF's default init (std 0.02) it is
+    nearly uniform, and a wrong rotary embedding or KV-head mapping would move log-probs by less than
+    the tests' tolerance (tests/test_llama.py checks that a 1% change of one weight does not pass).
+    """
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    cfg = cls[0](**{**LLAMA_TINY, **overrides})
+    torch.manual_seed(seed)
+    model = cls[1](cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(qk_std * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def state_dict(model, *, prefix: bool = True, lm_head: bool = True) -> dict[str, torch.Tensor]:
     sd = {}
     for k, v in model.state_dict().items():
