@@ -32,6 +32,7 @@ from torch import nn
 from flashzo.errors import InputError
 
 from .family import FAMILIES, Family, family_for, family_of
+from .gguf import find_gguf, load_gguf
 from .model import CausalLM, checkpoint_names
 from .opt import OPTModel
 
@@ -48,7 +49,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
                family: str | None = None) -> CausalLM:
-    """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names.
+    """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names, or
+    of a GGUF file (a `.gguf` path, or a directory holding one and no config.json; engine/gguf.py).
 
     dtype: the parameters' dtype (a torch.dtype or its name); None or "auto" keeps the checkpoint's
     (config.json's `torch_dtype`/`dtype`), float32 when the config names none.
@@ -56,6 +58,11 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     family: insist on one family ("opt"); None: the one config.json names.
     """
     path = os.fspath(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:  # llama.cpp's format (engine/gguf.py)
+        if family not in (None, "llama"):
+            raise InputError(f"{path}: a GGUF file holds a Llama-family model, not {family!r}")
+        return load_gguf(gguf_file, dtype=_resolve_dtype(dtype if dtype != "auto" else None, "dtype"), device=device)
     fam, config = read_config(path, family=family)
     dtype = _resolve_dtype(dtype if dtype not in (None, "auto") else config.torch_dtype, "dtype")
     device = torch.device(device if device is not None else "cpu")

@@ -10,6 +10,7 @@ import time
 
 from flashzo.errors import InputError
 
+MODEL_HELP = "a Hugging Face checkpoint directory (OPT, Llama, Mistral, Qwen2) or a .gguf file (Llama family)"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                            target_modules="v_proj", lora_layers="0")
 
     t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset")
-    t.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory")
+    t.add_argument("--model", required=True, help=MODEL_HELP)
     t.add_argument("--train", required=True, help="training JSONL file")
     t.add_argument("--eval", default=None, help="held-out JSONL file")
     t.add_argument("--out", required=True, help="output directory (checkpoint/, adapter/, metrics.json, curve.png)")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_training_flags(t, steps=1000, batch_size=16, lr=1e-4, eps=1e-3, lora_r=8, eval_every=0)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
-    e.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (default: the base model)")
     e.add_argument("--data", required=True, help="JSONL file to evaluate on")
     e.add_argument("--template", default=None, choices=("sst2", "rte", "copa"), help="MeZO prompt template")

@@ -52,7 +52,11 @@ TEMPLATES: dict[str, Callable[..., dict]] = {"sst2": sst2_template, "rte": rte_t
 
 
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline)."""
+    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline), or a GGUF file's."""
+    from flashzo.engine.gguf import find_gguf, gguf_tokenizer
+
+    if find_gguf(model_dir) is not None:
+        return gguf_tokenizer(model_dir)
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dev extra
