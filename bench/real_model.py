@@ -45,7 +45,7 @@ from flashzo.loop import batch_for_step  # noqa: E402
 from flashzo.real import pydoc_task, sentiment_task, smollm2_path  # noqa: E402
 
 # sentiment: the demo's adapter and hyperparameters (src/flashzo/cli.py: DEMO); lm: tests/test_real_model.py's
-TASKS = {"sentiment": dict(steps=60, batch_size=16, lr=3e-2, eps=1e-2, eval_every=10, eval_size=256,
+TASKS = {"sentiment": dict(steps=60, batch_size=16, lr=3e-2, eps=1e-2, eval_every=20, eval_size=256,
                            lora=dict(r=2, alpha=4, target_modules=("v_proj", "o_proj"), layers=(26, 27, 28, 29))),
          "lm": dict(steps=30, batch_size=4, lr=1e-2, eps=1e-2, eval_every=10, eval_size=32,
                     lora=dict(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"),
@@ -159,8 +159,10 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="sentiment and/or lm")
-    p.add_argument("--steps", type=int, default=None, help="steps per task (default: sentiment 60, lm 30)")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default 10)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="steps per task, one number or one per --tasks entry (default: sentiment 60, lm 30)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out evaluation every N steps (default: sentiment 20, lm 10)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the demo's)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, perturbations, data order")
     p.add_argument("--out", default=harness.RESULTS, help="output directory")
@@ -171,9 +173,10 @@ def main(argv=None) -> list[str]:
     model, tokenizer = flashzo.load_model(path), gguf_tokenizer(path)
     meta = harness.run_meta("real_model", device, model="SmolLM2-135M-Instruct Q4_1 GGUF, fp32")
     rows = []
-    for task in args.tasks:
+    for i, task in enumerate(args.tasks):
         cfg = dict(TASKS[task])
-        cfg["steps"] = args.steps or cfg["steps"]
+        if args.steps:
+            cfg["steps"] = args.steps[min(i, len(args.steps) - 1)]
         cfg["eval_every"] = args.eval_every or cfg["eval_every"]
         rows += run_task(task, model, tokenizer, cfg, args.seed)
     meta["load_average_end"] = harness.load_average()

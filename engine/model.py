@@ -1,7 +1,7 @@
 """The model-family interface: what every family's engine model is, and the layers it is built from.
 
-A family (OPT in engine/opt.py; docs/design.md, "Model families") writes its decoder block once,
-in terms of three calls on a forward context and layers made by an `ops` factory:
+A family (OPT in engine/opt.py, Llama in engine/llama.py; docs/design.md, "Model families") writes
+its decoder block once, in terms of calls on a forward context and layers made by an `ops` factory:
 
     ctx.residual(x, layer_id)         the block's residual stream (the signed rows at a fork)
     ctx.positions(layer_id)           the positions of the rows the block computes (rotary embeddings)
