@@ -7,6 +7,8 @@ the trainer in flashzo.engine, the data readers, training loop and the `flashzo`
 from flashzo.engine import (
     CausalLM,
     Example,
+    LlamaConfig,
+    LlamaModel,
     LoRAAdapter,
     LoRAConfig,
     OPTConfig,
@@ -26,7 +28,8 @@ from .tasks import synthetic_task
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "DistributedError", "Example", "InputError", "LoRAAdapter", "LoRAConfig", "MeZOConfig",
+    "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
+    "MeZOConfig",
     "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed",
     "load_jsonl", "load_model", "load_opt", "save_model", "save_opt", "step_together", "synthetic_task",
     "__version__",
