@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "demo there is replaced)")
     d.add_argument("--train-size", type=int, default=512, help="synthetic training examples (--tiny)")
     d.add_argument("--eval-size", type=int, default=256, help="held-out examples (default 256; SmolLM2: a seeded "
-                                                                 "sample of the 807 held-out words)")
+                                                                 "sample of the 806 held-out words)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _common_training_flags(d, **{k: None for k in DEMO["real"]})
     for action in d._actions:  # the defaults depend on --tiny: say both
