@@ -227,9 +227,9 @@ class TorchAttentionBackend:
             qc = q[c.q_rows].transpose(1, 2)  # [n, H, L, D]
             kc = kb[c.kv_slots].transpose(1, 2).to(q.dtype)  # [n, KV, S, D]
             vc = vb[c.kv_slots].transpose(1, 2).to(q.dtype)
-            if group > 1:  # [n, KV, S, D] -> [n, H, S, D]: query head h reads KV head h // group
-                kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
-            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling)
+            # grouped-query attention: query head h reads KV head h // group; SDPA's enable_gqa does it
+            # without copying K and V per query head (the same bits as repeat_interleave, measured faster)
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling, enable_gqa=group > 1)
             oc = oc.transpose(1, 2)  # [n, L, H, D]
             o[c.dst_rows] = oc[c.q_valid]
         return o
