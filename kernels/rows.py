@@ -1,0 +1,94 @@
+"""Row-invariant GEMMs and row-wise ops: every call has one shape, whatever the number of rows.
+
+A GEMM library picks its kernel, its blocking and sometimes a split of K from the shape of the call,
+so the bits of one row of ``x @ w`` change with the rows beside it. Measured with torch 2.13's MKL
+(AVX2, fp32), for every (K, N) tried from 32x96 to 8192x2048: a row of ``x @ W.T`` rounds one way
+at T = 1, another at T = 2-3 and a third at T >= 4 (with two threads, some rows of T = 5, 7 and 9
+round as at T = 2-3: a thread's share of the rows is that small). Torch's CPU reductions do the
+same over long rows: ``x.sum(-1)`` over 50272 columns rounds a row differently at T = 1 and at
+T = 2-3 with two threads.
+
+Here ``x`` is cut into chunks of ``row_chunk(device)`` rows, copied into one fresh contiguous
+buffer (every chunk then starts at the same alignment) whose last chunk is zero-padded, and every
+chunk is computed by a GEMM of one shape, [C, K] x [K, N]: a row's bits are then a function of the
+row, of ``w`` and of that shape only, never of T, of the other rows or of where the row sits in its
+chunk (measured: every position of a 64-, 128- or 256-row call gives the same bits).
+
+On a CPU the chunks go to MKL in one batched call (``torch.bmm`` over [n, C, K]). One call per
+chunk costs 3-8x one call over all rows with two threads on a loaded machine (a fork/join of the
+thread pool per call); the batched call costs 1.2-1.5x at 64-row chunks, 1.0-1.25x at 256 (MKL
+runs a 64- or 256-row GEMM below its large-T rate), measured at T = 954 and 5280, K, N = 768..3072.
+Each chunk of a batched call rounds exactly as a call of that chunk alone (measured for n = 1 to
+40 chunks of 64 rows at three shapes, and n up to 13 chunks of 64 or 256 rows at (K, N) from 8x768
+to 2048x50272, one and two threads; tests/test_rows.py checks it on every run). On CUDA the chunks
+are separate cuBLAS calls: cuBLAS may pick a batched kernel by the batch count.
+
+    mm_rows(x, w_t)      x @ w_t, row-invariant
+    apply_rows(fn, x)    fn(x) for a row-wise fn (a norm, a log-sum-exp), one [C, ...] call per chunk
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ROW_CHUNKS = {"cpu": 64, "cuda": 256}
+
+
+def row_chunk(device: torch.device | str) -> int:
+    """Rows per call on `device` (a constant per device type: never a function of the batch)."""
+    return ROW_CHUNKS.get(torch.device(device).type, 64)
+
+
+def _padded(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    # x: [T, ...] -> [n * chunk, ...], a fresh contiguous buffer, rows past T zero
+    n = -(-x.shape[0] // chunk)
+    buf = x.new_zeros((n * chunk,) + tuple(x.shape[1:]))
+    buf[: x.shape[0]] = x
+    return buf
+
+
+def mm_rows(x: torch.Tensor, w_t: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+    """x @ w_t, every row computed by a call of shape [chunk, K] x [K, N].
+
+    Args:
+        x: [T, K] (any strides; T and K may be 0). w_t: [K, N], x's dtype (any strides, e.g. W.T).
+        chunk: rows per call (default ``row_chunk(x.device)``).
+
+    Returns:
+        [T, N] in x's dtype, contiguous.
+    """
+    T, K = x.shape
+    N = w_t.shape[1]
+    c = chunk or row_chunk(x.device)
+    if T == 0:
+        return x.new_empty((0, N))
+    buf = _padded(x, c)  # [n*c, K]
+    n = buf.shape[0] // c
+    if x.device.type == "cpu":  # one batched MKL call, every chunk its own [c, K] x [K, N] GEMM
+        return torch.bmm(buf.view(n, c, K), w_t.unsqueeze(0).expand(n, K, N)).view(n * c, N)[:T]
+    out = x.new_empty((n * c, N))
+    for r0 in range(0, n * c, c):
+        torch.mm(buf[r0 : r0 + c], w_t, out=out[r0 : r0 + c])
+    return out[:T]
+
+
+def apply_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+               chunk: int | None = None) -> torch.Tensor:
+    """fn(x) for a row-wise fn (row i of the result depends on row i of x only), one call of shape
+    [chunk, ...] per chunk. Padding rows are zeros: fn must give them something finite or not (they are
+    dropped), never an error.
+
+    Args:
+        fn: [chunk, ...] -> [chunk, ...'] (same number of rows). x: [T, ...].
+
+    Returns:
+        fn's rows for the T rows of x, [T, ...'].
+    """
+    T = x.shape[0]
+    c = chunk or row_chunk(x.device)
+    if T == 0:
+        return fn(x)
+    buf = _padded(x, c)
+    return torch.cat([fn(buf[r0 : r0 + c]) for r0 in range(0, buf.shape[0], c)])[:T]
