@@ -8,7 +8,7 @@ round as at T = 2-3: a thread's share of the rows is that small). Torch's CPU re
 same over long rows: ``x.sum(-1)`` over 50272 columns rounds a row differently at T = 1 and at
 T = 2-3 with two threads.
 
-Here ``x`` is cut into chunks of ``row_chunk(device)`` rows, copied into one fresh contiguous
+Here ``x`` is cut into chunks of ``row_chunk(device, N)`` rows, copied into one fresh contiguous
 buffer (every chunk then starts at the same alignment) whose last chunk is zero-padded, and every
 chunk is computed by a GEMM of one shape, [C, K] x [K, N]: a row's bits are then a function of the
 row, of ``w`` and of that shape only, never of T, of the other rows or of where the row sits in its
@@ -33,19 +33,31 @@ from typing import Callable
 
 import torch
 
-ROW_CHUNKS = {"cpu": 64, "cuda": 256}
+WIDE = 16384  # output columns from which a GEMM counts as wide (an LM head over the vocabulary)
 
 
-def row_chunk(device: torch.device | str) -> int:
-    """Rows per call on `device` (a constant per device type: never a function of the batch)."""
-    return ROW_CHUNKS.get(torch.device(device).type, 64)
+def row_chunk(device: torch.device | str, width: int | None = None) -> int:
+    """Rows per call: of a GEMM with `width` output columns, or of a row-wise op (width None). A
+    function of the device type and the weights' shape only, never of the batch.
+
+    NOTE (the sizes; CPU figures from bench/bench_rows.py, bench/results/rows_cpu.md): a projection
+    GEMM runs 256 rows per call (MKL at 256 rows is within 1.0-1.2x of one call over all rows, at
+    64 rows 1.1-1.6x), a wide one (an LM head) 64 (it is re-read from memory per call, but a
+    readout holds few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x), a row-wise op 64. CUDA:
+    256 rows everywhere, not yet timed on a GPU.
+    """
+    if torch.device(device).type == "cuda":
+        return 256
+    return 256 if width is not None and width < WIDE else 64
 
 
 def _padded(x: torch.Tensor, chunk: int) -> torch.Tensor:
     # x: [T, ...] -> [n * chunk, ...], a fresh contiguous buffer, rows past T zero
-    n = -(-x.shape[0] // chunk)
-    buf = x.new_zeros((n * chunk,) + tuple(x.shape[1:]))
-    buf[: x.shape[0]] = x
+    T = x.shape[0]
+    n = -(-T // chunk)
+    buf = x.new_empty((n * chunk,) + tuple(x.shape[1:]))
+    buf[:T] = x
+    buf[T:] = 0
     return buf
 
 
@@ -54,14 +66,14 @@ def mm_rows(x: torch.Tensor, w_t: torch.Tensor, *, chunk: int | None = None) -> 
 
     Args:
         x: [T, K] (any strides; T and K may be 0). w_t: [K, N], x's dtype (any strides, e.g. W.T).
-        chunk: rows per call (default ``row_chunk(x.device)``).
+        chunk: rows per call (default ``row_chunk(x.device, N)``).
 
     Returns:
         [T, N] in x's dtype, contiguous.
     """
     T, K = x.shape
     N = w_t.shape[1]
-    c = chunk or row_chunk(x.device)
+    c = chunk or row_chunk(x.device, N)
     if T == 0:
         return x.new_empty((0, N))
     buf = _padded(x, c)  # [n*c, K]

@@ -42,7 +42,7 @@ def _rows_alone_vs_in_batches(fn, K, row, sizes, threads, seed=0):
 def test_mm_rows_row_bits_never_depend_on_the_batch(K, N, threads):
     g = torch.Generator().manual_seed(K * N)
     W, row = torch.randn(N, K, generator=g), torch.randn(K, generator=g)
-    C = row_chunk("cpu")
+    C = row_chunk("cpu", N)
     sizes = [2, 3, 5, 7, 9, C - 1, C, C + 1, 3 * C + 5]
     ref, out = _rows_alone_vs_in_batches(lambda x: mm_rows(x, W.T), K, row, sizes, threads)
     for where, got in out:
