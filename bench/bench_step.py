@@ -1,10 +1,10 @@
 """End-to-end MeZO step: flashzo against the MeZO reference step, on the same work.
 
-Both sides get identical weights (one random OPT of a preset's shape; the Hugging Face model is
-built from flashzo's tensors), the identical LoRA adapter (r=8, alpha=16, q_proj + v_proj, PEFT's
+Both sides get identical weights (one random model of a preset's shape, OPT or Llama family; the
+Hugging Face model is built from flashzo's tensors), the identical LoRA adapter (r=8, alpha=16, q_proj + v_proj, PEFT's
 init), identical batches and hyperparameters (lr, eps, weight decay 0). Per (model, workload) cell:
 
-  baseline   bench/mezo_baseline.py: transformers OPT + PEFT LoRA, MeZO's collation (every candidate
+  baseline   bench/mezo_baseline.py: transformers (OPT / Llama) + PEFT LoRA, MeZO's collation (every candidate
              its own sequence, left padding to a multiple of 8), in-place +eps/-2eps/+eps with
              torch.normal, full logits, then the update regenerating z: the official MeZO step
   flashzo    MeZOTrainer.step(examples): both signed passes in one ragged forward over the paged KV
@@ -34,7 +34,7 @@ the figures).
 
     python bench/bench_step.py                          # this device's full sweep
     python bench/bench_step.py --models opt-125m --workloads sst2 --reps 7
-    python bench/bench_step.py --smoke                  # seconds: opt-tiny, CI
+    python bench/bench_step.py --smoke                  # seconds: opt-tiny and llama-tiny, CI
 
 Writes bench/results/step_<device>.{json,csv,png,md} (smoke: step_smoke.*) in bench/harness.py's
 result format; a later run replaces the cells it measured and keeps the others. The code is in
@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None,
-                   help=f"OPT presets (random weights); default {CPU_MODELS} on a CPU, {GPU_MODELS} on a GPU")
+                   help=f"OPT or Llama-family presets (random weights); default {CPU_MODELS} on a CPU, {GPU_MODELS} "
+                        "on a GPU")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
                    help="batch shapes: sst2, rte, multichoice, lm")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -82,8 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads for both sides (default: torch's; --smoke: 1)")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long CI mode: opt-tiny on the CPU (unless --device), 4 examples, 1 rep, memory "
-                        "for the first workload only")
+                   help="seconds-long CI mode: opt-tiny and llama-tiny on the CPU (unless --device), 4 examples, "
+                        "1 rep, memory for the first workload only")
     p.add_argument("--profile", action="store_true",
                    help="also run torch.profiler over one step of each side per cell (step_profile_*.txt)")
     p.add_argument("--profile-rows", type=int, default=25, help="ops listed per profile table")
@@ -107,7 +108,7 @@ def main(argv=None) -> list[str]:
     on_gpu = device.type == "cuda"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     if args.smoke:
-        models, args.num_examples = ["opt-tiny"], min(args.num_examples, 4)
+        models, args.num_examples = ["opt-tiny", "llama-tiny"], min(args.num_examples, 4)
         args.warmup = 1 if args.warmup is None else args.warmup
         args.reps = 1 if args.reps is None else args.reps
     else:

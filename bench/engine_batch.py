@@ -20,6 +20,7 @@ class BatchCounts:
     attention_keys: int  # (query row, key) pairs the attention computes, summed over layers
     logit_rows: int  # rows whose next-token log-probs a loss reads: the LM head's rows
     skipped_projection_rows: int  # q/k/v projection rows the fork layer takes from the trunk
+    skipped_projection_flops: int  # what computing those rows for every copy would have cost
 
 
 def _attention_keys(meta) -> int:
@@ -40,13 +41,17 @@ def batch_counts(batch, adapter, num_layers: int) -> BatchCounts:
     keys = (L - below) * _attention_keys(inputs.meta)
     if inputs.trunk_meta is not None:
         keys += below * _attention_keys(inputs.trunk_meta)
-    skipped = 0
+    skipped = skipped_flops = 0
     if stats.fork_layer is not None and stats.fork_layer < L:  # the fork layer's unadapted q/k/v: trunk rows only
         shared = [n for n in ("q_proj", "k_proj", "v_proj") if (stats.fork_layer, n) not in adapter.slots]
         skipped = len(shared) * (stats.num_tokens - stats.trunk_tokens)
+        cfg = adapter.model_config
+        skipped_flops = sum(2 * k * n for k, n in (cfg.lora_shape(m) for m in shared)) * (stats.num_tokens
+                                                                                          - stats.trunk_tokens)
     return BatchCounts(rows=stats.num_tokens, trunk_rows=stats.trunk_tokens, fork_layer=stats.fork_layer,
                        token_layers=stats.token_layers, attention_keys=keys,
-                       logit_rows=batch.readout.rows.numel(), skipped_projection_rows=skipped)
+                       logit_rows=batch.readout.rows.numel(), skipped_projection_rows=skipped,
+                       skipped_projection_flops=skipped_flops)
 
 
 def step_counts(model, trainer, examples) -> BatchCounts:

@@ -1,4 +1,4 @@
-"""The baseline: one MeZO step the way the official MeZO code runs it, on Hugging Face OPT + PEFT LoRA.
+"""The baseline: one MeZO step the way the official MeZO code runs it, on Hugging Face models + PEFT LoRA.
 
 Written from the published algorithm (Malladi et al. 2023, "Fine-Tuning Language Models with Just
 Forward Passes", Algorithm 1, and the behaviour of princeton-nlp/MeZO's large_models trainer), not
@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from flashzo.engine import Example, LoRAAdapter, OPTModel, save_opt
+from flashzo.engine import CausalLM, Example, LoRAAdapter, save_model
+from flashzo.engine.family import family_of
 from flashzo.engine.model import checkpoint_names
 
 PAD_MULTIPLE = 8
@@ -43,11 +44,12 @@ PAD_MULTIPLE = 8
 # Building the Hugging Face side from a flashzo model (identical weights and adapter)
 # --------------------------------------------------------------------------------------------------
 
-def hf_from_flashzo(model: OPTModel, adapter: LoRAAdapter, *, dtype: torch.dtype, device,
+def hf_from_flashzo(model: CausalLM, adapter: LoRAAdapter, *, dtype: torch.dtype, device,
                     share_weights: bool = False, attn_implementation: str = "sdpa"):
-    """transformers' OPTForCausalLM with `model`'s weights, wrapped by PEFT with `adapter`'s A and B.
+    """transformers' model of `model`'s family (OPTForCausalLM, LlamaForCausalLM ...) with `model`'s weights,
+    wrapped by PEFT with `adapter`'s A and B.
 
-    share_weights=False: the flashzo model is written with flashzo.save_opt to a temporary directory
+    share_weights=False: the flashzo model is written with flashzo.save_model to a temporary directory
     and read back by `from_pretrained` (an independent, bit-identical copy). share_weights=True: the
     HF modules are built on the meta device and given flashzo's parameter tensors themselves (no
     second copy in memory; the baseline perturbs only PEFT's own LoRA tensors, never these).
@@ -57,29 +59,39 @@ def hf_from_flashzo(model: OPTModel, adapter: LoRAAdapter, *, dtype: torch.dtype
     import peft
     import transformers
 
+    fam = family_of(model)
     if share_weights:
         if model.dtype != dtype:
             raise ValueError(f"share_weights needs the flashzo model in {dtype}, it is {model.dtype}")
-        cfg = transformers.OPTConfig(**{k: v for k, v in model.config.to_hf().items()
-                                        if k not in ("model_type", "architectures", "torch_dtype")})
+        d = model.config.to_hf()
+        cfg = transformers.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items()
+                                                                    if k not in ("model_type", "architectures",
+                                                                                 "torch_dtype")})
         cfg._attn_implementation = attn_implementation
         with torch.device("meta"):
-            hf = transformers.OPTForCausalLM(cfg)
+            hf = transformers.AutoModelForCausalLM.from_config(cfg)
         params = dict(model.named_parameters())  # stacked projections give views of their rows
-        state = {f"model.{key}": params[pname] if rows is None else params[pname][rows[0]:rows[1]]
+        state = {fam.hf_key(key): params[pname] if rows is None else params[pname][rows[0]:rows[1]]
                  for key, (pname, rows) in checkpoint_names(model).items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"weights do not map onto transformers' OPT: missing {missing}, unexpected {unexpected}")
-        hf.lm_head.weight = hf.model.decoder.embed_tokens.weight  # tied, as OPT's checkpoints are
+        tied = bool(d.get("tie_word_embeddings"))
+        if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+            raise ValueError(f"weights do not map onto transformers' model: missing {missing}, unexpected {unexpected}")
+        if tied:
+            hf.lm_head.weight = hf.get_input_embeddings().weight  # tied, as the checkpoints are
+        for name, module in list(hf.named_modules()):  # rotary embeddings' buffers are computed, never loaded
+            if hasattr(module, "inv_freq") and any(b.is_meta for b in module.buffers(recurse=False)):
+                parent, _, leaf = name.rpartition(".")
+                with torch.device("cpu"):
+                    setattr(hf.get_submodule(parent), leaf, type(module)(module.config))
         leftover = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
         if leftover:
             raise ValueError(f"tensors left on the meta device: {leftover[:4]}")
     else:
         with tempfile.TemporaryDirectory(prefix="flashzo-bench-") as tmp:
-            save_opt(model, tmp)
-            hf = transformers.OPTForCausalLM.from_pretrained(tmp, dtype=dtype,
-                                                             attn_implementation=attn_implementation)
+            save_model(model, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype,
+                                                                   attn_implementation=attn_implementation)
     hf = hf.to(device).eval()
     cfg = adapter.config
     layers = list(cfg.layers) if cfg.layers is not None else None
@@ -174,7 +186,12 @@ def collate(examples: Sequence[Example], *, pad_token_id: int = 1, device=None,
 @torch.inference_mode()
 def mezo_loss(model, batch: PaddedBatch) -> torch.Tensor:
     """MeZO's objective on a padded batch: a 0-dim tensor on the model's device (not read back)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, L, V]
+    kw = {}
+    if getattr(model.config, "model_type", "opt") != "opt":
+        # rotary models take positions as given: a left-padded sequence starts at position 0 at its
+        # first real token, as OPT computes from the mask itself
+        kw["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kw).logits  # [B, L, V]
     shift_logits = logits[:, :-1, :]  # position i predicts token i+1
     targets = batch.input_ids[:, 1:]
     scored = torch.zeros_like(targets, dtype=torch.bool)  # [B, L-1]: the option tokens

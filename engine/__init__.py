@@ -11,13 +11,16 @@ from .batch import Copy, ModelInputs, Readout, SignedPair, StepBatch, build_batc
 from .config import PRESETS, OPTConfig
 from .example import Example, Limits
 from .family import FAMILIES
+from .llama import LlamaModel
+from .llama_config import LlamaConfig
 from .loading import load_model, load_opt, save_model, save_opt
 from .lora import LoRAAdapter, LoRAConfig
 from .model import CausalLM
 from .opt import OPTModel
 
 __all__ = [
-    "FAMILIES", "CausalLM", "Copy", "Example", "KVPool", "Limits", "LoRAAdapter", "LoRAConfig", "ModelInputs",
+    "FAMILIES", "CausalLM", "Copy", "Example", "KVPool", "Limits", "LlamaConfig", "LlamaModel", "LoRAAdapter",
+    "LoRAConfig", "ModelInputs",
     "OPTConfig", "OPTModel", "PRESETS", "Readout", "SignedPair", "StepBatch", "build_batch", "force_backend",
     "load_model", "load_opt", "resolve_backend", "save_model", "save_opt",
 ]

@@ -50,15 +50,28 @@ class Example:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a model accepts: token ids in [0, vocab_size), sequences of at most max_positions tokens."""
+    """What a model accepts: token ids in [0, vocab_size), sequences of at most max_positions tokens.
+
+    `reason` names what sets max_positions when it is not the model's positions (a sliding window).
+    """
 
     vocab_size: int
     max_positions: int
+    reason: str = ""
 
     @classmethod
     def of(cls, config) -> Limits:
-        """The limits of a model config (any family: vocab_size, max_position_embeddings)."""
+        """The limits of a model config (any family: vocab_size, max_position_embeddings, or the family's
+        `position_limit`: (tokens, reason))."""
+        limit = getattr(config, "position_limit", None)
+        if limit is not None:
+            return cls(int(config.vocab_size), int(limit[0]), limit[1])
         return cls(int(config.vocab_size), int(config.max_position_embeddings))
+
+    @property
+    def positions(self) -> str:
+        """`N positions`, with what limits them when that is not the positions themselves."""
+        return f"{self.max_positions} positions" + (f" ({self.reason})" if self.reason else "")
 
 
 def shape_problems(ex: Example) -> list[str]:
@@ -119,10 +132,10 @@ def example_problems(ex, limits: Limits | None = None, *, training: bool = True)
                 n = len(ex.prompt) + len(cand)
                 if n > limits.max_positions:
                     out.append(f"prompt + candidate {c} is {n} tokens, longer than the model's "
-                               f"{limits.max_positions} positions")
+                               f"{limits.positions}")
         elif len(ex.prompt) + len(ex.target) > limits.max_positions:
             out.append(f"prompt + target is {len(ex.prompt) + len(ex.target)} tokens, longer than the model's "
-                       f"{limits.max_positions} positions")
+                       f"{limits.positions}")
     return out
 
 
@@ -162,8 +175,7 @@ def check_sequences(sequences, limits: Limits, *, what: str = "sequence") -> Non
             if not 0 <= int(t) < limits.vocab_size:
                 raise InputError(f"{what} {s}: token id {int(t)} outside the vocabulary of {limits.vocab_size}")
         if len(seq) > limits.max_positions:
-            raise InputError(f"{what} {s} is {len(seq)} tokens, longer than the model's {limits.max_positions} "
-                             "positions")
+            raise InputError(f"{what} {s} is {len(seq)} tokens, longer than the model's {limits.positions}")
 
 
 def _is_int(value) -> bool:

@@ -58,5 +58,11 @@ def _register_builtin() -> None:
 
     register(Family("opt", ("OPTForCausalLM",), ("opt",), OPTConfig, OPTModel, checkpoint_key, hf_key, TIED_HEAD))
 
+    from . import llama
+    from .llama_config import MODEL_TYPES, LlamaConfig
+
+    register(Family("llama", tuple(MODEL_TYPES.values()), tuple(MODEL_TYPES), LlamaConfig, llama.LlamaModel,
+                    llama.checkpoint_key, llama.hf_key, llama.TIED_HEAD))
+
 
 _register_builtin()

@@ -32,6 +32,7 @@ from torch import nn
 from flashzo.errors import InputError
 
 from .family import FAMILIES, Family, family_for, family_of
+from .gguf import find_gguf, load_gguf
 from .model import CausalLM, checkpoint_names
 from .opt import OPTModel
 
@@ -48,7 +49,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
                family: str | None = None) -> CausalLM:
-    """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names.
+    """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names, or
+    of a GGUF file (a `.gguf` path, or a directory holding one and no config.json; engine/gguf.py).
 
     dtype: the parameters' dtype (a torch.dtype or its name); None or "auto" keeps the checkpoint's
     (config.json's `torch_dtype`/`dtype`), float32 when the config names none.
@@ -56,6 +58,11 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     family: insist on one family ("opt"); None: the one config.json names.
     """
     path = os.fspath(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:  # llama.cpp's format (engine/gguf.py)
+        if family not in (None, "llama"):
+            raise InputError(f"{path}: a GGUF file holds a Llama-family model, not {family!r}")
+        return load_gguf(gguf_file, dtype=_resolve_dtype(dtype if dtype != "auto" else None, "dtype"), device=device)
     fam, config = read_config(path, family=family)
     dtype = _resolve_dtype(dtype if dtype not in (None, "auto") else config.torch_dtype, "dtype")
     device = torch.device(device if device is not None else "cpu")
@@ -101,7 +108,7 @@ class CheckpointFill:
 
     def check_name(self, key: str, where: str) -> str:
         name = self.fam.checkpoint_key(key)
-        if name != self.fam.tied_head and name not in self.names:
+        if not self._tied(name) and name not in self.names:
             raise InputError(f"{where}: unexpected tensor {key!r}: the {self.fam.name.upper()} config has no such "
                              "parameter")
         if name in self.seen:
@@ -109,8 +116,12 @@ class CheckpointFill:
         self.seen[name] = key
         return name
 
+    def _tied(self, name: str) -> bool:
+        """A tied head listed by the checkpoint (a model with its own head has it among its parameters)."""
+        return name == self.fam.tied_head and name not in self.names
+
     def check_shape(self, key: str, name: str, shape, where: str) -> None:
-        if name == self.fam.tied_head:
+        if self._tied(name):
             expected = self.tied_shape
         else:
             pname, rows = self.names[name]
@@ -124,7 +135,7 @@ class CheckpointFill:
         """Check one checkpoint tensor and copy it into place (named: check_name already saw it)."""
         name = self.fam.checkpoint_key(key) if named else self.check_name(key, where)
         self.check_shape(key, name, tuple(tensor.shape), where)
-        if name == self.fam.tied_head:
+        if self._tied(name):
             return
         pname, rows = self.names[name]
         module_name, _, leaf = pname.rpartition(".")

@@ -2,9 +2,10 @@
 
 Requests of one group (a candidate, or an LM target) are contiguous in the batch, and groups are
 ordered copy -> example -> candidate. Every sum is exact, rounded once (engine/invariant.py: a
-group's log-probs with math.fsum, a copy's loss terms as an exact integer), so no reduction depends
-on the order of its terms, on the other groups of the batch or on how the examples are split over
-forwards or ranks (docs/design.md, "Batch invariance").
+group's log-probs with math.fsum, a copy's loss terms as an exact integer). A group's sum reads only
+its own log-probs, so a non-finite score in one job's group never reaches another job's, and no
+reduction depends on the order of its terms, on the other groups of the batch or on how the
+examples are split over forwards or ranks (docs/design.md, "Batch invariance").
 """
 
 from __future__ import annotations

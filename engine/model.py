@@ -1,9 +1,10 @@
 """The model-family interface: what every family's engine model is, and the layers it is built from.
 
-A family (OPT in engine/opt.py; docs/design.md, "Model families") writes its decoder block once,
-in terms of three calls on a forward context and layers made by an `ops` factory:
+A family (OPT in engine/opt.py, Llama in engine/llama.py; docs/design.md, "Model families") writes
+its decoder block once, in terms of calls on a forward context and layers made by an `ops` factory:
 
     ctx.residual(x, layer_id)         the block's residual stream (the signed rows at a fork)
+    ctx.positions(layer_id)           the positions of the rows the block computes (rotary embeddings)
     ctx.project(proj, x) -> [parts]   a stacked projection (q, k, v ...), one output per part
     ctx.attend(attn, q, k, v) -> o    attention over the KV cache
 
@@ -42,6 +43,7 @@ class ForwardContext:
 
     def __init__(self, inputs: ModelInputs, pool: KVPool, backend, plans: dict, trace: list | None = None):
         self.inputs, self.pool, self.backend, self.plans, self.trace = inputs, pool, backend, plans, trace
+        self._signed_positions: torch.Tensor | None = None
 
     @property
     def lora(self):
@@ -55,6 +57,16 @@ class ForwardContext:
     def residual(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
         """The fork layer's input holds the trunk's rows; its residual stream is every copy's rows."""
         return x[self.inputs.fork_index] if self.inputs.forks_at(layer_id) else x
+
+    def positions(self, layer_id: int) -> torch.Tensor:
+        """[T] positions of the rows layer `layer_id` computes (its residual's rows): the trunk's below the
+        fork layer, the signed copies' (each a trunk row, `fork_index`) from the fork layer on."""
+        inputs = self.inputs
+        if inputs.fork_index is None or layer_id < inputs.fork_layer:
+            return inputs.positions
+        if self._signed_positions is None:
+            self._signed_positions = inputs.positions[inputs.fork_index]
+        return self._signed_positions
 
     def project(self, proj: ZOProjection, x: torch.Tensor) -> list[torch.Tensor]:
         return proj(x, self)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import POSITION_OFFSET, OPTConfig
-from .invariant import LayerNorm, Linear
+from .invariant import LayerNorm, Linear, rowwise
 from .model import CausalLM, EngineOps
 
 ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -64,7 +64,9 @@ class OPTDecoderLayer(nn.Module):
         r = x
         if self.pre_ln:
             x = self.final_layer_norm(x)
-        x = r + ctx.project(self.fc2, self.act(ctx.project(self.fc1, x)[0]))[0]
+        # the activation over fixed row chunks in the batch-invariant mode: torch's CPU loops round a
+        # tail of T * ffn_dim elements that is not a whole vector in scalar code (gelu's erf/tanh)
+        x = r + ctx.project(self.fc2, rowwise(self.act, ctx.project(self.fc1, x)[0]))[0]
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x

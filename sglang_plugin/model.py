@@ -1,28 +1,31 @@
-"""flashzo's OPT as an SGLang model: the engine's own OPT block, run with SGLang's layers and KV cache.
+"""flashzo's models inside SGLang: each family's own engine block, run with SGLang's layers and KV cache.
 
-SGLang builds it from the checkpoint's config (`architectures: ["OPTForCausalLM"]`) and calls
-`forward(input_ids, positions, forward_batch)` with the ragged tokens of a batch. The decoder block,
-embeddings, final norm and checkpoint name mapping are engine/opt.py's, built with the ops here:
+SGLang builds a model from the checkpoint's config (`architectures`: OPTForCausalLM,
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) and calls `forward(input_ids, positions,
+forward_batch)` with the ragged tokens of a batch. The decoder block, embeddings, final norm and
+checkpoint name mapping are the engine's (engine/opt.py, engine/llama.py), built with the ops here:
 projections are `SGLangProjection`s (SGLang's ReplicatedLinear, so its LoRA manager can wrap them),
 attention is SGLang's RadixAttention (its KV pool, its attention backend: torch_native on a CPU),
-the token embedding is SGLang's VocabParallelEmbedding. Every adapted projection runs `zo_linear`
+the token embedding is SGLang's VocabParallelEmbedding (an untied Llama head its ParallelLMHead);
+rotary embeddings rotate by the batch's `positions`. Every adapted projection runs `zo_linear`
 (routing.py): flashzo's perturbed LoRA linear over the batch's requests, each with its own adapter,
 seed and sign. This module holds only that glue.
 
-What SGLang's LoRA manager needs for OPT, and where it is:
+What SGLang's LoRA manager needs, and where it is:
 - adaptable modules named as SGLang normalizes PEFT targets: q/k/v -> one stacked `qkv_proj`,
-  `out_proj`, `fc1`, `fc2` (sglang/srt/lora/utils.py: get_normalized_target_modules); the engine's
-  OPT block stacks q/k/v the same way;
+  gate/up -> `gate_up_proj` (sglang/srt/lora/utils.py: get_normalized_target_modules); the engine's
+  blocks stack them the same way, in the same part order;
 - of a layer type it can wrap: `ReplicatedLinear` (single GPU / CPU; no tensor parallelism);
-- `get_hidden_dim(module, layer)`: their (in, out) sizes, which SGLang's default only knows for
-  Llama-style names; `should_apply_lora(name)`: decoder-layer projections only.
+- `get_hidden_dim(module, layer)`: their (in, out) sizes (a stacked module's out: its parts' sum,
+  q + 2 kv under grouped-query attention); `should_apply_lora(name)`: decoder-layer projections only.
 The LoRA wrapper is never run: zo_linear reads the pool buffers it was given (`A_buffer`,
 `B_buffer`) and the backend's batch_info, and computes with flashzo's kernel.
 
-Weights: every layout flashzo's load_opt reads arrives through SGLang's loader as (name, tensor) and
-goes through the engine's CheckpointFill (engine/loading.py): q/k/v land in their rows of qkv_proj,
-`lm_head.weight` (tied) is checked and skipped, and an unknown, misshapen or missing tensor is an
-InputError naming it, as in flashzo.load_opt.
+Weights: every layout flashzo's load_model reads arrives through SGLang's loader as (name, tensor)
+and goes through the engine's CheckpointFill (engine/loading.py): q/k/v (gate/up) land in their rows
+of the stacked projection, a tied `lm_head.weight` is checked and skipped, and an unknown, misshapen
+or missing tensor is an InputError naming it, as in flashzo.load_model. A sliding window shorter
+than the model's positions refuses longer requests by name, as flashzo does.
 """
 
 from __future__ import annotations
@@ -33,19 +36,18 @@ import torch
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
-from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from torch import nn
 
-from flashzo.engine.config import OPTConfig
+from flashzo.engine.example import Limits
 from flashzo.engine.family import FAMILIES
+from flashzo.engine.llama import LlamaDecoder
 from flashzo.engine.loading import CheckpointFill
 from flashzo.engine.opt import OPTDecoder
 from flashzo.errors import InputError
 
 from .routing import AdapterCache, Routes, build_routes, zo_linear
-
-LORA_MODULES = ("qkv_proj", "out_proj", "fc1", "fc2")
 
 
 def _tp_size() -> int:
@@ -70,7 +72,8 @@ class SGLangProjection(ReplicatedLinear):
 
 
 class SGLangOps:
-    """Builds the shared OPT block (engine/opt.py) out of SGLang's layers, in SGLang's default dtype."""
+    """Builds a family's shared block (engine/opt.py, engine/llama.py) out of SGLang's layers, in SGLang's
+    default dtype."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -87,13 +90,16 @@ class SGLangOps:
 
 
 class SGLangContext:
-    """The block's forward context inside SGLang: its batch, and the route every request's rows take."""
+    """The block's forward context inside SGLang: its batch, its positions, the route of every request's rows."""
 
-    def __init__(self, forward_batch: ForwardBatch, routes: Routes | None):
-        self.forward_batch, self.routes = forward_batch, routes
+    def __init__(self, forward_batch: ForwardBatch, routes: Routes | None, positions: torch.Tensor):
+        self.forward_batch, self.routes, self._positions = forward_batch, routes, positions
 
     def residual(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
         return x  # SGLang's batches never fork: every request carries its own rows
+
+    def positions(self, layer_id: int) -> torch.Tensor:
+        return self._positions  # every layer computes the batch's rows
 
     def project(self, module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """Every part's output of an SGLangProjection, or of SGLang's LoRA wrapper around one: [T, n] each."""
@@ -111,45 +117,68 @@ class SGLangContext:
 
 
 class _DecoderHolder(nn.Module):
-    """Holds the decoder under `model.` so parameters are named as OPTForCausalLM's checkpoints name them."""
+    """Holds OPT's decoder under `model.` so parameters are named as OPTForCausalLM's checkpoints name them."""
 
     def __init__(self, decoder: OPTDecoder):
         super().__init__()
         self.decoder = decoder
 
 
-class OPTForCausalLM(nn.Module):
-    """SGLang's entry class for OPT checkpoints (matched by the config's `architectures`)."""
+def _checkpoint_config(config) -> dict:
+    """The checkpoint's config: SGLang on a CPU pads sizes such as intermediate_size to a multiple of 32
+    and keeps the checkpoint's as `original_<name>` (sglang/srt/configs/update_config.py:
+    adjust_config_with_unaligned_cpu_tp); flashzo's block computes the checkpoint's shapes."""
+    d = config if isinstance(config, dict) else config.to_dict()
+    out = dict(d)
+    for key, value in d.items():
+        if key.startswith("original_") and key[len("original_"):] in d and value is not None:
+            out[key[len("original_"):]] = value
+    return out
+
+
+class _FlashzoCausalLM(nn.Module):
+    """What every family's SGLang entry class shares: SGLang's LoRA hooks, routing, forward, weights.
+
+    A subclass sets `family` (engine/family.py), `stacks` (each adaptable module SGLang's LoRA
+    manager sees -> the family's parts in it) and builds the decoder in `_build(ops)`, returning
+    (the module whose parameters the checkpoint names, the decoder, the LM head).
+    """
+
+    family = ""
+    stacks: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
+        name = type(self).__name__
         if quant_config is not None:
-            raise InputError("flashzo's SGLang OPT runs unquantized checkpoints only (quantization="
+            raise InputError(f"flashzo's SGLang {name} runs unquantized checkpoints only (quantization="
                              f"{type(quant_config).__name__})")
         if _tp_size() != 1:
-            raise InputError("flashzo's SGLang OPT runs on one device (tp_size 1): its projections are "
+            raise InputError(f"flashzo's SGLang {name} runs on one device (tp_size 1): its projections are "
                              "ReplicatedLinear and its LoRA kernel is not tensor-parallel")
         self.config = config  # the HF config object SGLang reads (vocab_size, num_hidden_layers ...)
-        self.zo_config = OPTConfig.from_hf(config)
-        self.model = _DecoderHolder(OPTDecoder(self.zo_config, SGLangOps(torch.get_default_dtype()),
-                                               prefix="model.decoder"))
-        self.lm_head = self.model.decoder.embed_tokens  # tied
+        self.zo_config = FAMILIES[self.family].config_cls.from_hf(_checkpoint_config(config))
+        root, decoder, self.lm_head = self._build(SGLangOps(torch.get_default_dtype()))
+        self._parts = (root, decoder)  # a tuple: not registered again as submodules (root may be self)
         self.logits_processor = LogitsProcessor(config)
         self._adapters: AdapterCache | None = None
         self._lora_backend = None
         self._lora_searched = False  # SGLang's LoRA manager wraps modules after __init__, before any forward
 
+    def _build(self, ops: SGLangOps):
+        raise NotImplementedError
+
     # What SGLang's LoRA manager asks of the model ---------------------------------------------------
     def get_hidden_dim(self, module_name: str, layer_idx: int = 0) -> tuple[int, int]:
-        h, f = self.zo_config.hidden_size, self.zo_config.ffn_dim
-        dims = {"qkv_proj": (h, 3 * h), "out_proj": (h, h), "fc1": (h, f), "fc2": (f, h)}
-        if module_name not in dims:
-            raise InputError(f"flashzo's SGLang OPT adapts {', '.join(LORA_MODULES)} (q/k/v as qkv_proj); "
-                             f"an adapter targets {module_name!r}")
-        return dims[module_name]
+        parts = self.stacks.get(module_name)
+        if parts is None:
+            raise InputError(f"flashzo's SGLang {type(self).__name__} adapts {', '.join(self.stacks)}; an adapter "
+                             f"targets {module_name!r}")
+        shapes = [self.zo_config.lora_shape(p) for p in parts]
+        return shapes[0][0], sum(n for _, n in shapes)
 
     def should_apply_lora(self, module_name: str) -> bool:
-        return ".layers." in module_name and module_name.rsplit(".", 1)[-1] in LORA_MODULES
+        return ".layers." in module_name and module_name.rsplit(".", 1)[-1] in self.stacks
 
     # Forward ------------------------------------------------------------------------------------------
     def _routes(self, forward_batch: ForwardBatch, num_rows: int) -> Routes:
@@ -164,34 +193,101 @@ class OPTForCausalLM(nn.Module):
         return build_routes(forward_batch, num_rows, lora_backend=self._lora_backend, adapters=self._adapters,
                             device=self.lm_head.weight.device)
 
+    def _check_lengths(self, forward_batch: ForwardBatch) -> None:
+        limit = Limits.of(self.zo_config)
+        if not limit.reason:
+            return
+        lens = getattr(forward_batch, "seq_lens_cpu", None)
+        longest = int(lens.max()) if lens is not None and lens.numel() else 0
+        if longest > limit.max_positions:
+            raise InputError(f"a request of {longest} tokens is longer than the model's {limit.positions}")
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 pp_proxy_tensors=None, input_embeds: Optional[torch.Tensor] = None,
                 get_embedding: bool = False) -> LogitsProcessorOutput:
-        d = self.model.decoder
+        d = self._parts[1]
         if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
             # A captured graph would replay one batch's routes for every later batch.
-            raise RuntimeError("flashzo's SGLang OPT chooses each request's adapter and perturbation in Python "
-                               "and cannot be captured in a CUDA graph: start SGLang with --disable-cuda-graph")
-        routes = self._routes(forward_batch, input_ids.shape[0])
+            raise RuntimeError(f"flashzo's SGLang {type(self).__name__} chooses each request's adapter and "
+                               "perturbation in Python and cannot be captured in a CUDA graph: start SGLang with "
+                               "--disable-cuda-graph")
         if get_embedding:
-            raise InputError("flashzo's SGLang OPT is a causal LM; it does not serve embeddings")
-        ctx = SGLangContext(forward_batch, routes)
+            raise InputError(f"flashzo's SGLang {type(self).__name__} is a causal LM; it does not serve embeddings")
+        self._check_lengths(forward_batch)
+        routes = self._routes(forward_batch, input_ids.shape[0])
+        ctx = SGLangContext(forward_batch, routes, positions)
         x = d.embed(input_ids, positions, input_embeds)
         for layer in d.layers:
             x = layer(x, ctx)
         return self.logits_processor(input_ids, d.final(x), self.lm_head, forward_batch)
 
     # Weights ------------------------------------------------------------------------------------------
+    def _row_limits(self) -> dict[str, int]:
+        """Parameters whose rows SGLang pads (the vocabulary) -> the rows a checkpoint fills."""
+        raise NotImplementedError
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.zo_config
-        embed = "decoder.embed_tokens.weight"
-        fill = CheckpointFill(self.model, FAMILIES["opt"], tied_shape=(cfg.vocab_size, cfg.word_embed_proj_dim),
-                              row_limits={embed: cfg.vocab_size})  # SGLang pads the vocabulary rows
+        limits = self._row_limits()
+        root = self._parts[0]
+        fill = CheckpointFill(root, FAMILIES[self.family], tied_shape=(cfg.vocab_size, self._embed_dim),
+                              row_limits=limits)
         for key, tensor in weights:
             fill.put(key, tensor, "checkpoint")
         fill.finish("checkpoint")
-        self.model.decoder.embed_tokens.weight.data[cfg.vocab_size:].zero_()  # SGLang's padding rows
+        params = dict(root.named_parameters())
+        for name, rows in limits.items():
+            params[name].data[rows:].zero_()  # SGLang's padding rows
 
 
-EntryClass = OPTForCausalLM
+class OPTForCausalLM(_FlashzoCausalLM):
+    """SGLang's entry class for OPT checkpoints (matched by the config's `architectures`)."""
+
+    family = "opt"
+    stacks = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "out_proj": ("out_proj",), "fc1": ("fc1",),
+              "fc2": ("fc2",)}
+
+    def _build(self, ops):
+        cfg = self.zo_config
+        self._embed_dim = cfg.word_embed_proj_dim
+        self.model = _DecoderHolder(OPTDecoder(cfg, ops, prefix="model.decoder"))
+        return self.model, self.model.decoder, self.model.decoder.embed_tokens  # the head is tied
+
+    def _row_limits(self):
+        return {"decoder.embed_tokens.weight": self.zo_config.vocab_size}
+
+
+class LlamaForCausalLM(_FlashzoCausalLM):
+    """SGLang's entry class for Llama-family checkpoints (Llama, SmolLM; Mistral and Qwen2 below)."""
+
+    family = "llama"
+    stacks = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+              "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+    def _build(self, ops):
+        cfg = self.zo_config
+        self._embed_dim = cfg.hidden_size
+        self.model = LlamaDecoder(cfg, ops, prefix="model")
+        if cfg.tie_word_embeddings:
+            head = self.model.embed_tokens
+        else:
+            head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, params_dtype=ops.dtype, prefix="lm_head")
+        return self, self.model, head
+
+    def _row_limits(self):
+        limits = {"model.embed_tokens.weight": self.zo_config.vocab_size}
+        if not self.zo_config.tie_word_embeddings:
+            limits["lm_head.weight"] = self.zo_config.vocab_size
+        return limits
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    pass
+
+
+EntryClass = [OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM]

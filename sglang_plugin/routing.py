@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashzo.engine.config import OPTConfig
 from flashzo.engine.lora import LoRAAdapter
 from flashzo.errors import InputError
 from flashzo.kernels import Segments, perturbed_lora_linear
@@ -46,7 +45,7 @@ ADAPTER_CACHE_SIZE = int(os.environ.get("FLASHZO_SGLANG_ADAPTER_CACHE", "8"))
 class AdapterCache:
     """flashzo LoRAAdapters read from PEFT directories, one per (path, version), least recent evicted."""
 
-    def __init__(self, model_config: OPTConfig, device, capacity: int = ADAPTER_CACHE_SIZE):
+    def __init__(self, model_config, device, capacity: int = ADAPTER_CACHE_SIZE):
         self.model_config, self.device, self.capacity = model_config, device, max(1, capacity)
         self._items: collections.OrderedDict[tuple[str, str], LoRAAdapter] = collections.OrderedDict()
         self._lock = threading.Lock()

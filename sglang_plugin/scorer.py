@@ -1,4 +1,4 @@
-"""MeZO step losses computed by a running sglang.Engine that serves flashzo's OPT plugin.
+"""MeZO step losses computed by a running sglang.Engine that serves flashzo's plugin (any family).
 
     scorer = SGLangScorer(engine)                  engine: sglang.Engine(model_path=..., ...) started
                                                    with SGLANG_EXTERNAL_MODEL_PACKAGE=flashzo.sglang

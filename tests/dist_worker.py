@@ -27,15 +27,25 @@ CASES = [
     ("perturbations-lm-q2", "perturbations", "lm", 2, 6),
     ("batch-lm-q4", "batch", "lm", 4, 7),
     ("batch-lm-q1-one-example", "batch", "lm", 1, 1),  # rank 1 has nothing to score
+    ("llama-perturbations-cls2-q3", "perturbations", "cls2", 3, 6),  # the Llama family (GQA, rotary)
+    ("llama-batch-lm-q2", "batch", "lm", 2, 7),
 ]
 STEPS = 2  # the second step starts from the first one's update
 EVAL_SIZE = 9
 
 
-def make_model():
-    from flashzo import OPTConfig, OPTModel
+def make_model(family: str = "opt"):
+    from flashzo import LlamaConfig, LlamaModel, OPTConfig, OPTModel
 
+    if family == "llama":
+        return LlamaModel.from_config(LlamaConfig(vocab_size=TINY["vocab_size"], hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  max_position_embeddings=64), seed=0)
     return OPTModel.from_config(OPTConfig(**TINY), seed=0)
+
+
+def family_of_case(name: str) -> str:
+    return "llama" if name.startswith("llama-") else "opt"
 
 
 def make_examples(task: str, n: int, seed: int):
@@ -107,8 +117,8 @@ def main(spec_path: str, rank: int, world: int) -> None:
 
 
 def scenario_equivalence(rank, world, spec):
-    model = make_model()
-    return {"cases": {name: run_case(model, par, task, q, n) for name, par, task, q, n in CASES}}
+    models = {f: make_model(f) for f in ("opt", "llama")}
+    return {"cases": {name: run_case(models[family_of_case(name)], par, task, q, n) for name, par, task, q, n in CASES}}
 
 
 def scenario_fault(rank, world, spec):

@@ -42,6 +42,135 @@ def hf_opt(seed: int = 0, **overrides):
     return model
 
 
+# A small Llama-family shape: 8 query heads over 2 KV heads (grouped-query attention), 3 layers.
+LLAMA_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+
+def hf_llama(seed: int = 0, model_type: str = "llama", qk_std: float = 0.5, **overrides):
+    """A transformers Llama / Mistral / Qwen2 causal LM with random weights everywhere (norms, biases too).
+
+    q_proj and k_proj get std `qk_std` so attention is peaky: with HF's default init (std 0.02) it is
+    nearly uniform, and a wrong rotary embedding or KV-head mapping would move log-probs by less than
+    the tests' tolerance (tests/test_llama.py checks that a 1% change of one weight does not pass).
+    """
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    cfg = cls[0](**{**LLAMA_TINY, **overrides})
+    torch.manual_seed(seed)
+    model = cls[1](cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(qk_std * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format), written with the gguf package's writer
+# --------------------------------------------------------------------------------------------------
+
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_key: str) -> str:
+    if hf_key in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[hf_key]
+    _, _, layer, rest = hf_key.split(".", 3)
+    module, leaf = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_LAYER[module]}.{leaf}"
+
+
+def llama_cpp_permute(w, n_head: int):
+    """What llama.cpp's converter does to q/k rows of `llama` files: per head, the two halves interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def k_quant_bytes(qtype, rows: int, cols: int, seed: int = 0):
+    """Random blocks of a K-quant type (gguf-py can dequantize them but not quantize): random quants and
+    scales, the fp16 super-block scales set to small finite values."""
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    halves = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype.name]
+    for k, off in enumerate(halves):
+        raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01 / (k + 1)).tobytes(), dtype=np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(hf_model, path, *, qtype=None, extra=None, drop=(), metadata=None) -> str:
+    """A transformers Llama / Qwen2 model as a GGUF file, as llama.cpp's converter lays it out.
+
+    qtype(hf_key, array) -> the GGMLQuantizationType to store a tensor in (default F32; 1-D tensors
+    always F32); extra: more {gguf name: float array}; drop: GGUF names to leave out; metadata:
+    {key: value} written or overriding (None removes).
+    """
+    import gguf
+    import numpy as np
+
+    cfg = hf_model.config
+    arch = {"llama": "llama", "qwen2": "qwen2"}[cfg.model_type]
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    meta = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+            "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+            "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+            "rope.freq_base": float(cfg.rope_parameters["rope_theta"]),
+            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps), "rope.dimension_count": D,
+            "vocab_size": cfg.vocab_size}
+    meta = {f"{arch}.{k}": v for k, v in meta.items()}
+    meta.update(metadata or {})
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, int(value))
+    tensors = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()
+               if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    for key, a in tensors.items():
+        name = gguf_name(key)
+        if name in drop:
+            continue
+        if arch == "llama" and ".attn_q." in name:
+            a = llama_cpp_permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and ".attn_k." in name:
+            a = llama_cpp_permute(a, cfg.num_key_value_heads)
+        t = gguf.GGMLQuantizationType.F32 if qtype is None or a.ndim == 1 else qtype(key, a)
+        if t == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+        elif t == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        elif t.name in ("Q4_K", "Q5_K", "Q6_K"):
+            w.add_tensor(name, k_quant_bytes(t, *a.shape, seed=len(name)), raw_dtype=t)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), t), raw_dtype=t)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
 def state_dict(model, *, prefix: bool = True, lm_head: bool = True) -> dict[str, torch.Tensor]:
     sd = {}
     for k, v in model.state_dict().items():

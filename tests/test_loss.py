@@ -58,3 +58,16 @@ def test_empty_copy_is_nan():
     readout.num_copies = 2  # copy 1 scored nothing
     s = copy_losses(readout, torch.tensor([-1.0]), examples)
     assert s.loss[0] == pytest.approx(1.0) and math.isnan(s.loss[1])
+
+
+def test_a_copy_loss_reads_only_its_own_groups():
+    """A non-finite or huge log-prob in copy 0 (a diverged job beside this one) leaves copy 1's loss
+    exactly what it is alone: no sum runs across groups."""
+    examples = [Example([1], target=[2, 3, 4]), Example([1], target=[5])]
+    lp1 = torch.tensor([-0.1, -0.2, -0.3, -0.7], dtype=torch.float64)
+    alone = copy_losses(_readout([(0, 0, 0), (0, 1, 0)], [3, 1]), lp1, examples)
+    pair = _readout([(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)], [3, 1, 3, 1])
+    for first in (float("nan"), -float("inf"), -1e300, -3e7):
+        lp = torch.cat([torch.tensor([first, -1.0, -2.0, -3.0], dtype=torch.float64), lp1])
+        s = copy_losses(pair, lp, examples)
+        assert s.loss[1] == alone.loss[0] and s.loss_sum[1] == alone.loss_sum[0], first

@@ -16,12 +16,12 @@ from helpers import require_sglang
 
 require_sglang()  # skips (or, under FLASHZO_REQUIRE_SGLANG=1, fails) the module where SGLang is not set up
 
-from helpers import LAYOUTS, hf_opt, real_torchvision, sglang_setup, write_checkpoint  # noqa: E402
+from helpers import LAYOUTS, hf_llama, hf_opt, real_torchvision, sglang_setup, write_checkpoint  # noqa: E402
 from helpers import SGLANG_PLUGIN as PLUGIN  # noqa: E402
 from helpers import SGLANG_TINY as TINY  # noqa: E402
 
 import flashzo.sglang as fzs  # noqa: E402  (before any sglang.srt import: installs the torchvision stand-in)
-from flashzo import load_opt  # noqa: E402
+from flashzo import load_model, load_opt  # noqa: E402
 from flashzo.sglang import boot  # noqa: E402
 
 pytestmark = pytest.mark.sglang
@@ -39,7 +39,11 @@ def setup(tmp_path_factory):
 def test_registry_finds_the_plugin_model():
     from sglang.srt.models.registry import import_model_classes
 
-    assert import_model_classes.__wrapped__(PLUGIN) == {"OPTForCausalLM": fzs.OPTForCausalLM}
+    from flashzo.sglang import model
+
+    assert import_model_classes.__wrapped__(PLUGIN) == {
+        "OPTForCausalLM": fzs.OPTForCausalLM, "LlamaForCausalLM": fzs.LlamaForCausalLM,
+        "MistralForCausalLM": model.MistralForCausalLM, "Qwen2ForCausalLM": model.Qwen2ForCausalLM}
 
 
 def test_broken_plugin_fails_loudly(monkeypatch):
@@ -150,6 +154,29 @@ def test_every_layout_loads_through_sglangs_loader(tmp_path, sglang_topology, la
         mine = got["model." + name]
         assert torch.equal(mine[:p.shape[0]], p), name
         assert not mine[p.shape[0]:].any()  # SGLang's vocabulary padding rows
+
+
+@pytest.mark.parametrize("model_type,overrides", [("llama", dict(tie_word_embeddings=False)),
+                                                   ("qwen2", dict(num_attention_heads=4, tie_word_embeddings=True))])
+def test_llama_family_loads_through_sglangs_loader(tmp_path, sglang_topology, model_type, overrides):
+    from transformers import AutoConfig
+
+    from flashzo.sglang import model as plugin
+
+    path = write_checkpoint(hf_llama(seed=4, model_type=model_type, vocab_size=70, **overrides), tmp_path,
+                            "safetensors_sharded")
+    ref = dict(load_model(path).named_parameters())
+    cls = {"llama": plugin.LlamaForCausalLM, "qwen2": plugin.Qwen2ForCausalLM}[model_type]
+    model = cls(AutoConfig.from_pretrained(path))
+    assert model.get_hidden_dim("qkv_proj") == (64, 64 + 2 * 2 * 64 // overrides.get("num_attention_heads", 8))
+    assert model.get_hidden_dim("gate_up_proj") == (64, 160)
+    model.load_weights(_sglang_weights(path))
+    got = dict(model.named_parameters())
+    assert set(got) == set(ref)  # one block, one set of parameters (q/k/v and gate/up stacked)
+    for name, p in ref.items():
+        assert torch.equal(got[name][:p.shape[0]], p), name
+        assert not got[name][p.shape[0]:].any()  # SGLang's vocabulary padding rows
+    assert (model.lm_head is model.model.embed_tokens) == overrides["tie_word_embeddings"]
 
 
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])

@@ -228,3 +228,79 @@ def test_perturbations_never_share_cached_kv(setup, engine):
         assert min(abs(unperturbed - w) for w in want) > 100 * ATOL
     finally:
         scorer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Llama family (GQA, untied head, rotary embeddings) through sglang.Engine
+# --------------------------------------------------------------------------------------------------
+
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tmp_path_factory):
+    from helpers import hf_llama, nonzero_adapter, write_checkpoint, write_word_tokenizer
+
+    from flashzo import LoRAConfig, load_model
+
+    root = tmp_path_factory.mktemp("sglang_llama")
+    ckpt = write_checkpoint(hf_llama(seed=3, vocab_size=TINY["vocab_size"], max_position_embeddings=96), root / "m",
+                            "safetensors")
+    write_word_tokenizer(ckpt, TINY["vocab_size"])
+    model = load_model(ckpt)
+    adapters = {"seven": nonzero_adapter(model, LoRAConfig(r=2, alpha=4, target_modules=SEVEN, layers=(0, 2)), 5),
+                "qvgd": nonzero_adapter(model, LoRAConfig(r=4, alpha=8, target_modules=(
+                    "q_proj", "v_proj", "gate_proj", "down_proj")), 6)}
+    paths = {}
+    for name, adapter in adapters.items():
+        paths[name] = str(root / f"adapter_{name}")
+        adapter.save_pretrained(paths[name])
+    return dict(ckpt=ckpt, model=model, adapters=adapters, paths=paths)
+
+
+@pytest.fixture(scope="module")
+def llama_engine(llama_setup):
+    import sglang
+
+    require_boot_pth()
+    old = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
+    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
+    eng = sglang.Engine(model_path=llama_setup["ckpt"], enable_lora=True, lora_backend="torch_native",
+                        lora_paths=[f"{n}={p}" for n, p in llama_setup["paths"].items()], max_loras_per_batch=3,
+                        **ENGINE_ARGS)
+    yield eng
+    eng.shutdown()
+    if old is None:
+        os.environ.pop("SGLANG_EXTERNAL_MODEL_PACKAGE", None)
+    else:
+        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = old
+
+
+def test_llama_engine_logprobs_and_lora_serving_equal_flashzo(llama_setup, llama_engine):
+    names = [None, "seven", "qvgd"]
+    outs = llama_engine.generate(input_ids=SEQS, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                                 logprob_start_len=0, lora_path=names)
+    model = llama_setup["model"]
+    for seq, out, name in zip(SEQS, outs, names):
+        adapter = llama_setup["adapters"][name] if name is not None else None
+        ref = model.token_logprobs([seq], adapter=adapter)[0]
+        torch.testing.assert_close(_input_logprobs(out), ref, atol=ATOL, rtol=0)
+    assert (_input_logprobs(outs[2]) - model.token_logprobs([SEQS[2]])[0]).abs().max() > 100 * ATOL
+
+
+def test_llama_scorer_step_equals_mezo_step(llama_setup, llama_engine):
+    config = MeZOConfig(lr=0.05, eps=1e-2, num_perturbations=2, seed=11)
+    adapter = llama_setup["adapters"]["seven"]
+    ours = MeZOTrainer(llama_setup["model"], adapter.clone(), config)
+    theirs = MeZOTrainer(llama_setup["model"], adapter.clone(), config)
+    scorer = fzs.SGLangScorer(llama_engine)
+    try:
+        for _ in range(2):
+            want, got = ours.step(CLASSIFICATION), scorer.step(theirs, CLASSIFICATION)
+            torch.testing.assert_close(torch.tensor(got.loss_plus), torch.tensor(want.loss_plus), atol=ATOL, rtol=0)
+            torch.testing.assert_close(torch.tensor(got.loss_minus), torch.tensor(want.loss_minus), atol=ATOL,
+                                       rtol=0)
+            assert min(abs(p - m) for p, m in zip(want.loss_plus, want.loss_minus)) > 100 * ATOL
+        torch.testing.assert_close(theirs.adapter.buffer, ours.adapter.buffer, atol=1e-5, rtol=0)
+    finally:
+        scorer.close()

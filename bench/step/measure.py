@@ -16,7 +16,8 @@ import harness
 import torch
 from mezo_baseline import MeZOBaseline, collate, hf_from_flashzo, mezo_loss
 
-from flashzo.engine import LoRAAdapter, LoRAConfig, OPTModel
+from flashzo.engine import PRESETS, CausalLM, LlamaModel, LoRAAdapter, LoRAConfig, OPTModel
+from flashzo.engine.llama_config import PRESETS as LLAMA_PRESETS
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, evaluate
 
 from .workloads import batch_tokens, make_examples
@@ -34,17 +35,26 @@ LORA_R, LORA_MODULES = 8, ("q_proj", "v_proj")
 
 @dataclass
 class Sides:
-    model: OPTModel | None
+    model: CausalLM | None
     trainer: MeZOTrainer | None
     adapter: LoRAAdapter | None
     hf: object | None
     baseline: MeZOBaseline | None
 
 
+def model_from_preset(preset: str, **kw) -> CausalLM:
+    """Random weights of an OPT preset (opt-125m ...) or a Llama-family one (smollm2-135m, llama-3.2-1b ...)."""
+    if preset in PRESETS:
+        return OPTModel.from_config(preset, **kw)
+    if preset in LLAMA_PRESETS:
+        return LlamaModel.from_config(preset, **kw)
+    raise ValueError(f"unknown preset {preset!r}; OPT: {', '.join(PRESETS)}; Llama: {', '.join(LLAMA_PRESETS)}")
+
+
 def build(preset: str, dtype: torch.dtype, device, *, lr: float, eps: float, seed: int,
           which=("flashzo", "baseline")) -> Sides:
     """The flashzo model (and trainer) and/or the PEFT baseline on the same random weights."""
-    model = OPTModel.from_config(preset, seed=seed, dtype=dtype, device=device)
+    model = model_from_preset(preset, seed=seed, dtype=dtype, device=device)
     adapter = LoRAAdapter.init(LoRAConfig(r=LORA_R, alpha=2 * LORA_R, target_modules=LORA_MODULES, seed=seed),
                                model.config, device=device)
     hf = baseline = None
@@ -85,17 +95,23 @@ def sync(device) -> None:
 # FLOPs each side executes
 # --------------------------------------------------------------------------------------------------
 
-def linear_flops_per_row(cfg, lora_r: int = LORA_R, lora_modules: int = len(LORA_MODULES)) -> int:
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    return 2 * (4 * h * h + 2 * h * f) + lora_modules * 2 * lora_r * (h + h)
+def linear_flops_per_row(cfg, lora_r: int = LORA_R, lora_modules=LORA_MODULES) -> int:
+    """One row through one layer's linears (every linear of both families is an adaptable one) and the
+    LoRA terms of `lora_modules`."""
+    base = sum(2 * k * n for k, n in (cfg.lora_shape(m) for m in cfg.lora_modules))
+    return base + sum(2 * lora_r * (k + n) for k, n in (cfg.lora_shape(m) for m in lora_modules))
+
+
+def _attn_width(cfg) -> int:
+    return cfg.num_attention_heads * cfg.head_dim  # QK^T and PV: 2 * H * D each per (row, key)
 
 
 def counted_flops(cfg, c: engine_batch.BatchCounts) -> int:
     """Matmuls over the rows each layer computes, QK^T and PV over the keys each row attends, the LM
     head over the rows a loss reads; less the q/k/v rows a fork layer reuses from the trunk."""
     h = cfg.hidden_size
-    return (c.token_layers * linear_flops_per_row(cfg) + 4 * h * c.attention_keys
-            + 2 * h * cfg.vocab_size * c.logit_rows - 2 * h * h * c.skipped_projection_rows)
+    return (c.token_layers * linear_flops_per_row(cfg) + 4 * _attn_width(cfg) * c.attention_keys
+            + 2 * h * cfg.vocab_size * c.logit_rows - c.skipped_projection_flops)
 
 
 def baseline_flops(cfg, examples) -> int:
@@ -103,7 +119,7 @@ def baseline_flops(cfg, examples) -> int:
     B, T = b.input_ids.shape
     L, h = cfg.num_hidden_layers, cfg.hidden_size
     per_forward = B * T * L * linear_flops_per_row(cfg)
-    per_forward += L * 4 * h * B * T * T  # SDPA with a padding mask: the full L x L score matrix
+    per_forward += L * 4 * _attn_width(cfg) * B * T * T  # SDPA with a padding mask: the full L x L score matrix
     per_forward += 2 * h * cfg.vocab_size * B * T  # full logits
     return 2 * per_forward
 

@@ -154,7 +154,7 @@ def merge(stem: str, new_rows: list[dict], meta: dict) -> dict:
     key = lambda r: (r["model"], r["workload"], r["dtype"])  # noqa: E731
     fresh = {key(r) for r in new_rows}
     rows = [r for r in old if key(r) not in fresh] + new_rows
-    order = {m: i for i, m in enumerate(GPU_MODELS + ("opt-tiny",))}
+    order = {m: i for i, m in enumerate(GPU_MODELS + ("opt-tiny", "llama-tiny"))}
     wl = {w: i for i, w in enumerate(WORKLOADS)}
     rows.sort(key=lambda r: (order.get(r["model"], 99), wl.get(r["workload"], 99), r["dtype"]))
     return {"meta": meta, "rows": rows}

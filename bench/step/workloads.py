@@ -55,5 +55,6 @@ def batch_tokens(examples) -> int:
     return sum(len(toks) for ex in examples for toks, _ in ex.sequences())
 
 
-CPU_MODELS = ("opt-125m", "opt-1.3b")  # the default sweep on a CPU
-GPU_MODELS = ("opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b")  # and on a GPU
+CPU_MODELS = ("opt-125m", "opt-1.3b", "smollm2-135m", "llama-3.2-1b")  # the default sweep on a CPU
+GPU_MODELS = ("opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b", "smollm2-135m", "llama-3.2-1b",
+              "llama-3.1-8b")  # and on a GPU

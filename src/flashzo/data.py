@@ -117,11 +117,15 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.mo
 
 
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline).
+    """The tokenizer saved in a model directory (transformers' AutoTokenizer, offline), or a GGUF file's.
 
     InputError naming the cause when the directory has no tokenizer files, or when what transformers
     returns turns text into no tokens.
     """
+    from flashzo.engine.gguf import find_gguf, gguf_tokenizer
+
+    if find_gguf(model_dir) is not None:
+        return gguf_tokenizer(model_dir)
     if os.path.isdir(model_dir) and not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         raise InputError(f"{model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy the "
                          "model's tokenizer files into it, or give token-id lists in the data")

@@ -1,0 +1,166 @@
+"""GGUF files (engine/gguf.py): small random Llama / Qwen2 models written as llama.cpp lays them out
+(helpers.write_gguf, with llama.cpp's q/k permutation for `llama` files) load into the weights of
+the transformers model they came from, every supported tensor type dequantizes, and everything else
+is refused by name. The real SmolLM2 file is tested in tests/test_real_model.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from helpers import checkpoint_tensors, gguf_name, hf_llama, write_gguf  # noqa: E402
+
+import flashzo  # noqa: E402
+from flashzo.engine import LlamaModel, load_model  # noqa: E402
+from flashzo.engine.gguf import SUPPORTED_TYPES, _reader, find_gguf, unpermute  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+Q = gguf.GGMLQuantizationType
+CASES = {
+    "llama_gqa": dict(model_type="llama"),
+    "llama_mqa_tied": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen2_biases": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def _hf(name):
+    hf = hf_llama(seed=4, **CASES[name])
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    return hf
+
+
+@torch.no_grad()
+def _logprobs(model, seqs):
+    out = []
+    for s in seqs:
+        lp = model(input_ids=torch.tensor([s])).logits[0].log_softmax(-1)[:-1]
+        out.append(lp.gather(1, torch.tensor(s[1:])[:, None])[:, 0])
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_f32_gguf_loads_the_weights_it_was_written_from(tmp_path, name):
+    hf = _hf(name)
+    file = write_gguf(hf, tmp_path / "m.gguf")
+    model = load_model(file)
+    assert isinstance(model, LlamaModel) and model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    theirs = hf.state_dict()
+    for key, p in checkpoint_tensors(model).items():
+        assert torch.equal(p, theirs[key]), key  # q/k rows unpermuted exactly
+    seqs = [[3, 17, 5, 60, 2, 9, 41, 7, 7, 30, 12], [8, 1]]
+    for a, b in zip(model.token_logprobs(seqs), _logprobs(hf, seqs), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # the permutation matters: without undoing it, q and k differ
+    k = theirs["model.layers.0.self_attn.k_proj.weight"].numpy()
+    assert not np.array_equal(unpermute(k, hf.config.num_key_value_heads), k)
+    assert load_model(tmp_path).dtype == torch.float32  # a directory holding one .gguf
+    assert load_model(file, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("qname", SUPPORTED_TYPES)
+def test_every_supported_type_dequantizes(tmp_path, qname):
+    """Each matrix stored in `qname` (K-quants: random valid blocks) loads as gguf's own dequantization,
+    unpermuted; the types gguf-py can quantize also come back near the original weights."""
+    hf = hf_llama(seed=1, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q[qname])
+    model = load_model(file)
+    reader = gguf.GGUFReader(file)
+    raw = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {qname}
+    theirs = hf.state_dict()
+    for key, p in checkpoint_tensors(model).items():
+        want = raw[gguf_name(key)].reshape(p.shape)
+        if ".q_proj." in key:
+            want = unpermute(want, 4)
+        elif ".k_proj." in key:
+            want = unpermute(want, 2)
+        assert torch.equal(p, torch.from_numpy(np.ascontiguousarray(want, dtype=np.float32))), key
+        if qname in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1") and p.ndim == 2:
+            bound = {"F32": 0, "F16": 1e-3, "BF16": 4e-3, "Q8_0": 2e-2, "Q4_0": 0.3, "Q4_1": 0.2}[qname]
+            assert (p - theirs[key]).abs().max() <= bound * max(1.0, theirs[key].abs().max()), key
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_plain_view_reader_reads_the_same(tmp_path):
+    file = write_gguf(_hf("qwen2_biases"), tmp_path / "m.gguf", qtype=lambda key, a: Q.Q8_0 if a.shape[1] % 32 == 0
+                      else Q.F16)
+    fast, plain = _reader(file), gguf.GGUFReader(file)
+    assert type(fast) is not gguf.GGUFReader and type(plain.tensors[0].data) is np.memmap
+    assert list(fast.fields) == list(plain.fields)
+    for k in plain.fields:
+        assert [np.asarray(x).tobytes() for x in fast.fields[k].parts] == \
+            [np.asarray(x).tobytes() for x in plain.fields[k].parts], k
+    for a, b in zip(fast.tensors, plain.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data))
+
+
+def test_bad_gguf_files_are_refused_by_name(tmp_path):
+    hf = _hf("llama_gqa")
+    with pytest.raises(flashzo.InputError, match="type Q5_0"):
+        load_model(write_gguf(hf, tmp_path / "a.gguf", qtype=lambda key, a: Q.Q5_0 if "q_proj" in key else Q.F32))
+    with pytest.raises(flashzo.InputError, match="'rope_freqs.weight' is not one"):
+        load_model(write_gguf(hf, tmp_path / "b.gguf", extra={"rope_freqs.weight": np.ones(4)}))
+    with pytest.raises(flashzo.InputError, match="'model.layers.1.self_attn.v_proj.weight'.*missing"):
+        load_model(write_gguf(hf, tmp_path / "c.gguf", drop=("blk.1.attn_v.weight",)))
+    with pytest.raises(flashzo.InputError, match="rope scaling type 'yarn'"):
+        load_model(write_gguf(hf, tmp_path / "d.gguf", metadata={"llama.rope.scaling.type": "yarn"}))
+    with pytest.raises(flashzo.InputError, match="llama.block_count is missing"):
+        load_model(write_gguf(hf, tmp_path / "e.gguf", metadata={"llama.block_count": None}))
+    with pytest.raises(flashzo.InputError, match="has shape"):
+        load_model(write_gguf(hf, tmp_path / "f.gguf", metadata={"llama.attention.head_count_kv": 4}))
+    good = write_gguf(hf, tmp_path / "g.gguf")
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(tmp_path / "h.gguf", "wb") as f:
+        f.write(data[:len(data) // 3])
+    with pytest.raises(flashzo.InputError, match="cannot be read as GGUF"):
+        load_model(tmp_path / "h.gguf")
+    with pytest.raises(flashzo.InputError, match="several GGUF files"):
+        load_model(tmp_path)
+    os.makedirs(tmp_path / "one")
+    os.replace(good, tmp_path / "one" / "m.gguf")
+    assert find_gguf(tmp_path / "one") == str(tmp_path / "one" / "m.gguf")
+    with pytest.raises(flashzo.InputError, match="a GGUF file holds a Llama-family model"):
+        flashzo.load_opt(tmp_path / "one")
+
+
+def test_gguf_architecture_refused_by_name(tmp_path):
+    path = str(tmp_path / "gpt2.gguf")
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(flashzo.InputError, match="architecture 'gpt2' is not one flashzo runs"):
+        load_model(path)
+
+
+def test_cli_eval_and_train_take_a_gguf_file(tmp_path, capsys):
+    import json
+
+    from flashzo.cli import main
+
+    file = write_gguf(_hf("llama_gqa"), tmp_path / "m.gguf")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": [3, 4, 5 + i], "candidates": [[7], [8]], "label": i % 2})
+                              for i in range(4)))
+    assert main(["eval", "--model", file, "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 4
+    out = tmp_path / "run"
+    assert main(["train", "--model", file, "--train", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--target-modules", "q_proj,down_proj", "--no-progress"]) == 0
+    assert os.path.isfile(out / "adapter" / "adapter_config.json")

