@@ -167,7 +167,7 @@ def exact_float(total: int | float) -> float:
     try:
         return total / (1 << _UNIT_BITS)  # int / int: correctly rounded
     except OverflowError:
-        return math.copysign(math.inf, total)
+        return math.inf if total > 0 else -math.inf  # copysign would convert the int and overflow too
 
 
 def add_exact(a: int | float, b: int | float) -> int | float:
