@@ -186,7 +186,8 @@ def run_batch(step, n=5):
     return batch_of(make_examples("lm", 12, seed=5), step, n)
 
 
-SCENARIOS = {"equivalence": scenario_equivalence, "invariant": scenario_invariant, "fault": scenario_fault, "train_and_save": scenario_train_and_save}
+SCENARIOS = {"equivalence": scenario_equivalence, "invariant": scenario_invariant, "fault": scenario_fault,
+             "train_and_save": scenario_train_and_save}
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

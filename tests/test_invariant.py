@@ -66,7 +66,7 @@ def run_job(family, task: str, *, beside: int, first: bool, reverse: bool, on: b
     data = examples(task, 5, seed=1)
     batches = [examples(task if k % 2 else "cls", 3 + 2 * k, seed=30 + k) for k in range(beside)]
     losses = []
-    for t in range(STEPS):
+    for _ in range(STEPS):
         mine = data[::-1] if reverse else data
         if beside == 0:
             r = job.step(mine)

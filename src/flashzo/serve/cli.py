@@ -93,7 +93,8 @@ def run(args) -> int:
         print(f"flashzo serve: model {name}: {path} ({m.family}, {m.config.num_hidden_layers} layers, {m.dtype}, "
               f"{m.device}{', no tokenizer' if models[name].tokenizer is None else ''})", flush=True)
     app = create_app(args.data_dir, models, api_key=key, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward, batch_invariant=args.batch_invariant)
+                     max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward,
+                     batch_invariant=args.batch_invariant)
     print(f"flashzo serve: http://{args.host}:{args.port} (data in {os.path.abspath(args.data_dir)}, "
           f"{'API key required' if key else 'no API key'})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
