@@ -192,3 +192,55 @@ def test_the_mode_is_per_thread_and_recorded(tmp_path, family):
         flashzo.set_batch_invariant(1)
     with pytest.raises(InputError, match="batch_invariant"):
         flashzo.step_together([tr, trainer(model, name, 3, on=False)], [examples("cls", 2, 0)] * 2)
+
+
+def test_flashinfer_plans_in_the_mode_fix_each_sequence_by_its_own_length():
+    """What the FlashInfer backend hands to plan in the mode (checked on a CPU): no split of the keys,
+    and one plan per FA2 query-tile class, so a sequence's tile never depends on the others' lengths."""
+    from flashzo.engine.attention import flashinfer_plan_args, flashinfer_tile_classes, sub_metadata
+
+    qo_lens, kv_lens = [3, 40, 1, 17, 64, 65, 200], [9, 40, 30, 17, 70, 65, 260]
+    slots = [list(range(sum(kv_lens[:s]), sum(kv_lens[:s + 1]))) for s in range(len(kv_lens))]
+    meta = AttentionMetadata.build(qo_lens, slots, [0] * sum(qo_lens), "cpu")
+    _, kw = flashinfer_plan_args(meta, num_heads=4, head_dim=64, dtype=torch.bfloat16, batch_invariant=True)
+    assert kw["disable_split_kv"] is True
+    _, kw = flashinfer_plan_args(meta, num_heads=4, head_dim=64, dtype=torch.bfloat16)
+    assert "disable_split_kv" not in kw  # out of the mode, FlashInfer's own choice
+    assert flashinfer_tile_classes(meta) == [[0, 2], [1, 3, 4], [5, 6]]  # packed qo_len <= 16, <= 64, > 64
+    assert flashinfer_tile_classes(meta, group_size=4) == [[0, 2], [1, 3, 4, 5, 6]]  # GQA packs 4 heads per row
+    sub, rows = sub_metadata(meta, [1, 4])
+    assert sub.qo_indptr_host == [0, 40, 104] and sub.kv_indptr_host == [0, 40, 110]
+    assert rows.tolist() == list(range(3, 43)) + list(range(61, 125))
+    assert sub.kv_indices.tolist() == slots[1] + slots[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flashinfer_gives_a_sequence_the_same_bits_in_any_stage(dtype):
+    pytest.importorskip("flashinfer")
+    from flashzo.engine.attention import FlashInferAttentionBackend, KVPool
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, KV, D, dev = 8, 2, 128, "cuda"
+    lens = [(5, 9), (1, 300), (70, 70), (3, 200), (20, 20), (130, 400)]
+    pool = KVPool(1, KV, D, dtype=dtype, device=dev, capacity=2048)
+    kb, vb = pool.buffers(0)
+    kb.copy_(torch.randn(kb.shape, generator=g, device=dev))
+    vb.copy_(torch.randn(vb.shape, generator=g, device=dev))
+    slots = [torch.randperm(kb.shape[0], device="cpu")[:m].tolist() for _, m in lens]
+    queries = [torch.randn(n, H, D, generator=g, device=dev, dtype=dtype) for n, _ in lens]
+
+    def run(order):
+        qo_lens = [lens[s][0] for s in order]
+        meta = AttentionMetadata.build(qo_lens, [slots[s] for s in order], [0] * sum(qo_lens), dev)
+        be = FlashInferAttentionBackend(device=dev)
+        plan = be.plan(meta, num_heads=H, head_dim=D, dtype=dtype, num_kv_heads=KV, sm_scale=D ** -0.5)
+        o = be.forward(torch.cat([queries[s] for s in order]), meta, plan, pool, 0, D ** -0.5)
+        qo = meta.qo_indptr_host
+        return {s: o[qo[i]:qo[i + 1]] for i, s in enumerate(order)}
+
+    with invariant.batch_invariant_mode(True):
+        for s in range(len(lens)):
+            alone = run([s])[s]
+            for order in ([s] + [t for t in range(len(lens)) if t != s], [t for t in range(len(lens)) if t != s] + [s]):
+                assert torch.equal(run(order)[s], alone), (s, order)
