@@ -278,15 +278,16 @@ class _InvariantPlan:
         group = q.shape[1] // kb.shape[1]
         k_all = kb[self.kv_slots].to(q.dtype)  # [nnz, KV, D]: one gather for the stage
         v_all = vb[self.kv_slots].to(q.dtype)
-        outs = []
+        o = torch.empty_like(q)  # [T, H, D]
         with _one_thread():
             for (q0, n, k0, m), mask in zip(self.seqs, self.masks):
                 qs = _fresh(q[q0:q0 + n])  # [1, H, n, D]
                 ks, vs = _fresh(k_all[k0:k0 + m]), _fresh(v_all[k0:k0 + m])  # [1, KV, m, D]
                 if group > 1:
                     ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-                outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling)[0])
-        return torch.cat([x.transpose(0, 1) for x in outs]) if outs else torch.empty_like(q)  # [T, H, D]
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling)  # [1, H, n, D]
+                o[q0:q0 + n] = out[0].transpose(0, 1)
+        return o
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:
