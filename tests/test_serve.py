@@ -564,6 +564,13 @@ def test_openai_hyperparameters_are_mapped():
     opts, epochs = J.run_options({"type": "mezo", "mezo": {"hyperparameters": {"steps": 9}}},
                                  {"n_epochs": "auto", "batch_size": "auto"}, None, model)
     assert (opts["steps"], opts["batch_size"], epochs) == (9, J.DEFAULTS.batch_size, None)
+    # batch-invariant numerics: the server's default unless the job chooses (a flashzo hyperparameter)
+    assert opts["batch_invariant"] is True
+    assert J.run_options(None, None, None, model, batch_invariant=False)[0]["batch_invariant"] is False
+    mezo = {"type": "mezo", "mezo": {"hyperparameters": {"batch_invariant": False}}}
+    assert J.run_options(mezo, None, None, model)[0]["batch_invariant"] is False
+    with pytest.raises(flashzo.InputError, match="batch_invariant must be true or false"):
+        J.run_options({"type": "mezo", "mezo": {"hyperparameters": {"batch_invariant": "yes"}}}, None, None, model)
     for method, top in (({"type": "mezo", "mezo": {"hyperparameters": {"steps": 9}}}, {"n_epochs": 2}),
                         ({"type": "mezo", "mezo": {"hyperparameters": {"lr": 1e-3}}}, {"learning_rate_multiplier": 2}),
                         ({"type": "mezo", "mezo": {"hyperparameters": {"batch_size": 3}}}, {"batch_size": 4})):
