@@ -35,6 +35,7 @@ the figures).
     python bench/bench_step.py                          # this device's full sweep
     python bench/bench_step.py --models opt-125m --workloads sst2 --reps 7
     python bench/bench_step.py --smoke                  # seconds: opt-tiny and llama-tiny, CI
+    python bench/bench_step.py --models opt-125m --workloads sst2 --batch-invariant   # the mode's cost
 
 Writes bench/results/step_<device>.{json,csv,png,md} (smoke: step_smoke.*) in bench/harness.py's
 result format; a later run replaces the cells it measured and keeps the others. The code is in
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights, adapter and data seed")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both sides (default: torch's; --smoke: 1)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also time flashzo's step in the batch-invariant mode (engine/invariant.py), interleaved "
+                        "with the others: the invariant_ms and invariant_over_flashzo columns")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long CI mode: opt-tiny and llama-tiny on the CPU (unless --device), 4 examples, "
@@ -134,8 +138,9 @@ def main(argv=None) -> list[str]:
                    date=meta["date"], run=run_id)
         rows.append(row)
         print(f"{preset} {workload}: baseline {row['baseline_ms']:.1f} ms, flashzo {row['flashzo_ms']:.1f} ms "
-              f"({row['speedup']:.2f}x), floor {row['floor_ms']:.1f} ms (step/floor {row['step_over_floor']:.2f})",
-              flush=True)
+              f"({row['speedup']:.2f}x), floor {row['floor_ms']:.1f} ms (step/floor {row['step_over_floor']:.2f})"
+              + (f", batch-invariant {row['invariant_ms']:.1f} ms ({row['invariant_over_flashzo']:.2f}x flashzo)"
+                 if "invariant_ms" in row else ""), flush=True)
     meta["load_average_end"] = harness.load_average()
     results = merge(stem, rows, meta) if not args.smoke else {"meta": meta, "rows": rows}
     return write_outputs(results, stem)

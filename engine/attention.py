@@ -22,19 +22,23 @@ force either with `resolve_backend("torch")` or `force_backend("torch")`.
 NOTE: the FlashInfer backend is written against flashinfer-python 0.6.x's
 `BatchPrefillWithPagedKVCacheWrapper` (plan(qo_indptr, paged_kv_indptr, paged_kv_indices,
 paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal=, sm_scale=,
-q_data_type=, kv_data_type=) then run(q, (k_cache, v_cache))) by reading its source; it is NOT yet
-verified on a GPU. The arguments it hands to plan are tested on a CPU (`flashinfer_plan_args`), and
+q_data_type=, kv_data_type=, and disable_split_kv= in the batch-invariant mode; the wrapper's
+backend="fa2") then run(q, (k_cache, v_cache))) by reading its source; it is NOT yet verified on a
+GPU. The arguments it hands to plan are tested on a CPU (`flashinfer_plan_args`), and
 tests/test_attention.py has a GPU-marked test comparing it with the torch backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from flashzo.errors import InputError
+
+from . import invariant
 
 
 class KVPool:
@@ -162,6 +166,14 @@ class TorchAttentionBackend:
     candidates are not padded to a long prompt's length. Padded query rows attend to their
     sequence's first slot (never to nothing: no NaN) and are dropped; padded key slots are masked
     out, so the result is exact.
+
+    Batch-invariant mode (engine/invariant.py): a padded key still changes how SDPA blocks its
+    reduction over keys (measured: a sequence padded by one key rounds differently), and SDPA's
+    CPU kernel splits its work by the batch (one query row over 64 keys rounds differently at 1
+    and 8 sequences per call, with two threads). So every sequence is one call of exactly its own
+    shape [1, H, qo_len, kv_len] on fresh copies of its q, K and V (`_InvariantPlan`): its result
+    depends on them only. The calls run on one intra-op thread: a call is too small to share, and
+    with two threads on a loaded machine each call's fork/join cost more than the call.
     """
 
     name = "torch"
@@ -189,7 +201,9 @@ class TorchAttentionBackend:
             chunks.append(group)
         return chunks
 
-    def plan(self, meta: AttentionMetadata, *, num_heads: int = 1, head_dim: int = 1, **_) -> list[_TorchChunk]:
+    def plan(self, meta: AttentionMetadata, *, num_heads: int = 1, head_dim: int = 1, **_):
+        if invariant.is_batch_invariant():
+            return _InvariantPlan.of(meta)
         qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
         device = meta.qo_indptr.device
         kv_indices = meta.kv_indices.long()
@@ -217,9 +231,11 @@ class TorchAttentionBackend:
             ))
         return planned
 
-    def forward(self, q: torch.Tensor, meta: AttentionMetadata, plan: list[_TorchChunk], pool: KVPool,
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata, plan, pool: KVPool,
                 layer_id: int, scaling: float) -> torch.Tensor:
         # q: [T, H, D] -> o: [T, H, D]; the pool holds KV <= H heads (grouped-query attention)
+        if isinstance(plan, _InvariantPlan):
+            return plan.forward(q, pool, layer_id, scaling)
         kb, vb = pool.buffers(layer_id)
         group = q.shape[1] // kb.shape[1]
         o = torch.empty_like(q)
@@ -233,6 +249,64 @@ class TorchAttentionBackend:
             oc = oc.transpose(1, 2)  # [n, L, H, D]
             o[c.dst_rows] = oc[c.q_valid]
         return o
+
+
+@dataclass
+class _InvariantPlan:
+    """The torch backend's plan in the batch-invariant mode: every sequence alone, at its own shape."""
+
+    kv_slots: torch.Tensor  # [sum kv_len] the page tables, sequence after sequence
+    seqs: list[tuple[int, int, int, int]]  # (first q_rows entry, qo_len, first kv_slots entry, kv_len)
+    masks: list[torch.Tensor]  # per sequence [1, 1, qo_len, kv_len] bool, bottom-right causal
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata) -> "_InvariantPlan":
+        qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
+        device = meta.qo_indptr.device
+        seqs, masks, cache = [], [], {}
+        for s in range(meta.num_seqs):  # every sequence has rows (AttentionMetadata.build): they tile the stage
+            n, m = qo[s + 1] - qo[s], kv[s + 1] - kv[s]
+            seqs.append((qo[s], n, kv[s], m))
+            if (n, m) not in cache:
+                allowed = torch.arange(m).view(1, m) <= (m - n) + torch.arange(n).view(n, 1)
+                cache[(n, m)] = allowed.view(1, 1, n, m).to(device)
+            masks.append(cache[(n, m)])
+        return cls(kv_slots=meta.kv_indices.long(), seqs=seqs, masks=masks)
+
+    def forward(self, q: torch.Tensor, pool: KVPool, layer_id: int, scaling: float) -> torch.Tensor:
+        kb, vb = pool.buffers(layer_id)
+        group = q.shape[1] // kb.shape[1]
+        k_all = kb[self.kv_slots].to(q.dtype)  # [nnz, KV, D]: one gather for the stage
+        v_all = vb[self.kv_slots].to(q.dtype)
+        o = torch.empty_like(q)  # [T, H, D]
+        with _one_thread():
+            for (q0, n, k0, m), mask in zip(self.seqs, self.masks):
+                qs = _fresh(q[q0:q0 + n])  # [1, H, n, D]
+                ks, vs = _fresh(k_all[k0:k0 + m]), _fresh(v_all[k0:k0 + m])  # [1, KV, m, D]
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
+                                                     enable_gqa=group > 1)  # [1, H, n, D]
+                o[q0:q0 + n] = out[0].transpose(0, 1)
+        return o
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    # [n, H, D] rows of a bigger tensor -> [1, H, n, D] in new memory: the same layout and alignment
+    # whatever the batch around it (a view's offset would depend on it)
+    return x.transpose(0, 1).unsqueeze(0).clone(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to 1 for a block (restored after)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,12 +323,14 @@ def flashinfer_supports(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 def flashinfer_plan_args(meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
-                         num_kv_heads: int | None = None, sm_scale: float | None = None) -> tuple[tuple, dict]:
+                         num_kv_heads: int | None = None, sm_scale: float | None = None,
+                         batch_invariant: bool = False) -> tuple[tuple, dict]:
     """(args, kwargs) of BatchPrefillWithPagedKVCacheWrapper.plan for one stage (no flashinfer import).
 
     The three indptr-like arrays are int32 host tensors: plan reads them on the host anyway
     (`.to("cpu")`, a device sync if they lived on the GPU) and copies them to the device itself.
     The page indices stay on the metadata's device. Page size 1: every last page holds 1 token.
+    batch_invariant: no split of a sequence's keys (disable_split_kv; see flashinfer_tile_classes).
     """
     i32 = dict(dtype=torch.int32, device="cpu")
     args = (
@@ -269,7 +345,46 @@ def flashinfer_plan_args(meta: AttentionMetadata, *, num_heads: int, head_dim: i
     )
     kwargs = dict(causal=True, sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
                   q_data_type=dtype, kv_data_type=dtype)
+    if batch_invariant:
+        kwargs["disable_split_kv"] = True
     return args, kwargs
+
+
+# FlashInfer's FA2 planner picks one query tile for a whole plan from the mean packed query length
+# (qo_len * num_heads / num_kv_heads) of its sequences: 16 rows up to 16, 64 up to 64, 128 beyond
+# (head_dim < 256, sm_80+), and the tile decides how the warps split the keys, hence the order of a
+# row's softmax sums. A plan of sequences of one class has its mean in that class, so planning each
+# class on its own makes every sequence's tile a function of its own length.
+FA2_TILE_BOUNDS = (16, 64)
+
+
+def flashinfer_tile_classes(meta: AttentionMetadata, group_size: int = 1) -> list[list[int]]:
+    """The stage's sequences (indices, in order) grouped by FA2 query-tile class of their packed query
+    length qo_len * group_size (group_size = num_heads // num_kv_heads), classes in increasing order."""
+    qo = meta.qo_indptr_host
+    classes: dict[int, list[int]] = {}
+    for s in range(meta.num_seqs):
+        n = (qo[s + 1] - qo[s]) * group_size
+        classes.setdefault(sum(n > b for b in FA2_TILE_BOUNDS), []).append(s)
+    return [classes[c] for c in sorted(classes)]
+
+
+def sub_metadata(meta: AttentionMetadata, seqs: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The metadata of some sequences of a stage (for attention only: no output slots), and their
+    query rows in the stage: [rows] int64 on the metadata's device."""
+    qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
+    qo_ptr, kv_ptr, pages, rows = [0], [0], [], []
+    for s in seqs:
+        qo_ptr.append(qo_ptr[-1] + qo[s + 1] - qo[s])
+        kv_ptr.append(kv_ptr[-1] + kv[s + 1] - kv[s])
+        pages.append(meta.kv_indices[kv[s]:kv[s + 1]])
+        rows.append(torch.arange(qo[s], qo[s + 1]))
+    device = meta.qo_indptr.device
+    i32 = dict(dtype=torch.int32, device=device)
+    sub = AttentionMetadata(qo_indptr=torch.tensor(qo_ptr, **i32), kv_indptr=torch.tensor(kv_ptr, **i32),
+                            kv_indices=torch.cat(pages), out_cache_loc=torch.empty(0, dtype=torch.int64, device=device),
+                            qo_indptr_host=qo_ptr, kv_indptr_host=kv_ptr)
+    return sub, torch.cat(rows).to(device)
 
 
 class FlashInferAttentionBackend:
@@ -279,6 +394,11 @@ class FlashInferAttentionBackend:
     batch are both planned before the forward runs); the same plan serves every layer of that stage.
     The softmax scale is fixed at plan time (FlashInfer's run() takes none); forward checks that the
     layer asks for the planned scale.
+
+    Batch-invariant mode (engine/invariant.py): FlashInfer's FA2 kernels (backend="fa2", never the
+    auto choice), one plan per query-tile class (flashinfer_tile_classes), no split of a sequence's
+    keys (disable_split_kv): a row's reduction order is then fixed by its own sequence's length.
+    NOT YET VERIFIED on a GPU (tests/test_invariant.py has the GPU-marked check).
     """
 
     name = "flashinfer"
@@ -292,9 +412,10 @@ class FlashInferAttentionBackend:
         self._wrappers: dict[int, object] = {}
         self._fallback = TorchAttentionBackend()
 
-    def _wrapper(self, key: int):
+    def _wrapper(self, key):
         if key not in self._wrappers:
-            self._wrappers[key] = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+            kw = {"backend": "fa2"} if isinstance(key, tuple) else {}  # (stage, tile class): the invariant plans
+            self._wrappers[key] = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", **kw)
         return self._wrappers[key]
 
     def plan(self, meta: AttentionMetadata, *, num_heads: int, head_dim: int, dtype: torch.dtype,
@@ -303,6 +424,16 @@ class FlashInferAttentionBackend:
             # NOTE: FlashInfer's prefill kernels cover fp16/bf16 and these head dims; fp32 models and
             # opt-2.7b (head_dim 80) use the exact torch path instead.
             return ("torch", self._fallback.plan(meta, num_heads=num_heads, head_dim=head_dim))
+        if invariant.is_batch_invariant():
+            plans = []
+            for c, seqs in enumerate(flashinfer_tile_classes(meta, num_heads // (num_kv_heads or num_heads))):
+                sub, rows = sub_metadata(meta, seqs)
+                args, kwargs = flashinfer_plan_args(sub, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
+                                                    num_kv_heads=num_kv_heads, sm_scale=sm_scale, batch_invariant=True)
+                w = self._wrapper((stage, c))
+                w.plan(*args, **kwargs)
+                plans.append((w, kwargs["sm_scale"], rows))
+            return ("flashinfer-classes", plans)
         args, kwargs = flashinfer_plan_args(meta, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
                                             num_kv_heads=num_kv_heads, sm_scale=sm_scale)
         w = self._wrapper(stage)
@@ -314,12 +445,22 @@ class FlashInferAttentionBackend:
         kind, plan = plan
         if kind == "torch":
             return self._fallback.forward(q, meta, plan, pool, layer_id, scaling)
-        wrapper, sm_scale = plan
-        if abs(scaling - sm_scale) > 1e-6 * sm_scale:
-            raise InputError(f"layer {layer_id} asks for softmax scale {scaling}, the plan has {sm_scale}")
         kb, vb = pool.buffers(layer_id)
-        # pool: [capacity, H, D] -> pages of one token: [capacity, 1, H, D] (NHD)
-        return wrapper.run(q.contiguous(), (kb.unsqueeze(1), vb.unsqueeze(1)))
+        kv = (kb.unsqueeze(1), vb.unsqueeze(1))  # pool: [capacity, H, D] -> pages of one token: [capacity, 1, H, D]
+        if kind == "flashinfer-classes":
+            o = torch.empty_like(q)
+            for wrapper, sm_scale, rows in plan:
+                _check_scale(scaling, sm_scale, layer_id)
+                o[rows] = wrapper.run(q[rows].contiguous(), kv)
+            return o
+        wrapper, sm_scale = plan
+        _check_scale(scaling, sm_scale, layer_id)
+        return wrapper.run(q.contiguous(), kv)
+
+
+def _check_scale(scaling: float, sm_scale: float, layer_id: int) -> None:
+    if abs(scaling - sm_scale) > 1e-6 * sm_scale:
+        raise InputError(f"layer {layer_id} asks for softmax scale {scaling}, the plan has {sm_scale}")
 
 
 def flashinfer_available() -> bool:

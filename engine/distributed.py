@@ -8,7 +8,10 @@ a step only exchanges scalars. `MeZOConfig.parallel` says how a step is split ov
     "batch"          rank k evaluates all 2q copies on examples k, k+W, k+2W, ... of the global batch;
                      every copy's (loss_sum, loss_count) is gathered and summed over ranks in fp64, so
                      the loss is the global-batch loss (mean over examples for classification,
-                     token-weighted for LM).
+                     token-weighted for LM). In the batch-invariant mode (engine/invariant.py) a loss
+                     sum travels exactly, as LIMBS float64 limbs of its exact integer value, and the
+                     ranks' sums are added exactly and rounded once: the loss has the bits of the
+                     single-process one, whatever W.
 
 Either way every rank ends the step with the same 2q losses, computes the same g and applies the same
 zo_update_: the adapters never drift apart and the trajectory is the single-process one. A step is one
@@ -17,9 +20,10 @@ so no reduction order of the backend can make two ranks disagree:
 
     [failed, step, batch fingerprint, adapter checksum, rows computed, payload...]
     payload: "perturbations": 2*ceil(q/W) losses;  "batch": 2q loss sums, then 2q loss counts
+             ("batch", batch-invariant: 2q exact loss sums of LIMBS limbs each, then 2q loss counts)
 
-That is 8 * (5 + 2*ceil(q/W)) or 8 * (5 + 4q) bytes sent per rank per step, and W - 1 times that
-received: O(q) scalars (Exchange.traffic counts them).
+That is 8 * (5 + 2*ceil(q/W)), 8 * (5 + 4q) or 8 * (5 + 2q * (LIMBS + 1)) bytes sent per rank per
+step, and W - 1 times that received: O(q) scalars (Exchange.traffic counts them).
 
 Faults. A rank whose share of a step raises still joins the gather with failed=1, then re-raises; the
 others raise DistributedError naming it and its error. A rank that hangs, dies, or stops outside a
@@ -43,6 +47,8 @@ import torch.distributed as dist
 
 from flashzo.errors import InputError
 
+from . import invariant
+from .invariant import LIMBS, add_exact, exact_float, from_limbs, to_limbs
 from .loss import PairLoss, pair_losses
 
 PARALLEL = ("perturbations", "batch")
@@ -216,25 +222,29 @@ def step_losses(ex: Exchange, parallel: str, scores_fn: ScoresFn, examples: Sequ
     """The q pair losses of one step on the global batch, identical on every rank, and the rows all
     ranks computed.
 
-    scores_fn(examples, perturbation_indices) -> (loss_sum, loss_count, rows) for the copies of those
-    perturbations, + then - for each, as engine.loss.copy_losses gives them.
+    scores_fn(examples, perturbation_indices) -> (loss_sum, loss_count, rows, loss_exact) for the
+    copies of those perturbations, + then - for each, as engine.loss.copy_losses gives them.
     """
     if parallel not in PARALLEL:
         raise InputError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     rank, world = ex.rank, ex.world
+    exact = invariant.is_batch_invariant()
     if parallel == "perturbations":
         mine, idx, width = examples, perturbation_block(q, rank, world), 2 * math.ceil(q / world)
     else:
-        mine, idx, width = shard(examples, rank, world), range(q), 4 * q
+        mine, idx, width = shard(examples, rank, world), range(q), 2 * q * (LIMBS + 1 if exact else 2)
     header = [0.0, step, batch_fingerprint(examples), checksum, 0.0]
     payload = [0.0] * width
     error = None
     try:
         if len(idx) and len(mine):  # a rank with no perturbation or no example only contributes zeros
-            sums, counts, rows = scores_fn(mine, list(idx))
+            sums, counts, rows, exact_sums = scores_fn(mine, list(idx))
             header[4] = rows
             if parallel == "perturbations":
                 payload[:2 * len(idx)] = [s / c if c else float("nan") for s, c in zip(sums, counts)]
+            elif exact:
+                payload[:2 * q * LIMBS] = [v for e in exact_sums for v in to_limbs(e)]
+                payload[2 * q * LIMBS:] = counts
             else:
                 payload[:2 * q], payload[2 * q:] = sums, counts
     except Exception as e:  # noqa: BLE001 - re-raised by raise_if_failed once the others know
@@ -249,24 +259,41 @@ def step_losses(ex: Exchange, parallel: str, scores_fn: ScoresFn, examples: Sequ
         for r in range(world):
             losses += got[r, _HEADER:_HEADER + 2 * len(perturbation_block(q, r, world))].tolist()
         return pair_losses(losses), tokens
-    sums = [math.fsum(got[:, _HEADER + c].tolist()) for c in range(2 * q)]  # exactly rounded, order-free
-    counts = [math.fsum(got[:, _HEADER + 2 * q + c].tolist()) for c in range(2 * q)]
+    if exact:
+        sums = []
+        for c in range(2 * q):
+            total = 0
+            for r in range(world):
+                total = add_exact(total, from_limbs(got[r, _HEADER + c * LIMBS:_HEADER + (c + 1) * LIMBS].tolist()))
+            sums.append(exact_float(total))
+        counted = _HEADER + 2 * q * LIMBS
+    else:
+        sums = [math.fsum(got[:, _HEADER + c].tolist()) for c in range(2 * q)]  # exactly rounded, order-free
+        counted = _HEADER + 2 * q
+    counts = [math.fsum(got[:, counted + c].tolist()) for c in range(2 * q)]
     return pair_losses([s / c if c else float("nan") for s, c in zip(sums, counts)]), tokens
 
 
-def eval_sums(ex: Exchange, sums_fn: Callable[[Sequence], tuple[float, float, int]],
+def eval_sums(ex: Exchange, sums_fn: Callable[[Sequence], tuple[int | float, float, int]],
               examples: Sequence) -> tuple[float, float, int]:
-    """(loss_sum, loss_count, correct) over the whole eval set, each rank scoring its shard."""
+    """(loss_sum, loss_count, correct) over the whole eval set, each rank scoring its shard.
+
+    sums_fn(shard) -> (exact loss sum, count, correct); the exact sums travel as limbs and are added
+    exactly, so the loss sum is the single-process one, whatever the number of ranks."""
     mine = shard(examples, ex.rank, ex.world)
-    values, error = [0.0, 0.0, 0.0, 0.0], None
+    values, error = [0.0] * (3 + LIMBS), None
     try:
         if mine:
-            values[1:] = sums_fn(mine)
+            loss_exact, count, correct = sums_fn(mine)
+            values[1:] = [count, correct] + to_limbs(loss_exact)
     except Exception as e:  # noqa: BLE001
         values[0], error = 1.0, e
     got = ex.gather(values, kind="eval", what="evaluate")
     ex.raise_if_failed(got, error, what="evaluate")
-    return math.fsum(got[:, 1].tolist()), math.fsum(got[:, 2].tolist()), int(got[:, 3].sum())
+    total = 0
+    for r in range(ex.world):
+        total = add_exact(total, from_limbs(got[r, 3:].tolist()))
+    return exact_float(total), math.fsum(got[:, 1].tolist()), int(got[:, 2].sum())
 
 
 def _check_agreement(rows: torch.Tensor, *, what: str) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import invariant
+from .invariant import Linear, RMSNorm
 from .llama_config import LlamaConfig
 from .model import CausalLM, EngineOps
 
@@ -70,7 +72,11 @@ class Rotary:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        # cos/sin over a tensor of T * D elements: torch's CPU loops leave a tail that is not a whole
+        # vector to scalar code, which may round differently, so in the batch-invariant mode
+        # (engine/invariant.py) they run over fixed-size row chunks
+        cos = invariant.rowwise(torch.cos, emb).to(dtype)[:, None, :]
+        sin = invariant.rowwise(torch.sin, emb).to(dtype)[:, None, :]
         self._cache = [(positions, dtype, cos, sin)] + self._cache[:1]
         return cos, sin
 
@@ -91,20 +97,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------------------------------
 # The block
 # --------------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    """weight * x / sqrt(mean(x^2) + eps), the mean in fp32 (as Hugging Face's Llama computes it)."""
-
-    def __init__(self, dim: int, eps: float, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_id: int, ops, prefix: str, rotary: Rotary):
@@ -133,7 +125,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         gate, up = ctx.project(self.gate_up_proj, x)
-        return ctx.project(self.down_proj, F.silu(gate) * up)[0]
+        return ctx.project(self.down_proj, invariant.rowwise(F.silu, gate) * up)[0]  # see Rotary on rowwise
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -194,7 +186,7 @@ class LlamaModel(CausalLM):
         with torch.device(device or "cpu"):
             self.model = LlamaDecoder(config, EngineOps)
             self.lm_head = None if config.tie_word_embeddings else \
-                nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                Linear(config.hidden_size, config.vocab_size, bias=False)
         self._finish_init(dtype)
 
     @property

@@ -1,9 +1,11 @@
 """The losses (docs/design.md, "Losses"), computed per signed copy from a batch's readout log-probs.
 
 Requests of one group (a candidate, or an LM target) are contiguous in the batch, and groups are
-ordered copy -> example -> candidate. A group's sum reads only its own log-probs (math.fsum, correctly
-rounded), so a non-finite score in one job's group never reaches another job's, and no sum depends
-on the groups before it.
+ordered copy -> example -> candidate. Every sum is exact, rounded once (engine/invariant.py: a
+group's log-probs with math.fsum, a copy's loss terms as an exact integer). A group's sum reads only
+its own log-probs, so a non-finite score in one job's group never reaches another job's, and no
+reduction depends on the order of its terms, on the other groups of the batch or on how the
+examples are split over forwards or ranks (docs/design.md, "Batch invariance").
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .batch import Readout
 from .example import Example
+from .invariant import exact_float, exact_sum
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ def pair_losses(copy_loss: Sequence[float]) -> list[PairLoss]:
 class CopyScores:
     loss: list[float]  # per copy
     loss_sum: list[float]  # per copy: summed CE over examples, or summed NLL over target tokens
+    loss_exact: list  # per copy: loss_sum unrounded (engine/invariant.py's exact_sum: an int, or a non-finite float)
     loss_count: list[float]  # per copy: examples, or target tokens (loss = loss_sum / loss_count)
     correct: list[int]  # per copy: examples whose argmax candidate is the label (classification)
     num_examples: list[int]  # per copy
@@ -63,10 +67,10 @@ def copy_losses(readout: Readout, logprobs: torch.Tensor, examples: Sequence[Exa
     """
     sums, counts = group_sums(readout, logprobs)
     n = readout.num_copies
-    loss = [0.0] * n
+    terms: list[list[float]] = [[] for _ in range(n)]  # per copy: each example's CE, or each target's -sum
     correct, num_ex = [0] * n, [0] * n
     scores: list[list[list[float]]] = [[] for _ in range(n)]
-    tok_sum, tok_cnt = [0.0] * n, [0.0] * n
+    tok_cnt = [0.0] * n
     g = 0
     groups = readout.groups
     while g < len(groups):
@@ -75,22 +79,18 @@ def copy_losses(readout: Readout, logprobs: torch.Tensor, examples: Sequence[Exa
         k = len(ex.candidates) if ex.is_classification else 1
         if ex.is_classification:
             s = sums[g:g + k] / counts[g:g + k]  # mean log-prob of each candidate's tokens
-            loss[c] += float(torch.logsumexp(s, 0) - s[ex.label])
+            terms[c].append(float(torch.logsumexp(s, 0) - s[ex.label]))
             correct[c] += int(int(torch.argmax(s)) == ex.label)
             scores[c].append(s.tolist())
         else:
-            tok_sum[c] -= float(sums[g])
+            terms[c].append(-float(sums[g]))
             tok_cnt[c] += float(counts[g])
             scores[c].append([float(sums[g] / counts[g])])
         num_ex[c] += 1
         g += k
-    loss_sum, loss_count = [], []
-    for c in range(n):
-        if tok_cnt[c]:  # LM: token-weighted mean NLL
-            loss_sum.append(tok_sum[c])
-            loss_count.append(tok_cnt[c])
-        else:  # classification: mean over examples
-            loss_sum.append(loss[c])
-            loss_count.append(float(num_ex[c]))
-        loss[c] = loss_sum[c] / loss_count[c] if loss_count[c] else float("nan")
-    return CopyScores(loss, loss_sum, loss_count, correct, num_ex, scores)
+    exact = [exact_sum(t) for t in terms]
+    loss_sum = [exact_float(e) for e in exact]
+    # LM: the token-weighted mean NLL; classification: the mean over examples (counts are exact integers)
+    loss_count = [tok_cnt[c] if tok_cnt[c] else float(num_ex[c]) for c in range(n)]
+    loss = [loss_sum[c] / loss_count[c] if loss_count[c] else float("nan") for c in range(n)]
+    return CopyScores(loss, loss_sum, exact, loss_count, correct, num_ex, scores)

@@ -24,7 +24,7 @@ import torch
 from flashzo.errors import InputError
 from flashzo.kernels import gaussian, zo_update_
 
-from . import distributed
+from . import distributed, invariant
 from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
 from .example import Example, check_examples
 from .lora import ADAPTER_CONFIG, LoRAAdapter, LoRAConfig
@@ -49,6 +49,9 @@ class MeZOConfig:
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
     sharing: str = "all"  # batching: "all" | "candidates" | "none" (see engine.batch)
     parallel: str | None = None  # under torch.distributed: "perturbations" | "batch" (engine.distributed)
+    # Batch-invariant numerics (engine/invariant.py) for every forward of the run; None: the process's
+    # mode when the trainer is made. The trainer's config holds the mode it took, and so does its checkpoint.
+    batch_invariant: bool | None = None
 
     def __post_init__(self):
         for name in ("lr", "eps", "weight_decay"):
@@ -79,6 +82,8 @@ class MeZOConfig:
             raise InputError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.sharing not in SHARING:
             raise InputError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise InputError(f"batch_invariant must be True, False or None, got {self.batch_invariant!r}")
         if self.parallel is not None and self.parallel not in distributed.PARALLEL:
             raise InputError(f"parallel must be None or one of {distributed.PARALLEL}, got {self.parallel!r}")
 
@@ -159,6 +164,8 @@ class MeZOTrainer:
             adapter = lora.to(model.device)
         else:
             raise InputError(f"lora must be a LoRAConfig or a LoRAAdapter, got {type(lora).__name__}")
+        if config.batch_invariant is None:
+            config = dataclasses.replace(config, batch_invariant=invariant.is_batch_invariant())
         self.model, self.config, self.adapter = model, config, adapter
         self.counters = _Counters()
         self._exchange: distributed.Exchange | None = None
@@ -195,6 +202,10 @@ class MeZOTrainer:
 
     def step(self, examples: Sequence[Example]) -> StepResult:
         """One step on the global batch `examples` (under torch.distributed every rank passes the same)."""
+        with invariant.batch_invariant_mode(self.config.batch_invariant):
+            return self._step(examples)
+
+    def _step(self, examples: Sequence[Example]) -> StepResult:
         check_examples(examples, self.model.limits)
         ex = self.exchange
         if ex is None:
@@ -209,10 +220,11 @@ class MeZOTrainer:
         return result
 
     def _scores(self, examples: Sequence[Example], perturbations: Sequence[int]):
-        """(loss_sum, loss_count, rows) of the copies (+, -) of some perturbations of the current step."""
+        """(loss_sum, loss_count, rows, loss_exact) of the copies (+, -) of some perturbations of the
+        current step."""
         pairs = self.pairs()
         scores, tokens = self._score_copies(examples, pair_copies([pairs[i] for i in perturbations]))
-        return scores.loss_sum, scores.loss_count, tokens
+        return scores.loss_sum, scores.loss_count, tokens, scores.loss_exact
 
     def _score_copies(self, examples: Sequence[Example], copies: Sequence[Copy]):
         """(CopyScores, rows of the forward) of checked `examples` under `copies` of this trainer's adapter."""
@@ -272,14 +284,18 @@ class MeZOTrainer:
     # Evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict:
-        """As evaluate(); under torch.distributed each rank scores a shard and the sums are combined."""
-        ex = self.exchange
-        if ex is None:
-            return evaluate(self.model, self.adapter, examples, batch_size=batch_size, sharing=self.config.sharing)
-        kind = check_examples(examples, self.model.limits, what="eval set")
-        loss_sum, loss_cnt, correct = distributed.eval_sums(
-            ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing), examples)
-        return eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
+        """As evaluate(), in the run's mode; under torch.distributed each rank scores a shard and the sums
+        are combined (exactly: the result does not depend on the number of ranks)."""
+        with invariant.batch_invariant_mode(self.config.batch_invariant):
+            ex = self.exchange
+            if ex is None:
+                return evaluate(self.model, self.adapter, examples, batch_size=batch_size,
+                                sharing=self.config.sharing)
+            kind = check_examples(examples, self.model.limits, what="eval set")
+            loss_sum, loss_cnt, correct = distributed.eval_sums(
+                ex, lambda shard: _eval_sums(self.model, self.adapter, shard, batch_size, self.config.sharing),
+                examples)
+            return eval_result(kind, loss_sum, loss_cnt, correct, len(examples))
 
     # Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -334,8 +350,10 @@ class MeZOTrainer:
         A checkpoint that is not one flashzo wrote (edited, truncated) is refused with an InputError.
         """
         path, state = read_state(path)
+        # A checkpoint that records no mode was trained before batch-invariant numerics existed.
+        stored = {"batch_invariant": False, **state["mezo_config"]}
         try:
-            config = MeZOConfig(**dict(state["mezo_config"], **overrides))
+            config = MeZOConfig(**dict(stored, **overrides))
         except TypeError as e:
             raise InputError(f"overrides: {e}") from None
         lora = LoRAConfig(**state["lora_config"])
@@ -414,18 +432,21 @@ def evaluate(model: CausalLM, adapter: LoRAAdapter | None, examples: Sequence[Ex
              batch_size: int = 32, sharing: str = "all") -> dict:
     """{"loss", "accuracy" (classification only), "num_examples"} of the adapter (sign 0) on examples."""
     kind = check_examples(examples, model.limits, what="eval set")
-    return eval_result(kind, *_eval_sums(model, adapter, examples, batch_size, sharing), len(examples))
+    loss_exact, loss_cnt, correct = _eval_sums(model, adapter, examples, batch_size, sharing)
+    return eval_result(kind, invariant.exact_float(loss_exact), loss_cnt, correct, len(examples))
 
 
-def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[float, float, int]:
-    loss_sum = loss_cnt = 0.0
+def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[int | float, float, int]:
+    """(the exact loss sum: engine/invariant.py's exact_sum, token or example count, correct) of the
+    examples, `batch_size` per forward; the sum is the same whatever the batch size."""
+    loss_sum, loss_cnt = 0, 0.0
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i:i + batch_size])
         batch = model.plan_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
                                  sharing=sharing)
         s = copy_losses(batch.readout, model.score(batch), chunk)
-        loss_sum += s.loss_sum[0]
+        loss_sum = invariant.add_exact(loss_sum, s.loss_exact[0])
         loss_cnt += s.loss_count[0]
         correct += s.correct[0]
     return loss_sum, loss_cnt, correct
@@ -444,9 +465,10 @@ def eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: in
 def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Example]]) -> list[StepResult]:
     """Step several independent jobs in one forward (one adapter per job, multi-adapter segments).
 
-    Every trainer must share one model, one eps and one adapter structure (r, alpha, target modules,
-    layers); each job keeps its own lr, seed, schedule and data, and its trajectory equals training
-    it alone.
+    Every trainer must share one model, one eps, one batch-invariant mode and one adapter structure
+    (r, alpha, target modules, layers); each job keeps its own lr, seed, schedule and data. In the
+    batch-invariant mode its trajectory is bit-identical to training it alone (docs/design.md,
+    "Batch invariance"); without it, equal up to the rounding of rows in a bigger forward.
     """
     scored = score_together(trainers, batches)
     return [tr.apply(losses, tokens=scored.stats.num_tokens) for tr, losses in zip(trainers, scored.losses)]
@@ -478,6 +500,9 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
             raise InputError(f"trainer {j} uses another model; step_together needs one shared model")
         if tr.config.eps != trainers[0].config.eps:
             raise InputError(f"trainer {j} has eps {tr.config.eps}, trainer 0 has {trainers[0].config.eps}")
+        if tr.config.batch_invariant != trainers[0].config.batch_invariant:
+            raise InputError(f"trainer {j} has batch_invariant={tr.config.batch_invariant}, trainer 0 has "
+                             f"{trainers[0].config.batch_invariant}; one forward runs in one mode")
         if tr.adapter.structure() != trainers[0].adapter.structure() or \
                 tr.adapter.config.scaling != trainers[0].adapter.config.scaling:
             raise InputError(f"trainer {j}'s adapter has another structure (r, alpha, modules, layers)")
@@ -493,7 +518,8 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
     batch = model.plan_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
                              eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
                              examples_per_copy=per_copy)
-    scores = copy_losses(batch.readout, model.score(batch), examples)
+    with invariant.batch_invariant_mode(trainers[0].config.batch_invariant):
+        scores = copy_losses(batch.readout, model.score(batch), examples)
     return TogetherScores(losses=[pair_losses(scores.loss[a:b]) for a, b in spans],
                           correct=[scores.correct[a:b] for a, b in spans],
                           num_examples=[len(b) for b in batches], stats=batch.stats)

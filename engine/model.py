@@ -24,11 +24,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flashzo.kernels import perturbed_lora_add_, perturbed_lora_linear_parts
+from flashzo.kernels import base_linear, perturbed_lora_add_, perturbed_lora_linear_parts
 
+from . import invariant
 from .attention import KVPool, resolve_backend
 from .batch import Copy, ModelInputs, Readout, StepBatch, plan_batch
 from .example import Example, Limits, check_examples, check_sequences
@@ -116,21 +116,25 @@ class ZOProjection(nn.Module):
         stack = lora.stack(self.projection) if lora is not None else None
         fork = ctx.inputs.fork_index if self.fork_input and ctx.inputs.forks_at(self.layer_id) else None
         names = [name for name, _, _ in self.parts]
+        inv = invariant.is_batch_invariant()  # docs/design.md, "Batch invariance"
         if stack is None:  # every copy computes the same: one GEMM, on the trunk at a fork
-            y = F.linear(x, self.weight, self.bias)
+            y = invariant.linear(x, self.weight, self.bias)
             self._trace(ctx, names, x.shape[0])
             if fork is not None:
                 y = y[fork]
         elif fork is None:  # one base GEMM, one shrink and one expand for every adapted part
             y = perturbed_lora_linear_parts(x, self.weight, self.bias, stack, lora.segments, scaling=lora.scaling,
-                                            eps=lora.eps)
+                                            eps=lora.eps, batch_invariant=inv)
             self._trace(ctx, names, x.shape[0])
         else:
             # At the fork every copy's input is the trunk's: the base GEMM runs once on the trunk's
-            # rows, and only the LoRA term of the adapted parts on every copy's rows.
-            y = F.linear(x, self.weight, self.bias)[fork]
+            # rows, and only the LoRA term of the adapted parts on every copy's rows; base_linear is
+            # the base perturbed_lora_linear_parts computes, so a row gets the same bits either way.
+            y = base_linear(x, self.weight, self.bias, batch_invariant=inv)[fork]
             signed = x[fork]
-            perturbed_lora_add_(y, signed, stack, lora.segments, scaling=lora.scaling, eps=lora.eps)
+            perturbed_lora_add_(y, signed.to(y.dtype), stack, lora.segments, scaling=lora.scaling, eps=lora.eps,
+                                batch_invariant=inv)
+            y = y.to(x.dtype)
             adapted = {(p.start, p.stop) for p in stack.parts}
             for name, start, stop in self.parts:
                 self._trace(ctx, [name], signed.shape[0] if (start, stop) in adapted else x.shape[0])
@@ -235,7 +239,7 @@ class CausalLM(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm(s) and the LM head: [n, h] -> logits [n, vocab] (fp32)."""
-        return F.linear(self.decoder.final(x), self.lm_head_weight).float()
+        return invariant.linear(self.decoder.final(x), self.lm_head_weight).float()
 
     def prepare(self, inputs: ModelInputs, *, pool: KVPool | None = None) -> ForwardContext:
         """The runtime for one forward: the (reused) KV pool, the attention backend, each stage planned once.
@@ -278,7 +282,7 @@ class CausalLM(nn.Module):
         out = torch.empty(readout.req_row.shape[0], dtype=torch.float32, device=x.device)
         for r0 in range(0, x.shape[0], logits_chunk):
             logits = self.head(x[r0:r0 + logits_chunk])  # [u, vocab]
-            lse = torch.logsumexp(logits, dim=-1)
+            lse = invariant.logsumexp(logits)
             sel = (readout.req_row >= r0) & (readout.req_row < r0 + logits_chunk)
             rows = readout.req_row[sel] - r0
             out[sel] = logits[rows, readout.req_target[sel]] - lse[rows]

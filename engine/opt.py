@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import POSITION_OFFSET, OPTConfig
+from .invariant import LayerNorm, Linear, rowwise
 from .model import CausalLM, EngineOps
 
 ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -46,10 +47,10 @@ class OPTDecoderLayer(nn.Module):
         h, affine, bias = cfg.hidden_size, cfg.layer_norm_elementwise_affine, cfg.enable_bias
         self.layer_id, self.pre_ln = layer_id, cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg, layer_id, ops, f"{prefix}.self_attn")
-        self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=affine, dtype=ops.dtype)
+        self.self_attn_layer_norm = LayerNorm(h, elementwise_affine=affine, dtype=ops.dtype)
         self.fc1 = ops.projection(h, (("fc1", cfg.ffn_dim),), bias, layer_id, prefix=f"{prefix}.fc1")
         self.fc2 = ops.projection(cfg.ffn_dim, (("fc2", h),), bias, layer_id, prefix=f"{prefix}.fc2")
-        self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine, dtype=ops.dtype)
+        self.final_layer_norm = LayerNorm(h, elementwise_affine=affine, dtype=ops.dtype)
         self.act = ACTIVATION_FNS[cfg.activation_function]
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
@@ -63,7 +64,9 @@ class OPTDecoderLayer(nn.Module):
         r = x
         if self.pre_ln:
             x = self.final_layer_norm(x)
-        x = r + ctx.project(self.fc2, self.act(ctx.project(self.fc1, x)[0]))[0]
+        # the activation over fixed row chunks in the batch-invariant mode: torch's CPU loops round a
+        # tail of T * ffn_dim elements that is not a whole vector in scalar code (gelu's erf/tanh)
+        x = r + ctx.project(self.fc2, rowwise(self.act, ctx.project(self.fc1, x)[0]))[0]
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x
@@ -79,12 +82,12 @@ class OPTDecoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
                                             dtype=dtype)
         if cfg.has_projections:
-            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False, dtype=dtype)
-            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False, dtype=dtype)
+            self.project_in = Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False, dtype=dtype)
+            self.project_out = Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False, dtype=dtype)
         else:
             self.project_in = self.project_out = None
         if cfg.has_final_layer_norm:
-            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine,
+            self.final_layer_norm = LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine,
                                                  dtype=dtype)
         else:
             self.final_layer_norm = None

@@ -16,6 +16,7 @@ from .gaussian import gaussian
 from .launch_plan import DeviceInfo, KernelLaunch, LoRAKernelConfig, lora_launches, lora_plan
 from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, stack_lora_parts
 from .perturbed_lora import (
+    base_linear,
     perturbed_lora_add_,
     perturbed_lora_add_ref,
     perturbed_lora_linear,
@@ -23,6 +24,7 @@ from .perturbed_lora import (
     perturbed_lora_linear_parts_ref,
     perturbed_lora_linear_ref,
 )
+from .rows import apply_rows, mm_rows, row_chunk
 from .segments import Segments
 from .zo_update import zo_update_, zo_update_ref
 
@@ -34,15 +36,19 @@ __all__ = [
     "LoRAPart",
     "LoRAStack",
     "Segments",
+    "apply_rows",
+    "base_linear",
     "gaussian",
     "lora_launches",
     "lora_plan",
+    "mm_rows",
     "perturbed_lora_add_",
     "perturbed_lora_add_ref",
     "perturbed_lora_linear",
     "perturbed_lora_linear_parts",
     "perturbed_lora_linear_parts_ref",
     "perturbed_lora_linear_ref",
+    "row_chunk",
     "stack_lora_parts",
     "zo_update_",
     "zo_update_ref",

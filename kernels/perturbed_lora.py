@@ -66,6 +66,7 @@ from .launch_plan import (
     z_rows,
 )
 from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, single_part_stack, stack_lora_parts
+from .rows import mm_rows
 from .segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN, Segments
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "LoRAKernelConfig",
     "LoRAPart",
     "LoRAStack",
+    "base_linear",
     "perturbed_lora_add_",
     "perturbed_lora_add_ref",
     "perturbed_lora_linear",
@@ -292,6 +294,7 @@ def perturbed_lora_linear(
     b_offset: int,
     impl: str | None = None,
     config: LoRAKernelConfig | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """y[t] = x[t] @ W.T + bias + scaling * (x[t] @ (A_a + s*eps*Z_A).T) @ (B_a + s*eps*Z_B).T,
     with (a, seed, s) the adapter, seed and sign of t's segment.
@@ -307,13 +310,15 @@ def perturbed_lora_linear(
             a_offset + r*K and b_offset + N*r must be <= 2**31.
         impl: None: Triton on CUDA, torch otherwise; "triton" (CPU tensors need TRITON_INTERPRET=1)
             or "torch" to force one. config: overrides of the plan's tiles (launch_plan.py).
+        batch_invariant: every GEMM over fixed-size row chunks (rows.py), so that a row's bits never
+            depend on the other rows (the Triton LoRA kernels are so already: launch_plan.py).
 
     Returns:
         y: [T, N] in x's dtype. Nothing is differentiable; W, A and B are never written.
     """
     _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset)
     stack = single_part_stack(lora_a, lora_b, a_offset, b_offset)
-    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config)
+    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant)
 
 
 def perturbed_lora_linear_parts(
@@ -327,6 +332,7 @@ def perturbed_lora_linear_parts(
     eps: float,
     impl: str | None = None,
     config: LoRAKernelConfig | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias, then for every part p: y[t, p.start:p.stop] += scaling *
     (x[t] @ (A_p,a + s*eps*Z_A,p).T) @ (B_p,a + s*eps*Z_B,p).T, with each part's z at its own
@@ -339,13 +345,13 @@ def perturbed_lora_linear_parts(
         parts: ``LoRAPart``s in column order, not overlapping (columns outside every part get the
             base only; parts may differ in width and rank), or a ``LoRAStack`` packed from them
             once (``stack_lora_parts``; lora_parts.py says what packing costs).
-        segments, scaling, eps, impl, config: as in ``perturbed_lora_linear``.
+        segments, scaling, eps, impl, config, batch_invariant: as in ``perturbed_lora_linear``.
 
     Returns:
         y: [T, N_total] in x's dtype. W, A and B are never written.
     """
     stack = _check_parts_call(x, weight, bias, None, parts, segments, scaling, eps)
-    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config)
+    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant)
 
 
 def perturbed_lora_add_(
@@ -358,13 +364,14 @@ def perturbed_lora_add_(
     eps: float,
     impl: str | None = None,
     config: LoRAKernelConfig | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """y[t, p.start:p.stop] += scaling * (x[t] @ (A_p,a + s*eps*Z_A,p).T) @ (B_p,a + s*eps*Z_B,p).T
     for every part p, in place: the LoRA term alone, for a y whose base GEMM ran elsewhere.
 
     Args:
         y: [T, N_total], x's dtype, any strides; updated in place (y + delta formed in fp32,
-            rounded once). x: [T, K]. parts, segments, scaling, eps, impl, config: as in
+            rounded once). x: [T, K]. parts, segments, scaling, eps, impl, config, batch_invariant: as in
             ``perturbed_lora_linear_parts``.
 
     Returns:
@@ -372,12 +379,13 @@ def perturbed_lora_add_(
     """
     stack = _check_parts_call(x, None, None, y, parts, segments, scaling, eps)
     impl = resolve_impl(impl, x.device)
+    mm = mm_rows if batch_invariant else torch.matmul
     if impl == "torch":
         if y.dtype == torch.float32:
-            _add_lora_torch(y, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None)
+            _add_lora_torch(y, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None, mm)
         else:
             y32 = y.to(torch.float32)
-            _add_lora_torch(y32, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None)
+            _add_lora_torch(y32, x.to(torch.float32), stack.parts, segments, scaling, eps, torch.float32, None, mm)
             y.copy_(y32)
         return y
     check_triton_device(x.device)
@@ -385,10 +393,34 @@ def perturbed_lora_add_(
     return y
 
 
-def _linear(x, weight, bias, stack, segments, scaling, eps, impl, config) -> torch.Tensor:
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, impl: str | None = None,
+                batch_invariant: bool = False) -> torch.Tensor:
+    """y = x @ W.T + bias exactly as ``perturbed_lora_linear_parts`` computes its base for ``impl``, so
+    that ``perturbed_lora_add_(y[rows], x[rows].to(y.dtype), ...)`` then ``.to(x.dtype)`` gives its bits: fp32
+    on the torch path (the LoRA term is added before the one rounding), x's dtype on the Triton path.
+
+    Args:
+        x: [T, K]. weight: [N, K], x's dtype. bias: [N] or None. impl, batch_invariant: as in
+            ``perturbed_lora_linear``.
+
+    Returns:
+        y: [T, N], fp32 (torch path) or x's dtype (Triton path).
+    """
+    mm = mm_rows if batch_invariant else torch.matmul
+    if resolve_impl(impl, x.device) == "torch":
+        y = mm(x.to(torch.float32), weight.to(torch.float32).T)
+        return y.add_(bias.to(torch.float32)) if bias is not None else y
+    if not batch_invariant:
+        return F.linear(x, weight, bias)
+    y = mm_rows(x, weight.T)
+    return y.add_(bias) if bias is not None else y
+
+
+def _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant=False) -> torch.Tensor:
     impl = resolve_impl(impl, x.device)
     if impl == "torch":
-        y = _perturbed_lora_torch(x, weight, bias, stack.parts, segments, scaling, eps, torch.float32, None)
+        mm = mm_rows if batch_invariant else torch.matmul
+        y = _perturbed_lora_torch(x, weight, bias, stack.parts, segments, scaling, eps, torch.float32, None, mm)
         return y.to(x.dtype)
     check_triton_device(x.device)
     # NOTE: the base GEMM is cuBLAS, and the LoRA part runs beside it in small Triton kernels
@@ -400,7 +432,7 @@ def _linear(x, weight, bias, stack, segments, scaling, eps, impl, config) -> tor
     # traffic and cost the faster GEMM. NOT YET MEASURED on a GPU; bench/bench_perturbed_lora.py
     # checks it: fused vs the unfused torch code a user would write vs the bare base GEMM (the
     # floor), on OPT q_proj shapes in bf16, next to lora_launches' traffic model.
-    y = F.linear(x, weight, bias)  # [T, N] in x.dtype, contiguous
+    y = base_linear(x, weight, bias, impl="triton", batch_invariant=batch_invariant)  # [T, N], x.dtype, contiguous
     _add_lora_triton(y, x, stack, segments, scaling, eps, config)
     return y
 
@@ -597,12 +629,12 @@ def _shape(t) -> str:
 # Torch path and references
 
 
-def _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl) -> None:
+def _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl, mm=torch.matmul) -> None:
     """y[rows, part] += scaling * (x[rows] @ A_eff.T) @ B_eff.T in ``dtype``, part by part and
     segment by segment, z materialized once per (part, seed). y and xc: already in ``dtype``.
 
     z_impl: gaussian's impl (None: its default for x's device; "torch": the CPU generator, bit-exact
-    to the kernels under the interpreter)."""
+    to the kernels under the interpreter). mm: the GEMM (``mm_rows`` for batch-invariant rows)."""
     K = xc.shape[1]
     indptr, adapters, seeds, signs = segments._host
     for part in parts:
@@ -623,16 +655,17 @@ def _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl) -> None
                 z_a, z_b = zs[seed]
                 a_eff = a_eff + (sign * eps) * z_a
                 b_eff = b_eff + (sign * eps) * z_b
-            y[start:stop, part.start : part.stop] += scaling * ((xc[start:stop] @ a_eff.T) @ b_eff.T)
+            y[start:stop, part.start : part.stop] += scaling * mm(mm(xc[start:stop], a_eff.T), b_eff.T)
 
 
-def _perturbed_lora_torch(x, weight, bias, parts, segments, scaling, eps, dtype, z_impl) -> torch.Tensor:
+def _perturbed_lora_torch(x, weight, bias, parts, segments, scaling, eps, dtype, z_impl,
+                          mm=torch.matmul) -> torch.Tensor:
     """The formula in ``dtype``: the base, then every part's LoRA term. Returns y: [T, N] in ``dtype``."""
     xc = x.to(dtype)
-    y = xc @ weight.to(dtype).T  # [T, N]
+    y = mm(xc, weight.to(dtype).T)  # [T, N]
     if bias is not None:
         y += bias.to(dtype)
-    _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl)
+    _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl, mm)
     return y
 
 

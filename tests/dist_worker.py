@@ -30,6 +30,9 @@ CASES = [
     ("llama-perturbations-cls2-q3", "perturbations", "cls2", 3, 6),  # the Llama family (GQA, rotary)
     ("llama-batch-lm-q2", "batch", "lm", 2, 7),
 ]
+# In the batch-invariant mode (engine/invariant.py) these equal the single process bit for bit.
+INVARIANT_CASES = [c for c in CASES if c[0] in ("perturbations-cls2-q3", "batch-cls4-q2", "batch-lm-q1-one-example",
+                                                "llama-perturbations-cls2-q3", "llama-batch-lm-q2")]
 STEPS = 2  # the second step starts from the first one's update
 EVAL_SIZE = 9
 
@@ -68,12 +71,12 @@ def make_examples(task: str, n: int, seed: int):
     return out
 
 
-def make_trainer(model, parallel, q, *, seed=7):
+def make_trainer(model, parallel, q, *, seed=7, batch_invariant=False):
     from flashzo import LoRAConfig, MeZOConfig, MeZOTrainer
 
     # eps = 1e-2: g = (l+ - l-) / 2eps turns fp32 rounding of the losses into g's error, see the tests.
     cfg = MeZOConfig(lr=1e-2, eps=1e-2, num_perturbations=q, seed=seed, weight_decay=1e-3, parallel=parallel,
-                     lr_schedule="cosine", total_steps=8)
+                     lr_schedule="cosine", total_steps=8, batch_invariant=batch_invariant)
     tr = MeZOTrainer(model, LoRAConfig(r=2, target_modules=("q_proj", "v_proj"), seed=3), cfg)
     g = torch.Generator().manual_seed(1)  # B = 0 at init would make the first steps trivial
     for slot in tr.adapter.slots.values():
@@ -85,10 +88,10 @@ def batch_of(examples, step, n):
     return [examples[(step * n + j) % len(examples)] for j in range(n)]
 
 
-def run_case(model, parallel, task, q, n, *, steps=STEPS):
+def run_case(model, parallel, task, q, n, *, steps=STEPS, batch_invariant=False):
     """Steps and a final evaluation; the same code runs the reference in the test process."""
     examples = make_examples(task, 3 * n + 2, seed=len(task) + q)
-    tr = make_trainer(model, parallel, q)
+    tr = make_trainer(model, parallel, q, batch_invariant=batch_invariant)
     res = [tr.step(batch_of(examples, t, n)) for t in range(steps)]
     return {"loss_plus": [r.loss_plus for r in res], "loss_minus": [r.loss_minus for r in res],
             "grads": [r.projected_grads for r in res], "loss": [r.loss for r in res],
@@ -119,6 +122,12 @@ def main(spec_path: str, rank: int, world: int) -> None:
 def scenario_equivalence(rank, world, spec):
     models = {f: make_model(f) for f in ("opt", "llama")}
     return {"cases": {name: run_case(models[family_of_case(name)], par, task, q, n) for name, par, task, q, n in CASES}}
+
+
+def scenario_invariant(rank, world, spec):
+    models = {f: make_model(f) for f in ("opt", "llama")}
+    return {"cases": {name: run_case(models[family_of_case(name)], par, task, q, n, batch_invariant=True)
+                      for name, par, task, q, n in INVARIANT_CASES}}
 
 
 def scenario_fault(rank, world, spec):
@@ -177,7 +186,8 @@ def run_batch(step, n=5):
     return batch_of(make_examples("lm", 12, seed=5), step, n)
 
 
-SCENARIOS = {"equivalence": scenario_equivalence, "fault": scenario_fault, "train_and_save": scenario_train_and_save}
+SCENARIOS = {"equivalence": scenario_equivalence, "invariant": scenario_invariant, "fault": scenario_fault,
+             "train_and_save": scenario_train_and_save}
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

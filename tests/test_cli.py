@@ -203,6 +203,33 @@ def test_resume_refuses_every_changed_flag_and_keeps_the_rest(checkpoint, tmp_pa
     assert state(out)["mezo_config"]["total_steps"] == 6
 
 
+def test_batch_invariant_is_part_of_the_run(checkpoint, tmp_path, capsys):
+    """--batch-invariant is recorded and kept on --resume; a resume that asks for the other mode is refused.
+    flashzo eval --batch-invariant gives the same loss whatever --batch-size."""
+    ids, _, _ = write_data(tmp_path)
+    out = tmp_path / "run"
+    assert train(checkpoint, out, "--steps", "2", "--batch-invariant", data=ids) == 0
+    assert state(out)["run_info"]["options"]["batch_invariant"] is True
+    assert state(out)["mezo_config"]["batch_invariant"] is True
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-batch-invariant"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-invariant False (the run's: True)" in err and "Traceback" not in err, err
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--batch-invariant", "--no-progress"]) == 0
+    assert state(out)["step"] == 3 and state(out)["mezo_config"]["batch_invariant"] is True
+    plain = tmp_path / "plain"
+    assert train(checkpoint, plain, "--steps", "1", data=ids) == 0
+    assert state(plain)["mezo_config"]["batch_invariant"] is False  # off unless asked for
+    assert main(["train", "--out", str(plain), "--resume", "--steps", "2", "--batch-invariant"]) == 2
+    assert "--batch-invariant True (the run's: False)" in capsys.readouterr().err
+    losses = []
+    for bs in ("1", "5", "12"):
+        assert main(["eval", "--model", checkpoint, "--adapter", str(out / "adapter"), "--data", ids,
+                     "--batch-size", bs, "--batch-invariant", "--threads", "1"]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses[0] == losses[1] == losses[2], losses
+
+
 def test_an_existing_run_is_never_overwritten(checkpoint, tmp_path, capsys):
     ids, _, _ = write_data(tmp_path)
     out = tmp_path / "run"

@@ -113,6 +113,28 @@ def test_trajectory_equals_single_process(equivalence, case):
     assert ref[name]["bytes"] == [0] * W.STEPS
 
 
+def test_batch_invariant_runs_equal_the_single_process_bit_for_bit(tmp_path):
+    """In the batch-invariant mode (engine/invariant.py) a rank's share of the batch or of the
+    perturbations gives every loss the single process's bits, so the trajectory is the same bits too,
+    whatever the number of ranks (here 2 single-threaded ranks against this process)."""
+    run = Launch(tmp_path, "invariant")
+    models = {f: W.make_model(f) for f in ("opt", "llama")}
+    ref = {name: W.run_case(models[W.family_of_case(name)], par, task, q, n, batch_invariant=True)
+           for name, par, task, q, n in W.INVARIANT_CASES}
+    results, logs = run.results()
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}\n{logs[r][-3000:]}"
+    for name, parallel, _, q, _ in W.INVARIANT_CASES:
+        for res in results:
+            got = res["cases"][name]
+            for key in ("loss_plus", "loss_minus", "grads", "loss", "eval"):
+                assert got[key] == ref[name][key], (name, key)
+            assert torch.equal(got["adapter"], ref[name]["adapter"]), name
+            # batch mode: the loss sums travel exactly, as LIMBS float64 limbs each
+            per_rank = 5 + (2 * math.ceil(q / 2) if parallel == "perturbations" else 2 * q * (distributed.LIMBS + 1))
+            assert got["bytes"] == [2 * 8 * per_rank] * W.STEPS, name
+
+
 @pytest.mark.parametrize("case", W.CASES, ids=[c[0] for c in W.CASES])
 def test_bytes_per_step_are_o_of_q(equivalence, case):
     """One all_gather of float64 per step: 5 header scalars + 2*ceil(q/W) losses or 4q sums and counts,

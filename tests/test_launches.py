@@ -1,9 +1,9 @@
 """Kernel launches of one training forward, per layer: q, k and v are one projection (one base
 GEMM, one shrink, one expand for its adapted parts), so a change that adds launches shows here.
 
-Counted at the engine's calls into the kernels (F.linear, perturbed_lora_linear_parts,
-perturbed_lora_add_), and each LoRA call's launches as the kernels' own plan says a GPU runs them
-(flashzo.kernels.lora_launches).
+Counted at the engine's calls into the kernels (a plain GEMM: engine/invariant.py's linear, or the
+fork's base_linear; perturbed_lora_linear_parts, perturbed_lora_add_), and each LoRA call's
+launches as the kernels' own plan says a GPU runs them (flashzo.kernels.lora_launches).
 """
 
 import collections
@@ -37,17 +37,14 @@ class _Counter:
             return head(x)
 
         monkeypatch.setattr(model, "head", counted_head)
-        real_f = engine_model.F
+        for owner, name in ((engine_model.invariant, "linear"), (engine_model, "base_linear")):
+            real = getattr(owner, name)
 
-        class F:
-            def __getattr__(_, name):
-                return getattr(real_f, name)
-
-            def linear(_, *a, **k):
+            def gemm(*a, _real=real, **k):
                 self.calls[(self.layer, "gemm")] += 1
-                return real_f.linear(*a, **k)
+                return _real(*a, **k)
 
-        monkeypatch.setattr(engine_model, "F", F())
+            monkeypatch.setattr(owner, name, gemm)
         for name in ("perturbed_lora_linear_parts", "perturbed_lora_add_"):
             real = getattr(engine_model, name)
 

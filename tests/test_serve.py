@@ -4,7 +4,9 @@
 What is checked: upload -> job -> succeeded -> result files, with the adapter bit-identical to
 `flashzo train` with the same options; the fine-tuned model's completion log-probs equal
 token_logprobs with that adapter, and its greedy generation engine/generate.py's; two jobs share
-forwards (the metrics say so) and each stays within SHARED_BOUND of its solo run; a job's failure
+forwards (the metrics say so) and each ends with its solo run's adapter bit for bit (batch-invariant
+numerics, the server's default), even when killed and resumed beside other jobs, or within
+SHARED_BOUND of it out of the mode; a job's failure
 fails only that job; cancel; auth; bad input of every kind answered with OpenAI's error shape while
 the server keeps serving; a bounded load test; kill -9 and SIGTERM mid-job, then the same command
 again: the same adapter.
@@ -39,8 +41,9 @@ from flashzo.engine.generate import generate
 openai = pytest.importorskip("openai")
 
 KEY = "sk-flashzo-test"
-# The largest element-wise difference of a job's adapter from its solo run, beside one other job in
-# the same forwards (fp32: a bigger batch's GEMM rows are rounded differently, and g = dL / 2 eps
+# Out of the batch-invariant mode (the server's default is on, then a shared job's adapter is its solo
+# run's bits): the largest element-wise difference of a job's adapter from its solo run, beside one
+# other job in the same forwards (fp32: a bigger batch's GEMM rows are rounded differently, and g = dL / 2 eps
 # amplifies it). Measured 1.2e-6 to 2.3e-6 (3.1e-6 to 5.5e-6 of the distance the adapter travelled)
 # after 24 steps at lr 3e-2, eps 1e-2 (README, "flashzo serve"); which steps share a forward depends
 # on when the second job starts, so the bound leaves about 4x over the largest seen.
@@ -161,12 +164,13 @@ def adapter_of(client, job, tmp_path, model):
 
 
 def train_solo(files, tmp_path, train, valid=None, **hps):
-    """`flashzo train` with the same options: its adapter."""
+    """`flashzo train` with the same options (batch-invariant, as a server's jobs are by default): its adapter."""
     out = tmp_path / f"solo-{len(os.listdir(tmp_path))}"
     args = ["train", "--model", files["ckpt"], "--train", train, "--out", str(out), "--no-progress"]
     args += ["--eval", valid] if valid else []
-    for k, v in hps.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    for k, v in {"batch_invariant": True, **hps}.items():
+        flag = k.replace('_', '-')
+        args += ([f"--{flag}"] if v else [f"--no-{flag}"]) if isinstance(v, bool) else [f"--{flag}", str(v)]
     with one_thread():
         assert main(args) == 0
     return LoRAAdapter.from_pretrained(str(out / "adapter"), load_model(files["ckpt"]).config)
@@ -265,7 +269,7 @@ def model_tokens(files, text):
     return load_tokenizer(files["ckpt"])(text)["input_ids"]
 
 
-def test_two_jobs_share_forwards_and_stay_within_bound(server, files, tmp_path):
+def test_two_jobs_share_forwards_and_end_with_their_solo_adapters(server, files, tmp_path):
     c = server.client()
     before = server.http("GET", "/metrics").text
     t1, t2 = upload(c, files["train"]), upload(c, files["train2"])
@@ -281,16 +285,26 @@ def test_two_jobs_share_forwards_and_stay_within_bound(server, files, tmp_path):
     assert steps == 48 and shared == 48 and forwards < 40, (forwards, steps)  # most steps shared a forward
     assert 0 < metric(after, "flashzo_kv_hit_rate") < 1  # prompts shared by their candidates
     model = load_model(files["ckpt"])
-    worst, rel = 0.0, 0.0
     for job, (_, path, hps) in zip(jobs, spec):
         ours = adapter_of(c, job, tmp_path, model)
         solo = train_solo(files, tmp_path, path, **hps)
-        moved = (solo.buffer - LoRAAdapter.init(solo.config, model.config).buffer).norm()
-        assert moved > 0
-        worst = max(worst, float((ours.buffer - solo.buffer).abs().max()))
-        rel = max(rel, float((ours.buffer - solo.buffer).norm() / moved))
-    print(f"\ntwo jobs sharing forwards, 24 steps: largest adapter difference from the solo runs {worst:.3g}, "
-          f"{rel:.3g} of the distance travelled")
+        assert not torch.equal(solo.buffer, LoRAAdapter.init(solo.config, model.config).buffer)
+        assert torch.equal(ours.buffer, solo.buffer)  # the server's default: batch-invariant numerics
+
+
+def test_without_the_mode_a_shared_job_stays_within_bound(server, files, tmp_path):
+    """--no-batch-invariant's trade (a job's hyperparameter here): sharing rounds a job's rows differently."""
+    c = server.client()
+    t1, t2 = upload(c, files["train"]), upload(c, files["train2"])
+    spec = [(files["train"], dict(BASE, steps=24, seed=1, lr=3e-2, batch_invariant=False)),
+            (files["train2"], dict(BASE, steps=24, seed=2, batch_size=3, batch_invariant=False))]
+    jobs = [wait_job(c, i) for i in [create(c, fid, **hps).id for fid, (_, hps) in zip((t1, t2), spec)]]
+    assert [j.status for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    model = load_model(files["ckpt"])
+    worst = max(float((adapter_of(c, job, tmp_path, model).buffer - train_solo(files, tmp_path, path, **hps).buffer)
+                      .abs().max()) for job, (path, hps) in zip(jobs, spec))
+    print(f"\ntwo jobs sharing forwards out of the mode, 24 steps: largest adapter difference from the solo "
+          f"runs {worst:.3g}")
     assert worst <= SHARED_BOUND
 
 
@@ -506,6 +520,33 @@ def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(
     assert s.stop() == 0
 
 
+def test_a_job_killed_and_resumed_beside_other_jobs_ends_with_its_solo_adapter(files, tmp_path, own_server):
+    """Batch-invariant (the server's default): job A shares its forwards with B, the server is killed
+    (-9), and A resumes from its checkpoint beside a new job C instead; its adapter is still the one
+    `flashzo train` gives it alone, bit for bit."""
+    s = own_server.start()
+    c = s.client()
+    t1, t2 = upload(c, files["train"]), upload(c, files["train2"])
+    hps = dict(BASE, steps=16, save_every=6, seed=9)
+    a = create(c, t1, **hps).id
+    create(c, t2, **dict(BASE, steps=30, seed=2, batch_size=3))
+    wait_job(c, a, until=lambda j: j.flashzo["step"] >= 8)  # past the checkpoint at 6
+    m = s.http("GET", "/metrics").text
+    assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # A beside B
+    s.proc.kill()
+    s.proc.wait(30)
+    s.start()
+    create(c, upload(c, files["train"]), **dict(BASE, steps=20, seed=5, batch_size=5, lr=1e-2))  # C
+    job = wait_job(c, a)
+    assert job.status == "succeeded", job.error
+    m = s.http("GET", "/metrics").text
+    assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # shared again
+    model = load_model(files["ckpt"])
+    solo = train_solo(files, tmp_path, files["train"], **hps)
+    assert torch.equal(adapter_of(c, job, tmp_path, model).buffer, solo.buffer)
+    assert s.stop() == 0
+
+
 def test_refuses_a_public_host_without_a_key(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("FLASHZO_API_KEY", raising=False)
     assert main(["serve", "--model", "a=/nowhere", "--data-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
@@ -523,6 +564,13 @@ def test_openai_hyperparameters_are_mapped():
     opts, epochs = J.run_options({"type": "mezo", "mezo": {"hyperparameters": {"steps": 9}}},
                                  {"n_epochs": "auto", "batch_size": "auto"}, None, model)
     assert (opts["steps"], opts["batch_size"], epochs) == (9, J.DEFAULTS.batch_size, None)
+    # batch-invariant numerics: the server's default unless the job chooses (a flashzo hyperparameter)
+    assert opts["batch_invariant"] is True
+    assert J.run_options(None, None, None, model, batch_invariant=False)[0]["batch_invariant"] is False
+    mezo = {"type": "mezo", "mezo": {"hyperparameters": {"batch_invariant": False}}}
+    assert J.run_options(mezo, None, None, model)[0]["batch_invariant"] is False
+    with pytest.raises(flashzo.InputError, match="batch_invariant must be true or false"):
+        J.run_options({"type": "mezo", "mezo": {"hyperparameters": {"batch_invariant": "yes"}}}, None, None, model)
     for method, top in (({"type": "mezo", "mezo": {"hyperparameters": {"steps": 9}}}, {"n_epochs": 2}),
                         ({"type": "mezo", "mezo": {"hyperparameters": {"lr": 1e-3}}}, {"learning_rate_multiplier": 2}),
                         ({"type": "mezo", "mezo": {"hyperparameters": {"batch_size": 3}}}, {"batch_size": 4})):

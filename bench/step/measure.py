@@ -1,8 +1,10 @@
 """Measuring one (model, workload) cell: both sides built on the same weights, the interleaved timing
-of baseline / flashzo / floor, the FLOPs each side executes, and peak memory in a fresh process."""
+of baseline / flashzo / floor (and flashzo in the batch-invariant mode), the FLOPs each side
+executes, and peak memory in a fresh process."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -171,9 +173,17 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
     loss_baseline = float(mezo_loss(s.hf, collate(examples, device=device)))
     fns = {"baseline": lambda: run_baseline(s, examples, device), "flashzo": lambda: run_flashzo(s, examples),
            "floor": lambda: run_floor(s, examples)}
+    sides = SIDES
+    if getattr(args, "batch_invariant", False):
+        # flashzo's step again, in the batch-invariant mode (engine/invariant.py), on the same model and
+        # adapter values, interleaved with the others: the mode's cost measured in the same run
+        inv = MeZOTrainer(s.model, s.trainer.adapter.clone(), dataclasses.replace(s.trainer.config,
+                                                                                   batch_invariant=True))
+        fns["invariant"] = lambda: inv.step(examples).loss
+        sides = SIDES + ("invariant",)
     times = harness.time_interleaved(fns, warmup=args.warmup, reps=args.reps, sync=lambda: sync(device))
-    q = {side: harness.timing_fields(times[side], prefix=f"{side}_") for side in SIDES}
-    med = {side: q[side][f"{side}_p50_ms"] / 1e3 for side in SIDES}  # seconds
+    q = {side: harness.timing_fields(times[side], prefix=f"{side}_") for side in sides}
+    med = {side: q[side][f"{side}_p50_ms"] / 1e3 for side in sides}  # seconds
     step = engine_batch.step_counts(s.model, s.trainer, examples)
     n, tokens = len(examples), batch_tokens(examples)
     row = dict(
@@ -188,6 +198,9 @@ def bench_cell(args, preset: str, workload: str, device, dtype_name: str, peak_t
         flashzo_tokens_per_s=tokens / med["flashzo"], baseline_tokens_per_s=tokens / med["baseline"],
         loss_flashzo=loss_flashzo, loss_baseline=loss_baseline,
     )
+    if "invariant" in med:
+        row.update(invariant_ms=1e3 * med["invariant"], invariant_over_flashzo=med["invariant"] / med["flashzo"],
+                   invariant_ms_all=[round(t, 2) for t in times["invariant"]], **q["invariant"])
     fl = {"flashzo": counted_flops(cfg, step), "baseline": baseline_flops(cfg, examples),
           "floor": 2 * counted_flops(cfg, engine_batch.infer_counts(s.model, s.trainer.adapter, examples))}
     for side, f in fl.items():

@@ -18,7 +18,8 @@ CSV_FIELDS = (
     "baseline_gflop", "flashzo_gflop", "floor_gflop", "baseline_tflops", "flashzo_tflops", "baseline_mfu",
     "flashzo_mfu", "baseline_peak_mib", "flashzo_peak_mib", "infer_peak_mib", "baseline_step_mib",
     "flashzo_step_mib", "infer_step_mib", "flashzo_over_infer_peak", "baseline_over_flashzo_peak",
-    "loss_baseline", "loss_flashzo", "reps", "warmup", "device", "commit", "load_average", "date",
+    "loss_baseline", "loss_flashzo", "invariant_ms", "invariant_p20_ms", "invariant_p50_ms", "invariant_p80_ms",
+    "invariant_over_flashzo", "reps", "warmup", "device", "commit", "load_average", "date",
 )
 
 
@@ -82,6 +83,14 @@ def markdown(results: dict) -> str:
             f"| {_rate(r, 'baseline', gpu)} / {_rate(r, 'flashzo', gpu)} | {_mem(r, 'baseline')} "
             f"| {_mem(r, 'flashzo')} | {_mem(r, 'infer')} | {_fmt(r.get('flashzo_over_infer_peak'), '.2f')} "
             f"| {abs(r['loss_baseline'] - r['loss_flashzo']):.1e} | {r['load_average'][0]:.2f} | {r['commit']} |")
+    measured = [r for r in rows if r.get("invariant_ms") is not None]
+    if measured:
+        lines += ["", "## The batch-invariant mode's cost (`--batch-invariant`)", "",
+                  "flashzo's step again with batch-invariant numerics (engine/invariant.py), timed interleaved with "
+                  "the sides above in the same reps.", "",
+                  "| model | workload | dtype | flashzo ms | batch-invariant ms | ratio | commit |", "|" + "---|" * 7]
+        lines += [f"| {r['model']} | {r['workload']} | {r['dtype']} | {_ms(r, 'flashzo')} | {_ms(r, 'invariant')} "
+                  f"| **{r['invariant_over_flashzo']:.2f}x** | {r['commit']} |" for r in measured]
     lines += ["", "loss diff: |baseline loss - flashzo loss| at the starting weights (sign 0), the check that both "
               "sides compute the same task.", "", "Runs (start time, commit, 1/5/15-min load average at start; "
               f"{m.get('cores', '?')} cores): " + "; ".join(

@@ -19,6 +19,7 @@ from flashzo.engine import (
     save_opt,
 )
 from flashzo.engine.distributed import DistributedError, init_distributed
+from flashzo.engine.invariant import batch_invariant_mode, is_batch_invariant, set_batch_invariant
 from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
 from flashzo.errors import InputError
 
@@ -29,8 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
-    "MeZOConfig",
-    "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "evaluate", "init_distributed",
-    "load_jsonl", "load_model", "load_opt", "save_model", "save_opt", "step_together", "synthetic_task",
-    "__version__",
+    "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "batch_invariant_mode",
+    "evaluate", "init_distributed", "is_batch_invariant", "load_jsonl", "load_model", "load_opt", "save_model",
+    "save_opt", "set_batch_invariant", "step_together", "synthetic_task", "__version__",
 ]

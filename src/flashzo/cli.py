@@ -130,6 +130,10 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--keep-best", choices=("loss", "accuracy"), default=None,
                    help="also keep the checkpoint of the best eval (lowest loss or highest accuracy) in OUT/best")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
+                   help="batch-invariant numerics: every example's losses, hence the run, bit-identical whatever "
+                        "else shares its forward (docs/design.md, \"Batch invariance\"; default off: see the "
+                        "README for its cost)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op CPU threads (default: torch's; fewer is faster on a busy machine)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
+    e.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
+                   help="batch-invariant numerics: every example's loss the same whatever --batch-size and the "
+                        "examples beside it (docs/design.md, \"Batch invariance\")")
 
     m = sub.add_parser("merge", help="write a Hugging Face checkpoint with a LoRA adapter merged into the weights")
     m.add_argument("--model", required=True, help="the adapter's base model (Hugging Face checkpoint directory)")
@@ -550,6 +557,7 @@ def _train(args, plan: _TrainPlan, device) -> int:
 
 def cmd_eval(args) -> int:
     from flashzo.data import read_dataset
+    from flashzo.engine.invariant import batch_invariant_mode
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.engine.mezo import evaluate
     from flashzo.predict import write_predictions
@@ -561,7 +569,7 @@ def cmd_eval(args) -> int:
         if os.path.isdir(args.predictions):
             raise InputError(f"--predictions {args.predictions} is a directory, not a file")
         _check_out(os.path.dirname(os.path.abspath(args.predictions)), flag="--predictions")
-    with _threads(args.threads):
+    with _threads(args.threads), batch_invariant_mode(args.batch_invariant):
         model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
             else None

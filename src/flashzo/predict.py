@@ -20,6 +20,7 @@ import torch
 from flashzo.data import Dataset
 from flashzo.engine.batch import Copy
 from flashzo.engine.example import check_examples
+from flashzo.engine.invariant import add_exact, exact_float
 from flashzo.engine.loss import copy_losses
 from flashzo.engine.mezo import eval_result
 from flashzo.errors import InputError
@@ -34,13 +35,15 @@ def predictions(model, adapter, dataset: Dataset, *, batch_size: int = 32, sums:
     adapters = [adapter] if adapter is not None else []
     if sums is not None:
         sums[:] = [0.0, 0.0, 0]
+    loss_exact = 0  # evaluate()'s exact sum (engine/invariant.py), rounded into sums[0] as it grows
     for i in range(0, len(dataset.examples), batch_size):
         chunk = dataset.examples[i:i + batch_size]
         batch = model.plan_batch(chunk, [Copy()], adapters=adapters)
         lp = model.score(batch)
         s = copy_losses(batch.readout, lp, chunk)
         if sums is not None:
-            sums[0] += s.loss_sum[0]
+            loss_exact = add_exact(loss_exact, s.loss_exact[0])
+            sums[0] = exact_float(loss_exact)
             sums[1] += s.loss_count[0]
             sums[2] += s.correct[0]
         counts = torch.bincount(batch.readout.req_group, minlength=batch.readout.num_groups).tolist()

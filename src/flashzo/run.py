@@ -47,6 +47,8 @@ class RunOptions:
     save_every: int = 0  # 0: only at the end
     eval_batch_size: int = 32  # examples per evaluation forward
     keep_best: str | None = None  # None, or keep the checkpoint of the best eval "loss" / "accuracy"
+    # batch-invariant numerics (engine/invariant.py): every row's bits independent of the other rows
+    batch_invariant: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -78,6 +80,8 @@ class RunOptions:
             raise InputError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise InputError(f"template must be one of {TEMPLATE_NAMES}, got {self.template!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise InputError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.keep_best is not None and self.keep_best not in KEEP_BEST:
             raise InputError(f"keep_best must be None or one of {KEEP_BEST}, got {self.keep_best!r}")
 
@@ -148,7 +152,8 @@ class RunOptions:
     def mezo_config(self, *, parallel: str | None = None) -> MeZOConfig:
         return MeZOConfig(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                           num_perturbations=self.num_perturbations, seed=self.seed, lr_schedule=self.lr_schedule,
-                          warmup_steps=self.warmup_steps, total_steps=self.steps, parallel=parallel)
+                          warmup_steps=self.warmup_steps, total_steps=self.steps, parallel=parallel,
+                          batch_invariant=self.batch_invariant)
 
 
 def _modules(value) -> tuple[str, ...]:

@@ -133,7 +133,7 @@ def _check_jsonl(path: str, max_errors: int = 5) -> int:
 
 
 def create_app(data_dir: str, models: dict, *, api_key: str | None = None, max_upload_bytes: int = 64 << 20,
-               max_running: int = 16, max_jobs_per_forward: int = 8) -> FastAPI:
+               max_running: int = 16, max_jobs_per_forward: int = 8, batch_invariant: bool = True) -> FastAPI:
     store = Store(data_dir)
     metrics = Metrics(store)
     scheduler = Scheduler(store, models, metrics, max_running=max_running, max_jobs_per_forward=max_jobs_per_forward)
@@ -293,7 +293,8 @@ def create_app(data_dir: str, models: dict, *, api_key: str | None = None, max_u
         if req.integrations:
             raise ServeError(400, "integrations are not supported", param="integrations")
         J.check_suffix(req.suffix)
-        options, n_epochs = J.run_options(req.method, req.hyperparameters, req.seed, served.model)
+        options, n_epochs = J.run_options(req.method, req.hyperparameters, req.seed, served.model,
+                                         batch_invariant=batch_invariant)
         spec = {"training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
                 "metadata": req.metadata, "n_epochs": n_epochs}
         job_id = new_id("ftjob")

@@ -43,6 +43,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="jobs whose copies share one forward; a bigger group takes turns, least advanced "
                         "first (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch-invariant numerics for the jobs that do not set batch_invariant: a job's adapter "
+                        "is bit-identical whichever jobs share its forwards (default on; --no-batch-invariant "
+                        "turns it off)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info)")
     return p
@@ -89,7 +93,8 @@ def run(args) -> int:
         print(f"flashzo serve: model {name}: {path} ({m.family}, {m.config.num_hidden_layers} layers, {m.dtype}, "
               f"{m.device}{', no tokenizer' if models[name].tokenizer is None else ''})", flush=True)
     app = create_app(args.data_dir, models, api_key=key, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward)
+                     max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward,
+                     batch_invariant=args.batch_invariant)
     print(f"flashzo serve: http://{args.host}:{args.port} (data in {os.path.abspath(args.data_dir)}, "
           f"{'API key required' if key else 'no API key'})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -49,10 +49,13 @@ def _number(name: str, value, *, integer: bool, where: str):
 
 
 def run_options(method: dict | None, hyperparameters: dict | None, seed: int | None,
-                model) -> tuple[dict, float | None]:
+                model, *, batch_invariant: bool = True) -> tuple[dict, float | None]:
     """(RunOptions as a dict, n_epochs or None) of a create request; InputError naming what is wrong.
 
     With n_epochs the steps are known only once the training file has been read (`with_epochs`).
+    A job that does not set method.mezo.hyperparameters.batch_invariant takes the server's
+    (`flashzo serve --batch-invariant`, on by default): its adapter is then the one it gets alone,
+    whichever jobs share its forwards.
     """
     method = {"type": "mezo"} if method is None else method
     if not isinstance(method, dict) or method.get("type") != "mezo":
@@ -111,7 +114,7 @@ def run_options(method: dict | None, hyperparameters: dict | None, seed: int | N
             raise ServeError(400, f"seed is given twice: {seed!r} and {hps['seed']!r} in method.mezo.hyperparameters",
                              param="seed")
         hps["seed"] = seed
-    opts = RunOptions.from_dict(hps, what="method.mezo.hyperparameters")
+    opts = RunOptions.from_dict({"batch_invariant": batch_invariant, **hps}, what="method.mezo.hyperparameters")
     for name, most in LIMITS.items():
         if getattr(opts, name) > most:
             raise InputError(f"method.mezo.hyperparameters: {name} must be <= {most} on this server, got "

@@ -53,7 +53,8 @@ class RunningJob:
         self.cancelled = False
         self.saved_step = trainer.step_count if trainer.step_count else -1  # the step of its last checkpoint
         tr = trainer
-        self.key = (served.name, tr.config.eps, tr.adapter.structure(), tr.adapter.config.scaling, tr.config.sharing)
+        self.key = (served.name, tr.config.eps, tr.adapter.structure(), tr.adapter.config.scaling, tr.config.sharing,
+                    tr.config.batch_invariant)
 
     @property
     def step(self) -> int:
