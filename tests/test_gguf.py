@@ -164,3 +164,27 @@ def test_cli_eval_and_train_take_a_gguf_file(tmp_path, capsys):
     assert main(["train", "--model", file, "--train", str(data), "--out", str(out), "--steps", "2",
                  "--batch-size", "2", "--target-modules", "q_proj,down_proj", "--no-progress"]) == 0
     assert os.path.isfile(out / "adapter" / "adapter_config.json")
+
+
+def test_cli_merge_takes_a_gguf_file(tmp_path, capsys):
+    """flashzo merge folds an adapter trained on a GGUF model into a checkpoint that scores as the
+    model with the adapter does."""
+    import json
+
+    from flashzo.cli import main
+
+    file = write_gguf(_hf("llama_gqa"), tmp_path / "m.gguf")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": [3, 4, 5 + i], "candidates": [[7], [8]], "label": i % 2})
+                              for i in range(4)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", file, "--train", str(data), "--out", str(run), "--steps", "3", "--lr", "1",
+                 "--batch-size", "2", "--target-modules", "v_proj,down_proj", "--no-progress"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", file, "--adapter", str(run / "adapter"), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    evals = []
+    for args in (["--model", file, "--adapter", str(run / "adapter")], ["--model", str(merged)], ["--model", file]):
+        assert main(["eval", *args, "--data", str(data)]) == 0
+        evals.append(json.loads(capsys.readouterr().out)["loss"])
+    assert evals[0] == pytest.approx(evals[1], abs=1e-5) and abs(evals[0] - evals[2]) > 1e-4

@@ -589,6 +589,7 @@ def cmd_merge(args) -> int:
 
     import torch
 
+    from flashzo.engine.gguf import find_gguf, gguf_tokenizer
     from flashzo.engine.loading import load_model, save_model
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.merge import copy_side_files, merge_adapter
@@ -608,6 +609,12 @@ def cmd_merge(args) -> int:
     merge_adapter(model, adapter)
     save_model(model, out)
     copied = copy_side_files(args.model, out)
+    if find_gguf(args.model) is not None:  # a GGUF file's tokenizer lives in its metadata: write it beside
+        try:
+            gguf_tokenizer(args.model).save_pretrained(out)
+            copied.append("the GGUF file's tokenizer")
+        except InputError as e:
+            print(f"flashzo merge: no tokenizer written: {e}")
     dtype = str(model.dtype).replace("torch.", "")
     print(f"flashzo merge: wrote {out}: {args.adapter} (r={adapter.config.r}, "
           f"{','.join(adapter.config.target_modules)}) merged into {args.model}, {dtype}"
