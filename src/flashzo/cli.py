@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _common_training_flags(d, **{k: None for k in DEMO["real"]})
     for action in d._actions:  # the defaults depend on --tiny: say both
+        if action.help and "; with --resume" in action.help:  # the demo has no --resume
+            action.help = action.help[:action.help.index("; with --resume")]
         if action.dest in DEMO["real"]:
             action.help = action.help.replace("(default None)", f"(default {DEMO['real'][action.dest]}; --tiny: "
                                                                 f"{DEMO['tiny'][action.dest]})")
