@@ -83,7 +83,10 @@ def _reader(path: str):
     try:
         return cls(path)
     except Exception as e:  # truncated, not GGUF, unknown version
-        raise InputError(f"{path}: cannot be read as GGUF: {type(e).__name__}: {e}") from e
+        why = "truncated or corrupt (its tensor table runs past the end of the file)" \
+            if isinstance(e, ValueError) and ("reshape" in str(e) or "size must be a divisor" in str(e)) \
+            else f"{type(e).__name__}: {e}"
+        raise InputError(f"{path}: cannot be read as GGUF: {why}") from e
 
 
 def _field(reader, key: str, default=None):

@@ -99,8 +99,8 @@ class LoRAAdapter:
         modules = model_config.lora_modules
         bad = [m for m in config.target_modules if m not in modules]
         if bad:
-            raise InputError(f"target_modules {bad} are not linears of a {model_config.family} model; choose from "
-                             f"{modules}")
+            raise InputError(f"target_modules {bad} are not linears of a model of the {model_config.family!r} "
+                             f"family; choose from {modules}")
         layers = config.resolved_layers(model_config.num_hidden_layers)
         sizes = []
         for layer in layers:

@@ -121,3 +121,13 @@ def test_mezo_lowers_perplexity_on_python_docs(smol):
     after = math.exp(trainer.evaluate(held)["loss"])
     # measured 80.75 -> 80.30 (MeZO's LM gains take many more steps: README, "The real model")
     assert after < before * 0.998, (before, after)
+
+
+def test_served_gguf_model_has_the_files_tokenizer(smol):
+    """flashzo serve --model NAME=FILE.gguf tokenizes text prompts and data with the file's tokenizer."""
+    from flashzo.serve.served import load_served
+
+    model, tokenizer = smol
+    served = load_served("smol", smollm2_path())
+    text = "My day was lovely. It was"
+    assert served.tokenizer is not None and served.encode(text) == tokenizer(text)["input_ids"] != []

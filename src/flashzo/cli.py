@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples beside it (docs/design.md, \"Batch invariance\")")
 
     m = sub.add_parser("merge", help="write a Hugging Face checkpoint with a LoRA adapter merged into the weights")
-    m.add_argument("--model", required=True, help="the adapter's base model (Hugging Face checkpoint directory)")
+    m.add_argument("--model", required=True, help="the adapter's base model: " + MODEL_HELP)
     m.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (OUT/adapter of a run, or OUT/best)")
     m.add_argument("--out", required=True, help="directory for the merged checkpoint (config, weights, tokenizer)")
     m.add_argument("--dtype", default=None, choices=sorted(DTYPES),

@@ -23,8 +23,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "completions endpoints; every running job on a model advances in one shared "
                                    "forward per step; state in SQLite under --data-dir survives kill -9.")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                   help="a base model to serve: NAME (the API's model name) and a checkpoint directory PATH "
-                        "(any family flashzo.engine.load_model reads); repeat for several")
+                   help="a base model to serve: NAME (the API's model name) and PATH, a checkpoint directory or a "
+                        ".gguf file (any family flashzo.engine.load_model reads); repeat for several")
     p.add_argument("--data-dir", required=True,
                    help="where files, jobs, events, checkpoints and the database live (created if missing; the "
                         "same directory after a restart continues where the server stopped)")

@@ -30,8 +30,8 @@ class ServedModel:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise InputError(f"model {self.name!r} has no tokenizer (its directory holds no tokenizer files): give "
-                             "prompts as lists of token ids")
+            raise InputError(f"model {self.name!r} has no tokenizer (its directory holds no tokenizer files, or "
+                             "transformers builds none from its GGUF file): give prompts as lists of token ids")
         with self.tokenizer_lock:
             return list(self.tokenizer(text)["input_ids"])
 
@@ -87,15 +87,18 @@ def parse_model_flags(values: list[str]) -> dict[str, str]:
 
 
 def load_served(name: str, path: str, *, dtype=None, device=None) -> ServedModel:
-    """The checkpoint directory at `path` through flashzo.engine.load_model (any family), and its tokenizer."""
+    """The checkpoint directory or .gguf file at `path` through flashzo.engine.load_model (any family), and its
+    tokenizer."""
     from flashzo.data import load_tokenizer
     from flashzo.engine import load_model
+    from flashzo.engine.gguf import find_gguf
 
     model = load_model(path, dtype=dtype, device=device)
     tokenizer = None  # token-id data and prompts need none
     # NOTE: transformers 5 builds an empty tokenizer (one token, encodes everything to []) for a
-    # directory without tokenizer files, so the files are looked for first.
-    if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    # directory without tokenizer files, so the files are looked for first; a GGUF file carries its
+    # tokenizer in its metadata (load_tokenizer reads it there).
+    if find_gguf(path) is not None or any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         try:
             tokenizer = load_tokenizer(path)
         except InputError:
