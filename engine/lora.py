@@ -279,7 +279,11 @@ class LoRAAdapter:
         except InputError as e:
             raise InputError(f"{cfg_path}: {e}") from None
         base = pc.get("base_model_name_or_path")
-        adapter = cls.empty(config, model_config, device=device)
+        try:
+            adapter = cls.empty(config, model_config, device=device)
+        except InputError as e:  # an adapter of another model: say whose
+            raise InputError(f"{path}: this adapter does not fit the model ({e})"
+                             + (f"; it was trained on {base}" if isinstance(base, str) and base else "")) from None
         adapter.base_model_name_or_path = base if isinstance(base, str) else None
         tensors = _read_adapter_tensors(path)
         expected = adapter.named_tensors()

@@ -162,3 +162,13 @@ def test_fits_compares_shapes():
     wider = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=256,
                       max_position_embeddings=512)  # opt-tiny with a wider fc1
     assert not ad.fits(wider)
+
+
+def test_an_adapter_of_another_model_is_refused_naming_it(tmp_path):
+    cfg = OPTConfig.from_name("opt-tiny")  # 4 layers
+    deeper = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, ffn_dim=128,
+                       max_position_embeddings=512)
+    adapter = LoRAAdapter.init(LoRAConfig(r=2, layers=(6,)), deeper)
+    adapter.save_pretrained(str(tmp_path), base_model_name_or_path="/m/8")
+    with pytest.raises(ValueError, match="this adapter does not fit the model .*out of range.*trained on /m/8"):
+        LoRAAdapter.from_pretrained(str(tmp_path), cfg)
