@@ -89,7 +89,7 @@ def shape_problems(ex: Example) -> list[str]:
             if len(c) == 0:
                 out.append(f"candidate {i} is empty (its score, a mean over its tokens, is undefined)")
         if ex.label is not None:
-            if isinstance(ex.label, bool) or not _is_int(ex.label):
+            if isinstance(ex.label, bool) or not is_int(ex.label):
                 out.append(f"label {ex.label!r} is not an integer candidate index")
             elif not 0 <= operator.index(ex.label) < len(ex.candidates):
                 out.append(f"label {ex.label} is out of range for {len(ex.candidates)} candidates")
@@ -120,7 +120,7 @@ def example_problems(ex, limits: Limits | None = None, *, training: bool = True)
     parts += [("target", ex.target)] if ex.target is not None else []
     for name, toks in parts:
         for t in toks:
-            if isinstance(t, bool) or not _is_int(t):
+            if isinstance(t, bool) or not is_int(t):
                 out.append(f"{name} has a token {t!r} that is not an integer id")
                 break
             if limits is not None and not 0 <= int(t) < limits.vocab_size:
@@ -170,7 +170,7 @@ def check_sequences(sequences, limits: Limits, *, what: str = "sequence") -> Non
         if len(seq) == 0:
             raise InputError(f"{what} {s} is empty")
         for t in seq:
-            if isinstance(t, bool) or not _is_int(t):
+            if isinstance(t, bool) or not is_int(t):
                 raise InputError(f"{what} {s}: token {t!r} is not an integer id")
             if not 0 <= int(t) < limits.vocab_size:
                 raise InputError(f"{what} {s}: token id {int(t)} outside the vocabulary of {limits.vocab_size}")
@@ -178,7 +178,8 @@ def check_sequences(sequences, limits: Limits, *, what: str = "sequence") -> Non
             raise InputError(f"{what} {s} is {len(seq)} tokens, longer than the model's {limits.positions}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """Whether value is an integer (a Python int, a numpy or 0-d torch integer: operator.index takes it)."""
     try:
         operator.index(value)
     except TypeError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import operator
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from flashzo.kernels import gaussian, zo_update_
 
 from . import distributed, invariant
 from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
-from .example import Example, check_examples
+from .example import Example, check_examples, is_int
 from .lora import ADAPTER_CONFIG, LoRAAdapter, LoRAConfig
 from .loss import PairLoss, copy_losses, pair_losses
 from .model import CausalLM
@@ -60,7 +59,7 @@ class MeZOConfig:
                 raise InputError(f"{name} must be a number, got {value!r}")
         for name in ("num_perturbations", "seed", "warmup_steps", "max_nonfinite_steps", "total_steps"):
             value = getattr(self, name)
-            if (value is not None or name != "total_steps") and (isinstance(value, bool) or not _is_int(value)):
+            if (value is not None or name != "total_steps") and (isinstance(value, bool) or not is_int(value)):
                 raise InputError(f"{name} must be an integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)) or self.lr < 0:
             raise InputError(f"lr must be a finite number >= 0, got {self.lr}")
@@ -98,14 +97,6 @@ class MeZOConfig:
         if self.lr_schedule == "linear":
             return self.lr * (1.0 - frac)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def _is_int(value) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _splitmix64(x: int) -> int:

@@ -23,6 +23,27 @@ TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_he
 # Checkpoint writers
 # --------------------------------------------------------------------------------------------------
 
+def make_sequences(vocab: int, seed: int = 0, *, longest: int = 33) -> list[list[int]]:
+    """Token sequences of varied lengths (1 and 2 included, the longest `longest`), a shared prefix, and a
+    duplicate: what a family's log-probs are compared on."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (1, 2, 3, 9, longest, 1)]
+    seqs.append(seqs[4][:12] + torch.randint(vocab, (5,), generator=gen).tolist())
+    seqs.append(list(seqs[3]))
+    return seqs
+
+
+@torch.no_grad()
+def hf_logprobs(model, sequences) -> list[torch.Tensor]:
+    """log p(tok[i+1] | tok[:i+1]) of each sequence under a transformers (or PEFT) model, fp32."""
+    out = []
+    for seq in sequences:
+        logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # [len, vocab]
+        lp = torch.log_softmax(logits, dim=-1)[:-1]
+        out.append(lp.gather(1, torch.tensor(seq[1:], dtype=torch.long)[:, None])[:, 0])
+    return out
+
+
 def hf_opt(seed: int = 0, **overrides):
     """A transformers OPTForCausalLM with random weights everywhere (layer norms and biases too)."""
     import transformers

@@ -20,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers import checkpoint_tensors, edit_json, hf_llama, write_checkpoint  # noqa: E402
+from helpers import checkpoint_tensors, edit_json, hf_llama, hf_logprobs, make_sequences, write_checkpoint  # noqa: E402
 
 import flashzo  # noqa: E402
 from flashzo.engine import (  # noqa: E402
@@ -55,25 +55,6 @@ CONFIGS = {
 }
 
 
-def make_sequences(vocab: int, seed: int = 0) -> list[list[int]]:
-    """Varied lengths (1 and 2 included), a shared prefix, and a duplicate."""
-    gen = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (1, 2, 3, 9, 41, 1)]
-    seqs.append(seqs[4][:12] + torch.randint(vocab, (5,), generator=gen).tolist())
-    seqs.append(list(seqs[3]))
-    return seqs
-
-
-@torch.no_grad()
-def hf_logprobs(model, sequences) -> list[torch.Tensor]:
-    out = []
-    for seq in sequences:
-        logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # [len, vocab]
-        lp = torch.log_softmax(logits, dim=-1)[:-1]
-        out.append(lp.gather(1, torch.tensor(seq[1:], dtype=torch.long)[:, None])[:, 0])
-    return out
-
-
 def max_diff(ours, ref) -> float:
     assert len(ours) == len(ref)
     out = 0.0
@@ -98,7 +79,7 @@ def _hf(name, seed=1, **extra):
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def reference(request):
     hf = _hf(request.param)
-    seqs = make_sequences(hf.config.vocab_size)
+    seqs = make_sequences(hf.config.vocab_size, longest=41)
     return request.param, hf, seqs, hf_logprobs(hf, seqs)
 
 
@@ -147,7 +128,7 @@ def test_random_model_is_sensitive(tmp_path, monkeypatch):
     """The comparisons above could fail: each of these mistakes moves log-probs by > 10x the tolerance."""
     hf = _hf("gqa")
     model = load_model(write_checkpoint(hf, tmp_path, "safetensors"))
-    seqs = make_sequences(hf.config.vocab_size)
+    seqs = make_sequences(hf.config.vocab_size, longest=41)
     base = model.token_logprobs(seqs)
     assert max_diff(base, hf_logprobs(hf, seqs)) < ATOL
     attn = model.model.layers[1].self_attn
@@ -190,7 +171,7 @@ def test_save_model_round_trip(tmp_path, name):
     for (n, p), (m, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert n == m and torch.equal(p, q), n
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    seqs = make_sequences(hf.config.vocab_size, seed=5)
+    seqs = make_sequences(hf.config.vocab_size, seed=5, longest=41)
     assert max_diff(hf_logprobs(hf2, seqs), hf_logprobs(hf, seqs)) == 0.0
 
 
@@ -349,7 +330,7 @@ def test_peft_adapter_loads_in_flashzo(tmp_path, lora_base, case):
     assert set(adapter.named_tensors()) == set(peft_sd)
     for k, v in adapter.named_tensors().items():
         assert torch.equal(v, peft_sd[k]), k
-    seqs = make_sequences(model.config.vocab_size, seed=3)
+    seqs = make_sequences(model.config.vocab_size, seed=3, longest=41)
     with_adapter = model.token_logprobs(seqs, adapter=adapter)
     assert max_diff(with_adapter, hf_logprobs(pm, seqs)) < ATOL
     assert max_diff(with_adapter, model.token_logprobs(seqs)) > 1e-3  # the adapter matters
@@ -367,7 +348,7 @@ def test_flashzo_adapter_loads_in_peft(tmp_path, lora_base, case):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
     peft_sd = peft.get_peft_model_state_dict(pm)
     assert set(peft_sd) == set(adapter.named_tensors())
-    seqs = make_sequences(model.config.vocab_size, seed=4)
+    seqs = make_sequences(model.config.vocab_size, seed=4, longest=41)
     assert max_diff(model.token_logprobs(seqs, adapter=adapter), hf_logprobs(pm, seqs)) < ATOL
 
 

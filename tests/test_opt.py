@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers import LAYOUTS, checkpoint_tensors, hf_opt, write_checkpoint  # noqa: E402
+from helpers import LAYOUTS, checkpoint_tensors, hf_logprobs, hf_opt, make_sequences, write_checkpoint  # noqa: E402
 
 from flashzo.engine import (  # noqa: E402
     PRESETS,
@@ -41,25 +41,6 @@ CONFIGS = {
     "no_ln_affine": dict(layer_norm_elementwise_affine=False),
     "no_final_ln_gelu": dict(_remove_final_layer_norm=True, activation_function="gelu"),
 }
-
-
-def make_sequences(vocab: int, seed: int = 0) -> list[list[int]]:
-    """Varied lengths (1 and 2 included), a shared prefix, and a duplicate."""
-    gen = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (1, 2, 3, 9, 33, 1)]
-    seqs.append(seqs[4][:12] + torch.randint(vocab, (5,), generator=gen).tolist())
-    seqs.append(list(seqs[3]))
-    return seqs
-
-
-@torch.no_grad()
-def hf_logprobs(model, sequences) -> list[torch.Tensor]:
-    out = []
-    for seq in sequences:
-        logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # [len, vocab]
-        lp = torch.log_softmax(logits, dim=-1)[:-1]
-        out.append(lp.gather(1, torch.tensor(seq[1:], dtype=torch.long)[:, None])[:, 0])
-    return out
 
 
 def assert_logprobs_close(ours, ref) -> None:
