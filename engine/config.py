@@ -20,6 +20,12 @@ POSITION_OFFSET = 2
 
 @dataclass
 class OPTConfig:
+    """The shape and options of an OPT model, with Hugging Face's field names (config.json).
+
+    `from_name(preset)` gives the released checkpoints' shapes (PRESETS), `from_hf(dict)` reads a
+    config.json, `to_hf()` writes one. `lora_modules` lists the linears an adapter may target.
+    """
+
     family: ClassVar[str] = "opt"
     # the adaptable linears, in the order an adapter's flat buffer holds them within a layer
     lora_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -166,3 +172,4 @@ PRESETS: dict[str, dict] = {
     "opt-tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
                      max_position_embeddings=512),
 }
+"""OPT presets for `OPTConfig.from_name`: the released checkpoints' shapes (opt-125m ... opt-66b) and opt-tiny."""

@@ -27,6 +27,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
+"""The registered model families by name ("opt", "llama"); `register` adds one."""
 
 
 def register(family: Family) -> None:

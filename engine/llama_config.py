@@ -33,6 +33,14 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass
 class LlamaConfig:
+    """The shape and options of a Llama-family model (Llama, Mistral, Qwen2, SmolLM), with Hugging Face's
+    field names (config.json).
+
+    `from_name(preset)` gives a preset's shapes, `from_hf(dict)` reads a config.json (refusing by name
+    what flashzo does not implement), `to_hf()` writes one. `lora_modules` lists the linears an
+    adapter may target.
+    """
+
     family: ClassVar[str] = "llama"
     # the adaptable linears, in the order an adapter's flat buffer holds them within a layer
     lora_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -291,3 +299,4 @@ PRESETS: dict[str, dict] = {
     "llama-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
 }
+"""Llama-family presets for `LlamaConfig.from_name`: released models' shapes and llama-tiny."""

@@ -34,6 +34,10 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 
 @dataclass(frozen=True)
 class LoRAConfig:
+    """What a LoRA adapter trains: rank `r`, scale `alpha / r`, the `target_modules` (names from the
+    family's `lora_modules`) on `layers` (None: every layer), and the `seed` of PEFT's initialisation
+    (A kaiming-uniform, B = 0)."""
+
     r: int = 8
     alpha: float = 16
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")

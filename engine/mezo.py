@@ -37,6 +37,12 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass
 class MeZOConfig:
+    """A MeZO run's hyperparameters: learning rate and its schedule, perturbation size `eps`, weight
+    decay, `num_perturbations` (q) per step, the `seed` every perturbation's seed derives from, how
+    many non-finite steps in a row stop training, the batch's sharing mode, the split over
+    torch.distributed ranks (`parallel`) and the batch-invariant mode (None: the process's mode when
+    the trainer is made)."""
+
     lr: float
     eps: float = 1e-3
     weight_decay: float = 0.0
@@ -116,6 +122,10 @@ def perturbation_seed(seed: int, step: int, i: int) -> int:
 
 @dataclass
 class StepResult:
+    """What `MeZOTrainer.step` returns: the step's losses (per perturbation, for each sign), its
+    projected gradients, the learning rate it used, whether it was skipped (a non-finite loss), the
+    rows it computed and the bytes it exchanged with other ranks."""
+
     loss: float  # mean of loss_plus and loss_minus over perturbations
     loss_plus: list[float]
     loss_minus: list[float]

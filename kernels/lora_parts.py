@@ -27,7 +27,8 @@ from flashzo.errors import InputError
 from .checks import check_z_offset
 from .launch_plan import PartLayout
 
-MAX_RANK = 64  # the largest LoRA rank r the kernels take (per part)
+MAX_RANK = 64
+"""The largest LoRA rank r the kernels take (per part)."""
 
 
 @dataclass(frozen=True, eq=False)

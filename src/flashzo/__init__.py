@@ -27,6 +27,7 @@ from .data import load_jsonl
 from .tasks import synthetic_task
 
 __version__ = "0.1.0"
+"""flashzo's version (pyproject.toml's)."""
 
 __all__ = [
     "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
