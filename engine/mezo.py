@@ -331,12 +331,16 @@ class MeZOTrainer:
         path = os.path.abspath(path)
         tmp, old = path + ".tmp", path + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.adapter.save_pretrained(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            os.makedirs(tmp)
+            self.adapter.save_pretrained(tmp)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(self.state_dict(), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk, Ctrl-C: `path` is untouched; what was written so far goes
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(path, old)

@@ -138,7 +138,9 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, capsys):
 
 def test_console_script_and_module_entry_points(tmp_path):
     env = dict(os.environ)
-    for cmd in (["flashzo", "--help"], [sys.executable, "-m", "flashzo", "--help"]):
+    script = shutil.which("flashzo", path=os.path.dirname(sys.executable))  # this interpreter's, not PATH's
+    assert script is not None, f"no flashzo script beside {sys.executable}: pip install -e ."
+    for cmd in ([script, "--help"], [sys.executable, "-m", "flashzo", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                            env=env, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -419,6 +421,17 @@ def test_data_problems_are_found_before_training(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoint").exists() and "Traceback" not in err
 
 
+def test_a_lone_surrogate_in_text_is_one_line(checkpoint, tmp_path, capsys):
+    """`"\\ud800"` is valid JSON but not text: the tokenizer would raise a TypeError; the file and line are named."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "the movie", "candidates": [" good", " bad"], "label": 0}\n'
+                    '{"prompt": "the \\ud800 movie", "candidates": [" good", " bad"], "label": 1}\n')
+    assert train(checkpoint, tmp_path / "run", "--steps", "1", data=str(data)) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: prompt holds a lone surrogate \\ud800 at character 5" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
 def test_a_model_without_tokenizer_files_names_the_cause(checkpoint, tmp_path, capsys):
     _, text, _ = write_data(tmp_path)
     bare = tmp_path / "bare"
@@ -543,8 +556,10 @@ def _logged(out, n):
 
 
 def _same_as_a_fresh_run(checkpoint, ids, tmp_path, out, steps):
-    """Resume `out` to `steps`; it must equal a run of `steps` steps from scratch, bit for bit."""
-    assert main(["train", "--out", str(out), "--resume", "--steps", str(steps), "--no-progress"]) == 0
+    """Resume `out` to `steps`; it must equal a run of `steps` steps from scratch, bit for bit. With the run's
+    --threads 1, as `resume with:` says: another number of threads may round some steps' sums differently."""
+    assert main(["train", "--out", str(out), "--resume", "--steps", str(steps), "--no-progress", "--threads",
+                 "1"]) == 0
     ref = tmp_path / "ref"
     assert train(checkpoint, ref, "--steps", str(steps), data=ids) == 0
     mine, theirs = adapter_tensors(out / "adapter"), adapter_tensors(ref / "adapter")
@@ -588,3 +603,74 @@ def test_resume_after_kill_9_is_bit_identical(checkpoint, tmp_path):
     step = state(out)["step"]
     assert step % 3 == 0 and len((out / "log.jsonl").read_text().splitlines()) >= step
     _same_as_a_fresh_run(checkpoint, ids, tmp_path, out, step + 2)
+
+
+# A `python -m flashzo` that stops at one point of its start (while a module is first imported, or when a
+# function is called), prints PAUSED and waits for a line on stdin: a signal sent then lands exactly there.
+PAUSE_AT = r"""
+import importlib, runpy, sys
+
+point = sys.argv[1]
+sys.argv = ["flashzo", *sys.argv[2:]]
+
+
+def pause():
+    print("PAUSED", flush=True)
+    sys.stdin.readline()
+
+
+class Pause:
+    def find_spec(self, name, path=None, target=None):
+        if name == point:
+            sys.meta_path.remove(self)
+            pause()
+        return None
+
+
+if ":" in point:
+    module, attr = point.split(":")
+    owner = importlib.import_module(module)
+    *parents, name = attr.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    real = getattr(owner, name)
+
+    def paused(*a, **k):
+        pause()
+        return real(*a, **k)
+    setattr(owner, name, paused)
+else:
+    sys.meta_path.insert(0, Pause())
+runpy.run_module("flashzo", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["torch", "flashzo.engine.loading:load_model", "transformers",
+                                   "flashzo.data:read_dataset", "flashzo.engine.mezo:MeZOTrainer.evaluate"])
+def test_sigint_at_any_point_of_the_start_is_one_line(checkpoint, tmp_path, point):
+    """SIGINT while torch is imported, the model loaded, the tokenizer's transformers imported or the data
+    read: one line, status 130, nothing written. Once training has begun (the first eval), the run
+    stops before its first step and is saved at step 0."""
+    from flashzo.engine.mezo import read_state
+
+    ids, _, _ = write_data(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AT, point, "train", "--model", checkpoint, "--train", ids,
+                             "--eval", ids, "--out", str(out), "--steps", "5", *RUN], cwd=str(tmp_path),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    while "PAUSED\n" not in seen:
+        seen.append(proc.stdout.readline())
+        if not seen[-1]:
+            pytest.fail(f"exited before {point}: {seen} {proc.communicate()}")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate("\n", timeout=300)  # the line ends a pause the signal did not (training's)
+    assert proc.returncode == 130 and "Traceback" not in stderr, (stdout, stderr)
+    if point.endswith("evaluate"):
+        assert "SIGINT at step 0 of 5: saved the run" in stdout, stdout
+        assert read_state(str(out / "checkpoint"))[1]["step"] == 0
+    else:
+        assert stderr == "flashzo train: interrupted\n", stderr
+        assert not out.exists()

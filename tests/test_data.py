@@ -6,6 +6,7 @@ import pytest
 
 from flashzo.data import DataError, NoTokenizer, load_jsonl, load_tokenizer, read_dataset
 from flashzo.engine.example import Limits
+from flashzo.errors import InputError
 
 LIMITS = Limits(vocab_size=100, max_positions=16)
 
@@ -129,3 +130,81 @@ class _WordTokenizer:
     def __call__(self, text, add_special_tokens=True):
         ids = [3 + (sum(map(ord, w)) % 90) for w in text.split()]
         return {"input_ids": ([2] if add_special_tokens else []) + ids}
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed text: one line naming the file, the line and (for text) the field
+# --------------------------------------------------------------------------------------------------
+
+_GOOD = {None: '{"prompt": "a b", "candidates": [" c", " d"], "label": 0}', "sst2": '{"sentence": "a b", "label": 0}'}
+_DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("line,template,needle", [
+    ('{"prompt": "a \\ud800 b", "candidates": [" c", " d"], "label": 0}', None,
+     "prompt holds a lone surrogate \\ud800 at character 3"),
+    ('{"prompt": "a b", "candidates": [" c", " d\\udfff"], "label": 0}', None,
+     "candidates[1] holds a lone surrogate \\udfff at character 3"),
+    ('{"prompt": [2, 3], "target": "x\\ud83d"}', None, "target holds a lone surrogate \\ud83d at character 2"),
+    ('{"sentence": "fine \\udc00", "label": 1}', "sst2", "sst2 template: 'sentence' holds a lone surrogate \\udc00"),
+    ('{"prompt": "a\\u0000b", "candidates": [" c", " d"], "label": 0}', None,
+     "prompt holds a NUL character (\\u0000) at character 2"),
+    ('{"prompt": "a b", "candidates": [" c", " d"], "label": 1' + "0" * 5000 + "}", None,
+     "not valid JSON (a number of more than"),
+    ('{"prompt": "a b", "candidates": ' + _DEEP + ', "label": 0}', None, "not valid JSON (nested deeper than"),
+    (_DEEP, "sst2", "not valid JSON (nested deeper than"),
+    ('[1, 2]', None, "expected a JSON object, got list"),
+    ('{"prompt": "a\x00b"}', None, "not valid JSON (Invalid control character"),
+], ids=["surrogate-prompt", "surrogate-candidate", "surrogate-target", "surrogate-template", "nul", "huge-number",
+        "deep", "deep-template", "not-an-object", "raw-nul"])
+def test_malformed_text_is_one_line_with_file_and_line(tmp_path, line, template, needle):
+    """Text a tokenizer cannot take (a lone surrogate from a JSON escape), NUL, numbers and nesting JSON
+    cannot read: each is a DataError naming FILE:LINE (never a TypeError, ValueError or RecursionError)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(_GOOD[template] + "\n" + line + "\n" + _GOOD[template] + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_dataset(str(path), _WordTokenizer(), template=template, limits=LIMITS, training=False)
+    assert [line for line, _ in info.value.problems] == [2], str(info.value)
+    assert f"{path}:2: {needle}" in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_line_longer_than_the_limit_is_refused_without_reading_it_whole(tmp_path):
+    """A 300 MB line (a sparse file: no disk used) is refused with its line number, reading at most the
+    limit into memory; the lines after it are read and checked as usual."""
+    import tracemalloc
+
+    from flashzo import data
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"prompt": [1], "target": [2]}\n{"prompt": "')
+        f.seek(300 << 20, 1)
+        f.write(b'"}\n{"prompt": [1], "target": []}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            read_dataset(str(path), limits=LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    mib = data.MAX_LINE_BYTES >> 20
+    assert f"{path}:2: longer than {mib} MiB (the limit on a line of a data file)" in str(info.value)
+    assert f"{path}:3: has an empty target" in str(info.value)
+    assert peak < 2 * data.MAX_LINE_BYTES + (8 << 20), peak
+
+
+def test_running_out_of_memory_names_the_file(tmp_path, monkeypatch):
+    from flashzo import data
+
+    path = _write(tmp_path, [{"prompt": [1], "target": [2]}] * 3)
+    real, seen = data.record_to_example, []
+
+    def fills_memory(rec, tokenizer=None):
+        seen.append(rec)
+        if len(seen) == 3:
+            raise MemoryError
+        return real(rec, tokenizer)
+    monkeypatch.setattr(data, "record_to_example", fills_memory)
+    with pytest.raises(InputError, match=f"^{path}: out of memory after 2 examples: the file is too large"):
+        read_dataset(path, limits=LIMITS)

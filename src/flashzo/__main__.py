@@ -10,6 +10,10 @@ if os.path.isfile(os.path.join(_here, "kernels", "__init__.py")) and os.path.isf
         os.path.join(_here, "pyproject.toml")):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
-from flashzo.cli import main  # noqa: E402
+try:
+    from flashzo.cli import main
+except KeyboardInterrupt:  # Ctrl-C before main runs: one line, as main says it
+    print("flashzo: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

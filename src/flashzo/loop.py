@@ -17,9 +17,12 @@ metrics.json is written just before each checkpoint, so it never lags the checkp
 from; on resume, the log lines and curve points past the checkpoint's step are dropped (those steps
 run again) and nothing is evaluated at the resume point.
 
-SIGINT and SIGTERM stop a run after the current step (a second signal abandons that step); the run
-is then saved as at the end, without the final eval, and fit returns with `interrupted` set. A
-NonFiniteLossError saves the run the same way before it propagates.
+SIGINT and SIGTERM, from fit's first line on, stop a run after the current step or eval (a second
+signal abandons a step); the run is then saved as at the end, without the final eval, and fit
+returns with `interrupted` set (a run stopped before its first step is saved at that step). A
+NonFiniteLossError saves the run the same way before it propagates. Every file is replaced
+atomically (a checkpoint by MeZOTrainer.save, the others by a rename), and a full disk is a
+WriteError naming the file (src/flashzo/outputs.py); the last checkpoint is then intact.
 
 Under torch.distributed (MeZOConfig.parallel) every rank runs fit() on the same data: steps, evals,
 checkpoints and the decision to stop are collective, and only the main rank (`is_main`) logs, shows
@@ -28,6 +31,7 @@ progress and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,8 +45,10 @@ from typing import Callable, Sequence
 import torch
 
 from flashzo.engine.example import Example
+from flashzo.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from flashzo.engine.mezo import STATE_FILE, MeZOTrainer, NonFiniteLossError
 from flashzo.errors import InputError
+from flashzo.outputs import remove, signals_deferred, writing
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
@@ -51,6 +57,9 @@ LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "curve.png"
 RUN_FILES = (LOG_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR, ADAPTER_DIR, CURVE_FILE)
+REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the run it replaces until the new one is saved
+# What a run writes inside its folders (a checkpoint: the adapter, its state; the adapter's temporary files)
+_RUN_DIR_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, f".{ADAPTER_WEIGHTS}.tmp", f".{ADAPTER_CONFIG}.tmp"}
 
 
 def batches(examples: Sequence[Example], batch_size: int, *, seed: int = 0, epoch: int = 0) -> list[list[Example]]:
@@ -105,6 +114,32 @@ def clear_run(out_dir: str) -> None:
             os.remove(path)
 
 
+def foreign_files(out_dir: str) -> list[str]:
+    """Files in the run's folders (checkpoint/, best/, adapter/ and their .old / .tmp) that a run does not
+    write there: saving replaces those folders, so a run refuses to start while any is there."""
+    found = []
+    for path in run_files(out_dir):
+        if os.path.isdir(path) and not os.path.islink(path):
+            found += [os.path.join(path, n) for n in sorted(os.listdir(path)) if n not in _RUN_DIR_FILES]
+    return found
+
+
+def set_aside_run(out_dir: str) -> str | None:
+    """Move the run in `out_dir` into `out_dir/.replaced-run` (one rename per file, not interrupted by
+    SIGINT / SIGTERM) and return that folder; None: no run there. The caller deletes it once the new
+    run is saved. One left by an earlier launch is deleted first."""
+    files = run_files(out_dir)
+    if not files:
+        return None
+    aside = os.path.join(out_dir, REPLACED_DIR)
+    remove(aside)
+    with signals_deferred():
+        os.mkdir(aside)
+        for path in files:
+            os.rename(path, os.path.join(aside, os.path.basename(path)))
+    return aside
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -124,36 +159,38 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         log = _quiet
     writes = is_main or trainer.exchange is not None  # trainer.save is collective under torch.distributed
     _check_fit_args(trainer, train, eval_set, steps, batch_size, eval_batch_size, keep_best)
-    start = trainer.step_count
-    paths = _Paths(out_dir)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    history, eval_before = _previous_history(paths.metrics, start) if start else (_empty_history(), None)
-    step_log = _StepLog(paths.log, start) if is_main else None
-
-    def run_eval() -> dict:
-        res = trainer.evaluate(eval_set, batch_size=eval_batch_size)
-        step = trainer.step_count
-        history["eval"] = [e for e in history["eval"] if e["step"] != step] + [{"step": step, **res}]
-        if keep_best:
-            _consider_best(trainer, res, keep_best, paths.best if writes else None)
-        return res
-
-    if eval_set and (start == 0 or not history["eval"]):
-        first = run_eval()
-        log(f"eval at step {trainer.step_count}: " + _fmt(first))
-        if start == 0:
-            eval_before = first
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc="MeZO", unit="step", dynamic_ncols=True)
-    say = bar.write if bar is not None else log
     stop = _Stop(can_abandon=trainer.exchange is None) if handle_signals else _Stop(enabled=False)
-    t0 = time.perf_counter()
-    running, error = None, None
+    # from here on a signal stops the run after the current step (or eval), which is then saved
     with stop:
+        start = trainer.step_count
+        paths = _Paths(out_dir)
+        if is_main:
+            with writing(out_dir):
+                os.makedirs(out_dir, exist_ok=True)
+        history, eval_before = _previous_history(paths.metrics, start) if start else (_empty_history(), None)
+        step_log = _StepLog(paths.log, start) if is_main else None
+
+        def run_eval() -> dict:
+            res = trainer.evaluate(eval_set, batch_size=eval_batch_size)
+            step = trainer.step_count
+            history["eval"] = [e for e in history["eval"] if e["step"] != step] + [{"step": step, **res}]
+            if keep_best:
+                _consider_best(trainer, res, keep_best, paths.best if writes else None)
+            return res
+
+        if eval_set and (start == 0 or not history["eval"]):
+            first = run_eval()
+            log(f"eval at step {trainer.step_count}: " + _fmt(first))
+            if start == 0:
+                eval_before = first
+        bar = None
+        if progress and is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc="MeZO", unit="step", dynamic_ncols=True)
+        say = bar.write if bar is not None else log
+        t0 = time.perf_counter()
+        running, error = None, None
         try:
             while trainer.step_count < steps and not _agreed(trainer, stop):
                 t = trainer.step_count
@@ -182,7 +219,7 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                 if save_every and done % save_every == 0 and writes:
                     if is_main:
                         _write_metrics(paths.metrics, history, trainer, metrics_extra, eval_before)
-                    trainer.save(paths.checkpoint)
+                    _save(trainer, paths.checkpoint)
         except _Abandoned:
             buffer, counters = snapshot
             trainer.adapter.buffer.copy_(buffer)
@@ -218,9 +255,10 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         if is_main:
             _write_metrics(paths.metrics, history, trainer, {**(metrics_extra or {}), **summary}, eval_before)
         if writes:
-            trainer.save(paths.checkpoint)
+            _save(trainer, paths.checkpoint)
         if is_main:
-            trainer.adapter.save_pretrained(paths.adapter)
+            with writing(paths.adapter):
+                trainer.adapter.save_pretrained(paths.adapter)
             plot_history(history, paths.curve)
     if error is not None:
         raise error
@@ -262,6 +300,12 @@ def _consider_best(trainer: MeZOTrainer, res: dict, metric: str, path: str | Non
     trainer.run_info = {**(trainer.run_info or {}),
                         "best": {"step": trainer.step_count, "metric": metric, "value": value}}
     if path is not None:
+        _save(trainer, path)
+
+
+def _save(trainer: MeZOTrainer, path: str) -> None:
+    """trainer.save (atomic: the checkpoint there before stays whole if it fails); a full disk is a WriteError."""
+    with writing(path):
         trainer.save(path)
 
 
@@ -369,21 +413,25 @@ class _StepLog:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except (ValueError, KeyError, TypeError):
                         continue  # a line cut short by a kill
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-        self._f = open(path, "a")
+        self.path = path
+        with writing(path):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+            self._f = open(path, "a")
 
     def write(self, res, seconds: float) -> None:
         rec = {"step": res.step, "loss": res.loss, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
                "projected_grads": res.projected_grads, "lr": res.lr, "tokens": res.tokens, "skipped": res.skipped,
                "seconds": round(seconds, 6), "time": round(time.time(), 3)}
-        self._f.write(json.dumps(_finite(rec)) + "\n")
-        self._f.flush()
+        with writing(self.path):  # a line cut short by a full disk is dropped on resume, as after a kill
+            self._f.write(json.dumps(_finite(rec)) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        with writing(self.path):
+            self._f.close()
 
 
 def _finite(value):
@@ -408,10 +456,16 @@ def _fmt(res: dict) -> str:
 def _write_metrics(path: str, history: dict, trainer: MeZOTrainer, extra: dict | None,
                    eval_before: dict | None) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"history": history, "state": trainer.state_dict(), "eval_before": eval_before, **(extra or {})},
-                  f, indent=1)
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"history": history, "state": trainer.state_dict(), "eval_before": eval_before,
+                           **(extra or {})}, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def plot_history(history: dict, path: str) -> None:
@@ -442,5 +496,14 @@ def plot_history(history: dict, path: str) -> None:
     ax[1].set_xlabel("step")
     fig.suptitle("flashzo MeZO training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path + ".tmp"
+    with writing(path):
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        finally:
+            plt.close(fig)

@@ -6,10 +6,15 @@ computed in fp32 and cast to the model's dtype. Family-agnostic: an adapted line
 PEFT's key for it (the family config's `peft_prefix`), the family's checkpoint naming and
 `checkpoint_names` (engine/model.py), the same map loading and saving use, so a stacked projection's
 rows (q_proj inside qkv_proj) get their own update. The merged model is written by `save_model`.
+
+A merged checkpoint names what it was made of and every file merge wrote in `MERGE_INFO`; `flashzo
+merge --overwrite` replaces only a directory that holds such a list and nothing else
+(`not_merged_files`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -20,6 +25,7 @@ from flashzo.engine.lora import LoRAAdapter
 from flashzo.engine.model import checkpoint_names
 from flashzo.errors import InputError
 
+MERGE_INFO = "flashzo_merge.json"  # {"model", "adapter", "dtype", "files"}: what made it, what merge wrote
 PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's keys are the base model's module paths behind this
 # Files of a checkpoint directory that are not its config or weights (tokenizer, generation settings ...)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
@@ -64,3 +70,24 @@ def copy_side_files(src: str, dst: str) -> list[str]:
         shutil.copyfile(path, os.path.join(dst, name))
         copied.append(name)
     return copied
+
+
+def write_merge_info(out: str, *, model: str, adapter: str, dtype: str) -> None:
+    """MERGE_INFO in `out`, listing every file there (written last: the list is complete)."""
+    files = sorted(n for n in os.listdir(out) if n != MERGE_INFO)
+    with open(os.path.join(out, MERGE_INFO), "w") as f:
+        json.dump({"model": os.path.abspath(model), "adapter": os.path.abspath(adapter), "dtype": dtype,
+                   "files": files}, f, indent=1)
+
+
+def not_merged_files(out: str) -> list[str]:
+    """The entries of directory `out` that `flashzo merge` did not write there (all of them when it holds
+    no MERGE_INFO, or one that cannot be read)."""
+    names = sorted(os.listdir(out))
+    try:
+        with open(os.path.join(out, MERGE_INFO), encoding="utf-8") as f:
+            written = json.load(f)["files"]
+        written = set(written) | {MERGE_INFO}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return names
+    return [n for n in names if n not in written or not os.path.isfile(os.path.join(out, n))]

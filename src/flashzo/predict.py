@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Iterator
 
 import torch
@@ -24,6 +23,7 @@ from flashzo.engine.invariant import add_exact, exact_float
 from flashzo.engine.loss import copy_losses
 from flashzo.engine.mezo import eval_result
 from flashzo.errors import InputError
+from flashzo.outputs import replacing_file
 
 
 def predictions(model, adapter, dataset: Dataset, *, batch_size: int = 32, sums: list | None = None) -> Iterator[dict]:
@@ -65,12 +65,11 @@ def predictions(model, adapter, dataset: Dataset, *, batch_size: int = 32, sums:
 
 
 def write_predictions(model, adapter, dataset: Dataset, path: str, *, batch_size: int = 32) -> dict:
-    """Write `path` (JSONL, replaced atomically) and return the summary, as evaluate() computes it."""
+    """Write `path` (JSONL, replaced atomically: on any error the file there before is kept; a full disk is a
+    WriteError) and return the summary, as evaluate() computes it."""
     kind = check_examples(dataset.examples, model.limits, what=dataset.path)
     sums: list = []
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
+    with replacing_file(path) as f:
         for rec in predictions(model, adapter, dataset, batch_size=batch_size, sums=sums):
             f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
     return eval_result(kind, sums[0], sums[1], sums[2], len(dataset.examples))
