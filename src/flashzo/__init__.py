@@ -9,6 +9,28 @@ at once and a Ctrl-C during its imports is its own one-line message (src/flashzo
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static readers (type checkers, the API reference) see
+    from flashzo.data import load_jsonl
+    from flashzo.engine import (
+        CausalLM,
+        Example,
+        LlamaConfig,
+        LlamaModel,
+        LoRAAdapter,
+        LoRAConfig,
+        OPTConfig,
+        OPTModel,
+        load_model,
+        load_opt,
+        save_model,
+        save_opt,
+    )
+    from flashzo.engine.distributed import DistributedError, init_distributed
+    from flashzo.engine.invariant import batch_invariant_mode, is_batch_invariant, set_batch_invariant
+    from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
+    from flashzo.tasks import synthetic_task
 
 from flashzo.errors import InputError as InputError  # the one error type: imported at once
 
