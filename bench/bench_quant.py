@@ -62,13 +62,16 @@ def parse_args():
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="layer shapes of these")
     p.add_argument("--packed-max-t", type=int, default=64,
                    help="time torch's packed int8/int4 kernels only up to this T (they are slow for fp32 x)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's). On a shared, loaded machine one thread "
+                        "gives stable timings: two threads wait on each other at every op's barrier")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory")
     p.add_argument("--smoke", action="store_true", help="one small shape, few reps: checks the code path")
     return p.parse_args()
 
 
 def reps_for(T: int) -> int:
-    return 25 if T <= 1 else 7 if T <= 64 else 3
+    return 41 if T <= 1 else 11 if T <= 64 else 5
 
 
 def blocked_linear(x, qw, bias, buf):
@@ -250,6 +253,8 @@ def plot(results, path) -> None:
 
 def main():
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if on_gpu else "cpu")
     command = "python bench/bench_quant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
