@@ -24,6 +24,9 @@ from .perturbed_lora import (
     perturbed_lora_linear_parts_ref,
     perturbed_lora_linear_ref,
 )
+from .quant import QuantizedWeight, cat_rows, quantize
+from .quant_linear import quantized_linear, quantized_linear_ref
+from .quant_plan import QuantKernelConfig
 from .rows import apply_rows, mm_rows, row_chunk
 from .segments import Segments
 from .zo_update import zo_update_, zo_update_ref
@@ -35,9 +38,12 @@ __all__ = [
     "LoRAKernelConfig",
     "LoRAPart",
     "LoRAStack",
+    "QuantKernelConfig",
+    "QuantizedWeight",
     "Segments",
     "apply_rows",
     "base_linear",
+    "cat_rows",
     "gaussian",
     "lora_launches",
     "lora_plan",
@@ -48,6 +54,9 @@ __all__ = [
     "perturbed_lora_linear_parts",
     "perturbed_lora_linear_parts_ref",
     "perturbed_lora_linear_ref",
+    "quantize",
+    "quantized_linear",
+    "quantized_linear_ref",
     "row_chunk",
     "stack_lora_parts",
     "zo_update_",

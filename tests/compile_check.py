@@ -13,7 +13,9 @@ interpreter mode) and checks the report; by hand:
 
 The calls cover every dtype each launcher takes and every tile choice of the plan (launch_plan.py):
 single projections at r in {1, 4, 8, 16, 32, 64}, stacked ones of 3 parts at r in {8, 16, 32, 64}
-(so u widths 8 to 256), realistic and odd shapes, K split and not.
+(so u widths 8 to 256), realistic and odd shapes, K split and not; the quantized GEMM in every
+weight format GGUF files repack into (int8 per channel, group 16 and 32; int4 group 32 and 128,
+symmetric and asymmetric, fp16 and fp32 scales) for bf16, and a few for fp16 and fp32.
 """
 
 from __future__ import annotations
@@ -169,6 +171,51 @@ def representative_calls():
             yield f"add {dtype} ranks={ranks}", lambda x=x, y=y, p=parts: perturbed_lora_add_(
                 y, x, p, segments(2048), **kw
             )
+    yield from quant_calls(meta)
+
+
+# (mode, group size (None: per channel), symmetric, scale dtype): the formats of engine/gguf_quant.py's
+# repacks (Q6_K, Q8_0, Q5_K, Q4_0, Q4_1, Q4_K) and quantize()'s defaults
+QUANT_FORMATS = {
+    "bf16": [("int8", None, True, "float16"), ("int8", 16, True, "float32"), ("int8", 32, True, "float16"),
+             ("int8", 32, False, "float32"), ("int4", 32, True, "float16"), ("int4", 32, False, "float16"),
+             ("int4", 32, False, "float32"), ("int4", 128, True, "float16")],
+    "fp16": [("int8", None, True, "float16"), ("int4", 32, False, "float16")],
+    "fp32": [("int8", None, True, "float16"), ("int8", 16, True, "float32"), ("int4", 32, False, "float16")],
+}
+
+
+def quant_weight(N, K, mode, group, symmetric, scale_dtype, device):
+    """A QuantizedWeight of the format with empty tensors on `device`."""
+    import torch
+
+    from flashzo.kernels.quant import QuantizedWeight
+
+    groups = K // (group or K)
+    data = torch.empty(N, K // 2 if mode == "int4" else K, device=device,
+                       dtype=torch.int8 if (mode, symmetric) == ("int8", True) else torch.uint8)
+    sd = getattr(torch, scale_dtype)
+    scales = torch.empty(N, groups, dtype=sd, device=device)
+    mins = None if symmetric else torch.empty(N, groups, dtype=sd, device=device)
+    return QuantizedWeight((N, K), mode, group or K, symmetric, data, scales, mins)
+
+
+def quant_calls(device):
+    """The quantized GEMM on llama-3.2-1b's gate_proj shape (T=2048, K=2048, N=8192), and an odd one."""
+    import torch
+
+    from flashzo.kernels.quant_linear import quantized_linear
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for name, formats in QUANT_FORMATS.items():
+        dtype = dtypes[name]
+        x, b = torch.empty(2048, 2048, dtype=dtype, device=device), torch.empty(8192, dtype=dtype, device=device)
+        for fmt in formats:
+            qw = quant_weight(8192, 2048, *fmt, device)
+            yield f"quant {name} {qw.describe()}", lambda x=x, qw=qw, b=b: quantized_linear(x, qw, b, impl="triton")
+    x = torch.empty(37, 70, dtype=torch.bfloat16, device=device)
+    qw = quant_weight(33, 70, "int8", None, False, "float16", device)
+    yield f"odd quant bf16 {qw.describe()}", lambda: quantized_linear(x, qw, None, impl="triton")
 
 
 def _kernel_modules():

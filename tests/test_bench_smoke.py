@@ -35,3 +35,16 @@ def test_serve_benchmark_smoke(tmp_path):
     names = os.listdir(tmp_path)
     assert {"serve_cpu_smoke.json", "serve_cpu_smoke.md", "serve_cpu_smoke.png"} <= set(names), names
     assert "serve K=2" in out and "train K=2" in out
+
+
+def test_quant_benchmark_smoke(tmp_path):
+    import json
+
+    out = run("bench_quant.py", "--smoke", "--out", str(tmp_path))
+    names = set(os.listdir(tmp_path))
+    assert {"quant_cpu_smoke.json", "quant_cpu_smoke.md", "quant_cpu_smoke.png"} <= names, names
+    assert "traffic model" in out and " fused " in out and " unfused " in out  # quant_launches' table
+    results = json.loads((tmp_path / "quant_cpu_smoke.json").read_text())
+    flashzo = [r for r in results["rows"] if r["variant"].startswith("flashzo")]
+    assert flashzo and all(r["bit_exact"] for r in flashzo)  # the CPU path is the reference's bits
+    assert {f["format"] for f in results["meta"]["formats"]} >= {"int8 per-channel sym fp16", "int4 g32 asym fp16"}

@@ -4,7 +4,7 @@ tests/compile_check.py runs the real launchers (every dtype, every tile choice o
 and odd shapes) with Triton's compiler in place of a GPU, records each launch at the point Triton
 would compile it, and compiles the distinct builds to cubin with the ptxas of the Triton wheel.
 It needs Triton out of interpreter mode, so it runs in a subprocess without TRITON_INTERPRET, with
-its own empty Triton cache (every build really runs ptxas). About 70 s on 2 idle cores.
+its own empty Triton cache (every build really runs ptxas). About 2 minutes on 2 idle cores.
 """
 
 import json
@@ -89,7 +89,7 @@ def test_every_project_kernel_is_launched(report):
                 never.append(f"{module}.{name}")
     assert not never, f"no case launches {never}: add one to tests/compile_check.py"
     assert {"_gaussian_kernel", "_zo_update_kernel", "_lora_shrink_kernel", "_lora_reduce_kernel",
-            "_lora_expand_kernel"} <= {k.split(".")[-1] for k in launched}  # fmt: skip
+            "_lora_expand_kernel", "_quant_linear_kernel"} <= {k.split(".")[-1] for k in launched}  # fmt: skip
 
 
 def test_every_plan_choice_is_built(report):
@@ -107,3 +107,14 @@ def test_every_plan_choice_is_built(report):
     for precision in ("ieee", "tf32"):
         assert widths <= seen[("shrink", precision)]
         assert {16, 32, 64} <= seen[("expand", precision)]
+
+
+def test_every_quantized_format_is_built(report):
+    """The quantized GEMM is built for int8 and int4, symmetric and asymmetric, on tensor cores for
+    16-bit x and with "ieee" dots for fp32, including the odd shape's unaligned rows."""
+    builds = [res for res in report["results"] if res["kernel"].endswith("_quant_linear_kernel")]
+    kinds = {(c["INT4"], c["SYMMETRIC"], c["PRECISION"]) for c in (res["constants"] for res in builds)}
+    assert {(i4, sym, "tf32") for i4 in (True, False) for sym in (True, False)} <= kinds
+    assert {(True, False, "ieee"), (False, True, "ieee")} <= kinds
+    assert all(res["tensor_cores"] for res in builds if res["constants"]["PRECISION"] == "tf32")
+    assert any("odd quant" in case for res in builds for case in res["cases"])

@@ -1,0 +1,145 @@
+"""How the quantized GEMM (quant_linear.py) cuts its work, and what each launch moves: one plan for both.
+
+``quant_plan`` picks the tiles, warps and stages from (K, N, the weight's format, x's dtype, device)
+only, never from T: every output element is then the same sequence of dots whatever the number of
+rows, so the kernel is batch-invariant as it stands (docs/design.md, "Batch invariance").
+``quant_launches`` describes the launch the plan makes (grid, bytes per operand, FLOPs) for the
+benchmark and the tests, with the two things a user would run instead: the unfused dequantize then
+GEMM, and a dense GEMM of the same shape in x's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .checks import InputError
+from .launch_plan import DeviceInfo, KernelLaunch
+
+__all__ = ["QuantKernelConfig", "QuantPlan", "quant_launches", "quant_plan"]
+
+
+@dataclass(frozen=True)
+class QuantKernelConfig:
+    """Overrides of the plan's choices; ``None`` keeps the plan's. The K step must divide the group
+    size (one scale per column per step) and, for int4, be a multiple of 32 (the packing unit)."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    group_m: int | None = None  # row tiles per band of the program order (L2 reuse of the weight)
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            low = 1 if name == "num_warps" else 16
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low
+                                      or value & (value - 1)):
+                raise InputError(f"{name} must be a power of two >= {low}, got {value!r}")
+        for name in ("group_m", "num_stages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything the launcher chooses for one (K, N, format, dtype, device)."""
+
+    precision: str  # the dot's input precision: "ieee" for fp32 x (as torch's fp32 GEMM), else "tf32"
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def grid(self, M: int, N: int) -> tuple[int]:
+        return (triton.cdiv(M, self.block_m) * triton.cdiv(N, self.block_n),)
+
+
+def quant_plan(K: int, N: int, mode: str, group_size: int, dtype: torch.dtype, device: DeviceInfo,
+               config: QuantKernelConfig | None = None) -> QuantPlan:
+    """The plan for x: [T, K] of ``dtype`` times a ``mode`` weight [N, K] with ``group_size`` (K: per
+    channel). T does not enter (see the module docstring); ``device`` neither, yet.
+
+    NOTE (starting points, not timed on a GPU yet): 16-bit x: 64 x 128 output tiles, a K step of 64
+    (or the group, if smaller: Q6_K's 16), 8 warps, 3 stages; fp32 x ("ieee" dots on the FMA units,
+    operands in registers): 32 x 64 tiles, K step 32, 4 warps, 2 stages. Row tiles are banded by 8
+    so that the programs running together read the same weight columns. Every build compiles for
+    sm_80 and sm_90 without spills (tests/test_compile.py; e.g. 128/78 registers on sm_80/sm_90 for
+    bf16 int8 per channel, 94/128 for bf16 int4 g32 asymmetric). With 4 warps the int8 builds took
+    224 registers on sm_80; a K not a multiple of 16 (unaligned rows: element-wise loads) takes a
+    K step of 32: at 64 an odd int8 build spilled 932 bytes on sm_80, at 32 none (216 registers).
+    A decode-sized T (1-16 rows) pays a 64-row tile; a split of K would help it and is left out so
+    that the plan stays a function of (K, N) alone.
+    """
+    cfg = config if config is not None else QuantKernelConfig()
+    fp32 = dtype == torch.float32
+    grouped = group_size < K or mode == "int4"
+    block_k = cfg.block_k
+    if block_k is None:  # one scale per column per K step; int4: whole 32-value units
+        block_k = 32 if fp32 or K % 16 else 64
+        if grouped:
+            block_k = min(block_k, group_size)
+        if mode == "int4":
+            block_k = max(block_k, 32)
+    if (grouped and group_size % block_k) or (mode == "int4" and block_k % 32):
+        raise InputError(f"block_k = {block_k} must divide the group size {group_size}"
+                         f"{' and be a multiple of 32 (int4)' if mode == 'int4' else ''}")
+    return QuantPlan(
+        precision="ieee" if fp32 else "tf32",
+        block_m=cfg.block_m or (32 if fp32 else 64),
+        block_n=cfg.block_n or (64 if fp32 else 128),
+        block_k=block_k,
+        group_m=cfg.group_m or 8,
+        num_warps=cfg.num_warps or (4 if fp32 else 8),
+        num_stages=cfg.num_stages or (2 if fp32 else 3),
+    )
+
+
+def quant_launches(T: int, K: int, N: int, mode: str, group_size: int, dtype: torch.dtype, *,
+                   symmetric: bool = True, scale_dtype: torch.dtype = torch.float16, bias: bool = True,
+                   device: DeviceInfo, config: QuantKernelConfig | None = None,
+                   requests: bool = False) -> dict[str, list[KernelLaunch]]:
+    """The launches of ``quantized_linear`` on x: [T, K] of ``dtype`` (its Triton path), and of the
+    two alternatives, as {"fused": [...], "unfused": [dequantize, GEMM], "dense": [GEMM]}.
+
+    Bytes are each operand's compulsory traffic (read or written once), for every path alike, so
+    the three compare: the fused kernel never writes or reads a dense weight. ``requests=True``
+    counts the fused kernel's requests instead (a tile re-read by another program counts again:
+    x once per column block, the packed weight, scales and mins once per row block), which the
+    L2 cache serves in part."""
+    plan = quant_plan(K, N, mode, group_size, dtype, device, config)
+    e = torch.empty((), dtype=dtype).element_size()
+    se = torch.empty((), dtype=scale_dtype).element_size()
+    packed = N * K // (2 if mode == "int4" else 1)
+    scales = N * (K // group_size) * se * (1 if symmetric else 2)
+    row_tiles, col_tiles = triton.cdiv(T, plan.block_m), triton.cdiv(N, plan.block_n)
+    x_reads, w_reads = (col_tiles, row_tiles) if requests else (1, 1)
+    math = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    fused = KernelLaunch(
+        name="quant GEMM",
+        grid=plan.grid(T, N),
+        tiles=dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, GROUP_M=plan.group_m),
+        reads=dict(x=x_reads * T * K * e, W=w_reads * packed, scales=w_reads * scales,
+                   bias=w_reads * N * e if bias else 0),
+        writes=dict(y=T * N * e),
+        flops=2 * row_tiles * plan.block_m * col_tiles * plan.block_n * K,  # as executed: whole tiles
+        z_draws=0,
+        math=plan.precision if dtype == torch.float32 else math,
+    )
+    dequant = KernelLaunch(name="dequantize", grid=(), tiles={}, reads=dict(W=packed, scales=scales),
+                           writes=dict(W_dense=N * K * e), flops=N * K * (1 if symmetric else 2), z_draws=0,
+                           math="none")
+
+    def gemm(name):
+        return KernelLaunch(name=name, grid=(), tiles={},
+                            reads=dict(x=T * K * e, W_dense=N * K * e, bias=N * e if bias else 0),
+                            writes=dict(y=T * N * e), flops=2 * T * N * K, z_draws=0, math=math)
+
+    return {"fused": [fused], "unfused": [dequant, gemm("GEMM")], "dense": [gemm("dense GEMM")]}
