@@ -1,16 +1,18 @@
 """The JSON request bodies as typed pydantic models, and the dependency that reads one after the key check.
 
 Bodies are parsed strictly (an integer field refuses 4.0 and true, a number refuses "3"), with no
-NaN or infinity, and by pydantic's own JSON parser (nesting deeper than its limit is refused, never
-a RecursionError). A body that is not the request's shape (not JSON, an unknown or missing
-top-level field, a top-level field of the wrong type) is answered 422 `invalid_body`; a value
-inside the fields a model lists in `PARAMS` (a job's method, hyperparameters, metadata) is answered
-400 with that parameter named, as OpenAI does. Ranges are checked after parsing (run.py's
-RunOptions for the hyperparameters, completions.py for completions), also 400.
+NaN or infinity, and by pydantic's own JSON parser: nesting deeper than its limit, and a string
+with a lone surrogate escape (a \\ud800 without its pair: not Unicode text), are 400s, never a
+RecursionError. A body that is not the request's shape (not JSON, an unknown or missing top-level
+field, a top-level field of the wrong type) is answered 422 `invalid_body`; a value inside the
+fields a model lists in `PARAMS` (a job's method, hyperparameters, metadata) is answered 400 with
+that parameter named, as OpenAI does. Ranges are checked after parsing (run.py's RunOptions for
+the hyperparameters, completions.py for completions), also 400.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from fastapi import Request
@@ -20,6 +22,7 @@ from .errors import ServeError
 
 Auto = Literal["auto"]
 MAX_NESTING = "recursion limit exceeded"  # pydantic's JSON parser's message for a too deeply nested body
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # an escaped UTF-16 surrogate (pydantic: lone ones refused)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
@@ -150,6 +153,9 @@ def body(model: type[BaseModel]):
             if any(MAX_NESTING in str(er.get("msg", "")) for er in errors):
                 raise ServeError(400, "The request body is nested too deeply to be read", code="invalid_body") \
                     from None
+            if errors and errors[0].get("type") == "json_invalid" and SURROGATE.search(raw):
+                raise ServeError(400, "The request body holds a lone surrogate escape (\\ud800-\\udfff without its "
+                                 "pair): a string that is not Unicode text", code="invalid_body") from None
             raise InvalidBody(errors, getattr(model, "PARAMS", ())) from None
 
     return parse

@@ -232,8 +232,8 @@ class Scheduler:
         for job in list(self.running.values()):
             if job.cancelled or job.ended:
                 continue
-            self._queue_checkpoint(job, why="server shutdown")
             try:
+                self._queue_checkpoint(job, why="server shutdown")
                 self._write(job)
             except Exception:
                 log.error("checkpoint of %s at shutdown failed:\n%s", job.id, traceback.format_exc())
