@@ -44,13 +44,15 @@ def served_models(ckpt: str) -> dict:
 
 
 class InProcess:
-    """`with InProcess(data_dir, ckpt, **create_app options) as s:` s.app, s.http (TestClient), s.client()."""
+    """`with InProcess(data_dir, ckpt, **create_app options) as s:` s.app, s.models, s.http (TestClient),
+    s.client()."""
 
     def __init__(self, data_dir, ckpt: str, *, key: str | None = KEY, **options):
         from flashzo.serve.app import create_app
 
         self.key = key
-        self.app = create_app(str(data_dir), served_models(ckpt), api_key=key, **options)
+        self.models = served_models(ckpt)
+        self.app = create_app(str(data_dir), self.models, api_key=key, **options)
 
     def __enter__(self) -> InProcess:
         from fastapi.testclient import TestClient

@@ -122,14 +122,14 @@ def test_files_and_prompts_are_never_read_on_the_scheduler_thread(tmp_path, ckpt
         served.tokenizer = Recording()
 
     with InProcess(data, ckpt) as s:
-        recording(s.app.state.models["tiny"])
+        recording(s.models["tiny"])
         c = s.client()
         job = create(c, upload(c, train), **dict(BASE, steps=100000)).id
         wait_job(c, job, until=lambda j: j.status == "running")
         out = c.completions.create(model="tiny", prompt="w20 w31 w44", max_tokens=2, echo=True, logprobs=1)
         assert out.choices[0].text.startswith("w20 w31 w44")
     with InProcess(data, ckpt) as s:  # a restart: the running job's file is read again
-        recording(s.app.state.models["tiny"])
+        recording(s.models["tiny"])
         c = s.client()
         wait_job(c, job, until=lambda j: any(e.message.startswith("Resumed") for e in
                                              c.fine_tuning.jobs.list_events(job, limit=50)))
@@ -249,14 +249,13 @@ def test_sqlite_full_is_disk_full(tmp_path):
 
 def test_a_full_disk_pauses_jobs_logs_once_and_they_finish_when_space_returns(tmp_path, ckpt, train, monkeypatch,
                                                                               caplog):
-    """At step 3 the disk fills: first the database refuses every write (SQLite's "database or disk is
-    full"), then, the database writable again, checkpoints fail with ENOSPC. The job stops stepping and
+    """At step 3 the disk fills: first the database refuses every write (as SQLite does: "database or disk
+    is full"), then, the database writable again, checkpoints fail with ENOSPC. The job stops stepping and
     keeps its state; it is never started again; one warning per outage and no traceback are logged;
     cancel, delete and create answer 503 and change nothing. With space back the job finishes with the
     adapter of a run that never saw a full disk."""
     caplog.set_level(logging.INFO, logger="flashzo.serve")
-    real_score, real_save, real_start, real_run = (scheduler_module.score_together, MeZOTrainer.save,
-                                                   Scheduler._start, Store._run)
+    real_score, real_save, real_start = scheduler_module.score_together, MeZOTrainer.save, Scheduler._start
     db_full, files_full = threading.Event(), threading.Event()
     writes, saves, starts = [], [], []
 
@@ -266,12 +265,6 @@ def test_a_full_disk_pauses_jobs_logs_once_and_they_finish_when_space_returns(tm
             db_full.set()
             files_full.set()
         return real_score(trainers, batches)
-
-    def run(self, sql, args=()):
-        if db_full.is_set() and sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
-            writes.append(sql)
-            raise sqlite3.OperationalError("database or disk is full")
-        return real_run(self, sql, args)
 
     def save(self, path):
         if files_full.is_set():
@@ -284,12 +277,13 @@ def test_a_full_disk_pauses_jobs_logs_once_and_they_finish_when_space_returns(tm
         return real_start(self, row, *rest)
 
     monkeypatch.setattr(scheduler_module, "score_together", score)
-    monkeypatch.setattr(Store, "_run", run)
     monkeypatch.setattr(MeZOTrainer, "save", save)
     monkeypatch.setattr(Scheduler, "_start", start)
     monkeypatch.setattr(scheduler_module, "DISK_RETRY_S", 0.1, raising=False)
     hps = dict(BASE, steps=8, save_every=2, seed=4)
     with one_thread(), InProcess(tmp_path / "data", ckpt) as s:
+        store = s.app.state.store
+        store._db = FullDatabase(store._db, db_full, writes)
         c = s.client()
         fid, spare = upload(c, train), upload(c, train)
         job = create(c, fid, **hps).id
@@ -317,6 +311,30 @@ def test_a_full_disk_pauses_jobs_logs_once_and_they_finish_when_space_returns(tm
     messages = [r.getMessage() for r in records]
     assert sum("is full" in m for m in messages) == 2, messages  # once per outage
     assert sum("takes writes again" in m for m in messages) == 2, messages
+
+
+class FullDatabase:
+    """A store's SQLite connection that, while `full` is set, refuses every write as SQLite does when
+    its disk is full (the same exception and message); everything else goes to the connection."""
+
+    def __init__(self, db, full: threading.Event, writes: list):
+        self._db, self._full, self._writes = db, full, writes
+
+    def _check(self, sql: str) -> None:
+        if self._full.is_set() and sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            self._writes.append(sql)
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        self._check(sql)
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._check(sql)
+        return self._db.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
 
 
 def adapter_of(client, job, tmp_path, ckpt, index=1):

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from flashzo.errors import InputError
 
@@ -89,6 +90,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking)
+        except ClientDisconnect:
+            return  # the client left mid-body (an upload cut short): no one to answer
         except Exception as e:
             if started:  # too late for an error answer: the connection is closed by the server
                 raise
