@@ -99,6 +99,7 @@ class Scheduler:
         self._admit_due = True
         self._turn = 0
         self._disk_retry_at = 0.0
+        self._abandoned: set[str] = set()  # jobs whose failure could not be recorded: never restarted here
         self.loader = Loader(store, models, on_ready=self.notify, on_disk_full=store.disk.full)
         self._thread = threading.Thread(target=self._loop, name="flashzo-scheduler", daemon=True)
 
@@ -286,8 +287,9 @@ class Scheduler:
         job.records.append(lambda: self.store.fail_job(job.id, error, only_if=["running"]))
         try:
             self._write(job)
-        except Exception:  # the failure itself cannot be recorded: logged; the row stays running until a restart
+        except Exception:  # the failure itself cannot be recorded: logged; not started again by this process
             log.error("recording the failure of %s failed:\n%s", job.id, traceback.format_exc())
+            self._abandoned.add(job.id)
             with job.lock:
                 job.records.clear()
 
@@ -304,7 +306,7 @@ class Scheduler:
         if any(j.records for j in self.running.values()):
             return  # the disk is full: no new work until the records are written
         resumed = [r for r in self.store.list_jobs(status=["running"], oldest_first=True)
-                   if r["id"] not in self.running]
+                   if r["id"] not in self.running and r["id"] not in self._abandoned]
         room = self.max_running - len(self.running) - len(resumed)
         queued = self.store.list_jobs(status=["queued"], oldest_first=True, limit=room) if room > 0 else []
         rows = resumed + queued
