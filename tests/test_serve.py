@@ -492,8 +492,10 @@ def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(
     done = wait_job(c, create(c, fid, **dict(BASE, steps=3)).id)
     cancelled = c.fine_tuning.jobs.cancel(create(c, fid, **dict(BASE, steps=10000)).id).id
     hps = dict(BASE, steps=150, save_every=40, seed=9)
+    s.http("POST", "/admin/admission", json={"step_budget": 45})  # the job's steps stop at 45, however fast
     job = create(c, fid, **hps).id
-    wait_job(c, job, until=lambda j: j.flashzo["step"] >= 45)  # past the checkpoint at 40, before the next
+    # past the checkpoint at 40, before the next
+    assert wait_job(c, job, until=lambda j: j.flashzo["step"] >= 45).flashzo["step"] == 45
     s.proc.kill()  # kill -9
     s.proc.wait(30)
 
@@ -520,23 +522,24 @@ def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(
     assert s.stop() == 0
 
 
-def release_when_ready(server, jobs: int) -> None:
+def release_when_ready(server, jobs: int, **change) -> None:
     """Wait until `jobs` jobs have their files read and wait to start (the server runs with
-    --hold-admission), then release them: they start in one admission and share forwards from their
-    first step."""
+    --hold-admission), then release them (with `change`: a step_budget): they start in one admission
+    and share forwards from their first step."""
     t0 = time.monotonic()
     while (status := server.http("GET", "/admin/admission").json())["ready_jobs"] < jobs:
         assert time.monotonic() - t0 < 120, status
         time.sleep(0.1)
     assert status["held"] and status["running_jobs"] == 0, status
-    assert server.http("POST", "/admin/admission", json={"hold": False}).json()["held"] is False
+    assert server.http("POST", "/admin/admission", json={"hold": False, **change}).json()["held"] is False
 
 
 def test_a_job_killed_and_resumed_beside_other_jobs_ends_with_its_solo_adapter(files, tmp_path):
     """Batch-invariant (the server's default): job A shares its forwards with B, the server is killed
     (-9), and A resumes from its checkpoint beside a new job C instead; its adapter is still the one
     `flashzo train` gives it alone, bit for bit. Admission is held until every job is ready, so the
-    jobs start together and share whatever the machine's speed."""
+    jobs start together and share whatever the machine's speed, and a step budget stops A and B at
+    step 8 (A is killed between its checkpoint at 6 and its end at 16, however fast it runs)."""
     s = Server(files, tmp_path / "data", "--hold-admission", key=None)
     try:
         s.start()
@@ -545,8 +548,8 @@ def test_a_job_killed_and_resumed_beside_other_jobs_ends_with_its_solo_adapter(f
         hps = dict(BASE, steps=16, save_every=6, seed=9)
         a = create(c, t1, **hps).id
         create(c, t2, **dict(BASE, steps=30, seed=2, batch_size=3))
-        release_when_ready(s, 2)
-        wait_job(c, a, until=lambda j: j.flashzo["step"] >= 8)  # past the checkpoint at 6
+        release_when_ready(s, 2, step_budget=8)
+        assert wait_job(c, a, until=lambda j: j.flashzo["step"] >= 8).flashzo["step"] == 8  # past the checkpoint at 6
         m = s.http("GET", "/metrics").text
         assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # A beside B
         s.proc.kill()

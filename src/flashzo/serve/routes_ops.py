@@ -6,17 +6,20 @@ reading a few counters): it answers while the scheduler is busy and the pool is 
 /admin/admission holds or releases the start of jobs (`{"hold": true}`): held, queued jobs and jobs
 resumed after a restart wait (their files are still read) and running jobs go on; released, every
 job ready at that moment starts in the same admission, so they share forwards from their first step.
-`flashzo serve --hold-admission` starts held. For operators (draining a server) and for the tests
-that need jobs to start together.
+`flashzo serve --hold-admission` starts held. `{"step_budget": n}` lets the scheduler take at most n
+more training steps (a step is one shared forward), after which training waits with every job's
+state in memory while completions are still served; `{"step_budget": null}` lifts it (as a restart
+does). For operators (draining a server, pausing training) and for the tests that need jobs to
+start together and stop at a known step.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .deps import require_key
 from .requests import body
@@ -26,9 +29,13 @@ router = APIRouter(dependencies=[Depends(require_key)])
 
 
 class AdmissionChange(BaseModel):
+    """`hold`: hold (true) or release (false) job starts; `step_budget`: at most that many more training
+    steps, then training waits (null: no limit). A field left out is left as it is."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    hold: bool
+    hold: Optional[bool] = None
+    step_budget: Optional[Annotated[int, Field(ge=0)]] = None
 
 
 @public.get("/health")
@@ -49,5 +56,9 @@ def admission(request: Request):
 
 @router.post("/admin/admission")
 def change_admission(request: Request, change: Annotated[AdmissionChange, Depends(body(AdmissionChange))]):
-    request.app.state.scheduler.hold(change.hold)
-    return request.app.state.scheduler.status()
+    scheduler = request.app.state.scheduler
+    if "step_budget" in change.model_fields_set:
+        scheduler.limit_steps(change.step_budget)
+    if change.hold is not None:
+        scheduler.hold(change.hold)
+    return scheduler.status()

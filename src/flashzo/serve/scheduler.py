@@ -22,9 +22,10 @@ refuses stays queued: the job stops stepping (its state stays in memory, nothing
 and the records are retried every DISK_RETRY_S until they go through; the disk's state is logged
 once each way (store.py: DiskWatch). A job whose every step was skipped (non-finite) has failed.
 
-Locks: `_lock` guards `running` (changed only by this thread) and the hold; a job's `lock` guards its
-records and `cancelled`: `cancel` (an HTTP thread) records the cancellation under it, so a job's
-checkpoints, adapter and result files are either all written before "Job cancelled" or not at all.
+Locks: `_lock` guards `running` (changed only by this thread), the hold and the step budget; a job's
+`lock` guards its records and `cancelled`: `cancel` (an HTTP thread) records the cancellation under
+it, so a job's checkpoints, adapter and result files are either all written before "Job cancelled"
+or not at all.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Scheduler:
         self.running: dict[str, RunningJob] = {}
         self._lock = threading.Lock()
         self._held = hold
+        self._budget: int | None = None  # training steps still allowed (None: no limit); guarded by _lock
         self._calls: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
@@ -149,13 +151,24 @@ class Scheduler:
             self._held = held
         self.notify()
 
+    def limit_steps(self, budget: int | None) -> None:
+        """Take at most `budget` more training steps (scheduler steps), then wait with every job's state
+        in memory; None: no limit. Completions are served meanwhile."""
+        with self._lock:
+            self._budget = budget
+        self.notify()
+
+    def _may_train(self) -> bool:
+        with self._lock:
+            return self._budget is None or self._budget > 0
+
     def status(self) -> dict:
         with self._lock:
-            running, held = len(self.running), self._held
+            running, held, budget = len(self.running), self._held, self._budget
         with self._wake:
             calls = len(self._calls)
-        return {"held": held, "running_jobs": running, "ready_jobs": self.loader.ready(), "loading_jobs":
-                self.loader.busy(), "queued_calls": calls, "disk_full": self.store.disk.is_full}
+        return {"held": held, "step_budget": budget, "running_jobs": running, "ready_jobs": self.loader.ready(),
+                "loading_jobs": self.loader.busy(), "queued_calls": calls, "disk_full": self.store.disk.is_full}
 
     def cancel(self, job_id: str) -> bool:
         """Record the job cancelled if it has not ended (False otherwise). A running job's records stop
@@ -181,7 +194,7 @@ class Scheduler:
             with self._wake:
                 if self._stop:
                     break
-                if not (self._calls or self._admit_due or any(j.steppable for j in self.running.values())):
+                if not (self._calls or self._admit_due or self._training()):
                     self._wake.wait(self._idle_wait())
                     self._admit_due = True  # a periodic look at the queue, whatever woke us
             try:
@@ -200,15 +213,21 @@ class Scheduler:
         """One turn: retry what the full disk refused (when due), serve queued calls (at most
         calls_per_step while a job can step), admit jobs, take one training step."""
         self._retry_records()
-        training = any(j.steppable for j in self.running.values())
-        self._serve_calls(self.calls_per_step if training else None)
+        self._serve_calls(self.calls_per_step if self._training() else None)
         self._drop_ended()
         if self._admit_due:
             self._admit_due = False
             self._admit()
-        group = self._next_group()
+        group = self._next_group() if self._may_train() else []
         if group:
+            with self._lock:
+                if self._budget is not None:
+                    self._budget -= 1
             self._step_group(group)
+
+    def _training(self) -> bool:
+        """Whether a job can take a step now."""
+        return self._may_train() and any(j.steppable for j in self.running.values())
 
     def _serve_calls(self, most: int | None) -> None:
         with self._wake:
