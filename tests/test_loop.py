@@ -1,4 +1,5 @@
-"""The training loop (src/flashzo/loop.py): the per-step log, metrics across resumes, signals, keep_best."""
+"""The training loop (src/flashzo/loop.py): its schedule, the per-step log, metrics across resumes, signals,
+keep_best."""
 
 import json
 import signal
@@ -8,7 +9,7 @@ import torch
 
 from flashzo import Example, LoRAConfig, MeZOConfig, MeZOTrainer, NonFiniteLossError, OPTConfig, OPTModel
 from flashzo.errors import InputError
-from flashzo.loop import clear_run, describe_run, fit, run_files
+from flashzo.loop import RunSchedule, clear_run, describe_run, fit, run_files
 
 CFG = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
                 max_position_embeddings=32)
@@ -183,3 +184,25 @@ def test_out_dir_helpers(model, tmp_path):
     assert run_files(str(tmp_path)) == [] and (tmp_path / "notes.txt").read_text() == "mine"
     (tmp_path / "log.jsonl").write_text("")  # killed before its first checkpoint
     assert describe_run(str(tmp_path)) == "the files of a run without a checkpoint (log.jsonl)"
+
+
+def test_the_run_schedule():
+    s = RunSchedule(steps=10, eval_every=4, save_every=3, evaluates=True)
+    assert [t for t in range(1, 11) if s.eval_after(t)] == [4, 8]  # never after the last: the end evaluates
+    assert [t for t in range(1, 11) if s.save_after(t)] == [3, 6, 9]
+    assert s.eval_first(0, evaluated=True) and s.eval_first(5, evaluated=False) and not s.eval_first(5, evaluated=True)
+    assert s.eval_at_end(10) and not s.eval_at_end(9) and s.finished(10) and not s.finished(9)
+    off = RunSchedule(steps=10, eval_every=4)
+    assert not any(off.eval_after(t) or off.save_after(t) for t in range(11)) and not off.eval_first(0, False)
+
+
+def test_fit_evaluates_and_saves_where_the_schedule_says(model, tmp_path, monkeypatch):
+    saved, evaluated = [], []
+    real_save, real_eval = MeZOTrainer.save, MeZOTrainer.evaluate
+    monkeypatch.setattr(MeZOTrainer, "save", lambda self, path: saved.append(self.step_count) or real_save(self, path))
+    monkeypatch.setattr(MeZOTrainer, "evaluate", lambda self, ex, **kw: evaluated.append(self.step_count)
+                        or real_eval(self, ex, **kw))
+    run(model, tmp_path / "o", 7, eval_every=3, save_every=2)
+    s = RunSchedule(7, 3, 2, evaluates=True)
+    assert evaluated == [0] + [t for t in range(1, 8) if s.eval_after(t)] + [7] == [0, 3, 6, 7]
+    assert saved == [t for t in range(1, 8) if s.save_after(t)] + [7] == [2, 4, 6, 7]

@@ -20,10 +20,15 @@ def test_configs_follow_the_options():
     (dict(batch_size=0), "batch_size"), (dict(steps=-5), "steps"), (dict(lr=float("nan")), "lr"),
     (dict(eps=0.0), "eps"), (dict(lora_r=True), "lora_r must be an integer"), (dict(lr_schedule="step"), "lr_sched"),
     (dict(template="mnli"), "template"), (dict(lora_layers="a,b"), "lora_layers"), (dict(target_modules=""), "empty"),
+    (dict(eps=1e-320), "eps must be >= 1.175e-38"), (dict(eps=1e-39), "eps must be >="),
 ])
 def test_out_of_range_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RunOptions(**kwargs)
+
+
+def test_the_least_eps_is_float32s_smallest_normal():
+    assert RunOptions(eps=2.0**-126).eps == 2.0**-126
 
 
 def test_unknown_option_names_are_refused():

@@ -492,8 +492,10 @@ def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(
     done = wait_job(c, create(c, fid, **dict(BASE, steps=3)).id)
     cancelled = c.fine_tuning.jobs.cancel(create(c, fid, **dict(BASE, steps=10000)).id).id
     hps = dict(BASE, steps=150, save_every=40, seed=9)
+    s.http("POST", "/admin/admission", json={"step_budget": 45})  # the job's steps stop at 45, however fast
     job = create(c, fid, **hps).id
-    wait_job(c, job, until=lambda j: j.flashzo["step"] >= 45)  # past the checkpoint at 40, before the next
+    # past the checkpoint at 40, before the next
+    assert wait_job(c, job, until=lambda j: j.flashzo["step"] >= 45).flashzo["step"] == 45
     s.proc.kill()  # kill -9
     s.proc.wait(30)
 
@@ -520,31 +522,51 @@ def test_kill9_and_sigterm_then_the_same_command_finishes_with_the_same_adapter(
     assert s.stop() == 0
 
 
-def test_a_job_killed_and_resumed_beside_other_jobs_ends_with_its_solo_adapter(files, tmp_path, own_server):
+def release_when_ready(server, jobs: int, **change) -> None:
+    """Wait until `jobs` jobs have their files read and wait to start (the server runs with
+    --hold-admission), then release them (with `change`: a step_budget): they start in one admission
+    and share forwards from their first step."""
+    t0 = time.monotonic()
+    while (status := server.http("GET", "/admin/admission").json())["ready_jobs"] < jobs:
+        assert time.monotonic() - t0 < 120, status
+        time.sleep(0.1)
+    assert status["held"] and status["running_jobs"] == 0, status
+    assert server.http("POST", "/admin/admission", json={"hold": False, **change}).json()["held"] is False
+
+
+def test_a_job_killed_and_resumed_beside_other_jobs_ends_with_its_solo_adapter(files, tmp_path):
     """Batch-invariant (the server's default): job A shares its forwards with B, the server is killed
     (-9), and A resumes from its checkpoint beside a new job C instead; its adapter is still the one
-    `flashzo train` gives it alone, bit for bit."""
-    s = own_server.start()
-    c = s.client()
-    t1, t2 = upload(c, files["train"]), upload(c, files["train2"])
-    hps = dict(BASE, steps=16, save_every=6, seed=9)
-    a = create(c, t1, **hps).id
-    create(c, t2, **dict(BASE, steps=30, seed=2, batch_size=3))
-    wait_job(c, a, until=lambda j: j.flashzo["step"] >= 8)  # past the checkpoint at 6
-    m = s.http("GET", "/metrics").text
-    assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # A beside B
-    s.proc.kill()
-    s.proc.wait(30)
-    s.start()
-    create(c, upload(c, files["train"]), **dict(BASE, steps=20, seed=5, batch_size=5, lr=1e-2))  # C
-    job = wait_job(c, a)
-    assert job.status == "succeeded", job.error
-    m = s.http("GET", "/metrics").text
-    assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # shared again
-    model = load_model(files["ckpt"])
-    solo = train_solo(files, tmp_path, files["train"], **hps)
-    assert torch.equal(adapter_of(c, job, tmp_path, model).buffer, solo.buffer)
-    assert s.stop() == 0
+    `flashzo train` gives it alone, bit for bit. Admission is held until every job is ready, so the
+    jobs start together and share whatever the machine's speed, and a step budget stops A and B at
+    step 8 (A is killed between its checkpoint at 6 and its end at 16, however fast it runs)."""
+    s = Server(files, tmp_path / "data", "--hold-admission", key=None)
+    try:
+        s.start()
+        c = s.client()
+        t1, t2 = upload(c, files["train"]), upload(c, files["train2"])
+        hps = dict(BASE, steps=16, save_every=6, seed=9)
+        a = create(c, t1, **hps).id
+        create(c, t2, **dict(BASE, steps=30, seed=2, batch_size=3))
+        release_when_ready(s, 2, step_budget=8)
+        assert wait_job(c, a, until=lambda j: j.flashzo["step"] >= 8).flashzo["step"] == 8  # past the checkpoint at 6
+        m = s.http("GET", "/metrics").text
+        assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # A beside B
+        s.proc.kill()
+        s.proc.wait(30)
+        s.start()  # the same command: A and B wait, held, while C is created
+        create(c, upload(c, files["train"]), **dict(BASE, steps=20, seed=5, batch_size=5, lr=1e-2))  # C
+        release_when_ready(s, 3)
+        job = wait_job(c, a)
+        assert job.status == "succeeded", job.error
+        m = s.http("GET", "/metrics").text
+        assert metric(m, "flashzo_jobs_per_forward_sum") > metric(m, "flashzo_scheduler_steps_total")  # shared again
+        model = load_model(files["ckpt"])
+        solo = train_solo(files, tmp_path, files["train"], **hps)
+        assert torch.equal(adapter_of(c, job, tmp_path, model).buffer, solo.buffer)
+        assert s.stop() == 0
+    finally:
+        s.close()
 
 
 def test_refuses_a_public_host_without_a_key(tmp_path, capsys, monkeypatch):
@@ -591,7 +613,7 @@ def test_groups_take_turns_and_no_job_starves(tmp_path):
     sched = Scheduler(store, {}, Metrics(store), max_jobs_per_forward=2)
     keys = {"a": ("m", 1e-3, (2,)), "b": ("m", 1e-3, (2,)), "c": ("m", 1e-3, (2,)), "d": ("m", 1e-2, (2,)),
             "e": ("m", 1e-3, (4,))}
-    sched.running = {k: SimpleNamespace(id=k, key=key, step=0, cancelled=False) for k, key in keys.items()}
+    sched.running = {k: SimpleNamespace(id=k, key=key, step=0, steppable=True) for k, key in keys.items()}
     seen = []
     for _ in range(30):
         group = sched._next_group()

@@ -1,7 +1,8 @@
 """The training loop behind `flashzo train` and `flashzo demo`: steps, progress, evals, checkpoints, logs.
 
 The mini-batch of step t is a pure function of (seed, t), so a run resumed from a checkpoint sees
-exactly the batches it would have seen, and continues bit-identically on the same device.
+exactly the batches it would have seen, and continues bit-identically on the same device. When a
+run evaluates, checkpoints and ends is `RunSchedule`, which `flashzo serve`'s jobs follow too.
 
 What a run writes to its out dir:
 
@@ -73,6 +74,40 @@ def batch_for_step(examples: Sequence[Example], batch_size: int, step: int, seed
     per_epoch = math.ceil(len(examples) / batch_size)
     epoch, k = divmod(step, per_epoch)
     return batches(examples, batch_size, seed=seed, epoch=epoch)[k]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSchedule:
+    """When a run evaluates, checkpoints and ends: the one schedule of `fit` and of a `flashzo serve`
+    job (serve/scheduler.py).
+
+    A run of `steps` steps with an eval set (`evaluates`) is evaluated before its first step (resumed:
+    when no evaluation is on record), after every `eval_every`-th step but the last, and at the end;
+    it is checkpointed after every `save_every`-th step and at the end. 0 turns eval_every or
+    save_every off.
+    """
+
+    steps: int
+    eval_every: int = 0
+    save_every: int = 0
+    evaluates: bool = False
+
+    def eval_first(self, start: int, evaluated: bool) -> bool:
+        """Evaluate before the first step of a run starting (or resuming) at step `start`?"""
+        return self.evaluates and (start == 0 or not evaluated)
+
+    def finished(self, step: int) -> bool:
+        return step >= self.steps
+
+    def eval_after(self, done: int) -> bool:
+        """Evaluate after step `done` (1-based: the steps done)? Not after the last: the end evaluates."""
+        return self.evaluates and self.eval_every > 0 and done % self.eval_every == 0 and done < self.steps
+
+    def save_after(self, done: int) -> bool:
+        return self.save_every > 0 and done % self.save_every == 0
+
+    def eval_at_end(self, step: int) -> bool:
+        return self.evaluates and self.finished(step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,16 +204,17 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                 os.makedirs(out_dir, exist_ok=True)
         history, eval_before = _previous_history(paths.metrics, start) if start else (_empty_history(), None)
         step_log = _StepLog(paths.log, start) if is_main else None
+        schedule = RunSchedule(steps, eval_every, save_every, evaluates=bool(eval_set))
 
         def run_eval() -> dict:
             res = trainer.evaluate(eval_set, batch_size=eval_batch_size)
             step = trainer.step_count
             history["eval"] = [e for e in history["eval"] if e["step"] != step] + [{"step": step, **res}]
             if keep_best:
-                _consider_best(trainer, res, keep_best, paths.best if writes else None)
+                consider_best(trainer, res, keep_best, paths.best if writes else None)
             return res
 
-        if eval_set and (start == 0 or not history["eval"]):
+        if schedule.eval_first(start, evaluated=bool(history["eval"])):
             first = run_eval()
             log(f"eval at step {trainer.step_count}: " + _fmt(first))
             if start == 0:
@@ -192,7 +228,7 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         t0 = time.perf_counter()
         running, error = None, None
         try:
-            while trainer.step_count < steps and not _agreed(trainer, stop):
+            while not schedule.finished(trainer.step_count) and not _agreed(trainer, stop):
                 t = trainer.step_count
                 snapshot = (trainer.adapter.buffer.clone(), dataclasses.replace(trainer.counters)) \
                     if stop.can_abandon else None
@@ -214,9 +250,9 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                     bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan",
                                     skipped=trainer.counters.nonfinite_total)
                 done = trainer.step_count
-                if eval_set and eval_every and done % eval_every == 0 and done < steps:
+                if schedule.eval_after(done):
                     say(f"eval at step {done}: " + _fmt(run_eval()))
-                if save_every and done % save_every == 0 and writes:
+                if schedule.save_after(done) and writes:
                     if is_main:
                         _write_metrics(paths.metrics, history, trainer, metrics_extra, eval_before)
                     _save(trainer, paths.checkpoint)
@@ -233,7 +269,7 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                 step_log.close()
         elapsed = time.perf_counter() - t0
         final = None
-        if eval_set and error is None and trainer.step_count >= steps:  # a stopped run is saved without it
+        if error is None and schedule.eval_at_end(trainer.step_count):  # a stopped run is saved without it
             final = run_eval()
             log(f"eval at step {trainer.step_count}: " + _fmt(final))
         ran = trainer.step_count - start
@@ -290,17 +326,19 @@ class _Paths:
         self.checkpoint, self.adapter, self.best = join(CHECKPOINT_DIR), join(ADAPTER_DIR), join(BEST_DIR)
 
 
-def _consider_best(trainer: MeZOTrainer, res: dict, metric: str, path: str | None) -> None:
-    """Save the trainer to `path` if `res` is its best eval by `metric` (ties keep the earlier)."""
+def consider_best(trainer: MeZOTrainer, res: dict, metric: str, path: str | None) -> bool:
+    """Whether `res` is the trainer's best eval by `metric` (ties keep the earlier): then it is recorded
+    in trainer.run_info["best"] and, given a `path`, the trainer is saved there."""
     value = res[metric]
     best = (trainer.run_info or {}).get("best")
     if best is not None and best.get("metric") == metric:
         if not (value < best["value"] if metric == "loss" else value > best["value"]):
-            return
+            return False
     trainer.run_info = {**(trainer.run_info or {}),
                         "best": {"step": trainer.step_count, "metric": metric, "value": value}}
     if path is not None:
         _save(trainer, path)
+    return True
 
 
 def _save(trainer: MeZOTrainer, path: str) -> None:

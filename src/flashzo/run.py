@@ -25,6 +25,7 @@ TEMPLATE_NAMES = ("sst2", "rte", "copa")
 KEEP_BEST = ("loss", "accuracy")  # the eval metric a run's best checkpoint is kept by
 # What a resumed run may change (the rest defines what it computes).
 RESUMABLE = ("steps", "eval_every", "save_every", "eval_batch_size")
+EPS_MIN = 2.0 ** -126  # float32's smallest normal number: the least eps a run accepts
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class RunOptions:
             set_(self, name, float(value))
         if self.lr < 0 or self.weight_decay < 0:
             raise InputError(f"lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
-        if self.eps <= 0:
-            raise InputError(f"eps must be > 0, got {self.eps}")
+        if not self.eps >= EPS_MIN:
+            raise InputError(f"eps must be >= {EPS_MIN:.4g} (float32's smallest normal number; a smaller one "
+                             f"underflows in the perturbed weights), got {self.eps!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise InputError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if self.lr_schedule not in SCHEDULES:

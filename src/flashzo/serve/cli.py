@@ -42,6 +42,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-jobs-per-forward", type=int, default=8,
                    help="jobs whose copies share one forward; a bigger group takes turns, least advanced "
                         "first (default 8)")
+    p.add_argument("--max-concurrent-uploads", type=int, default=4,
+                   help="uploads read at once; one more is answered 429 (default 4)")
+    p.add_argument("--max-queued-jobs", type=int, default=64,
+                   help="jobs waiting (validating_files or queued); creating one more is answered 429 (default 64)")
+    p.add_argument("--completions-per-step", type=int, default=2,
+                   help="completion forwards served between two training steps while jobs train, so training "
+                        "keeps its share however many completions wait (default 2)")
+    p.add_argument("--hold-admission", action="store_true",
+                   help="start with the start of jobs held (queued and resumed jobs wait) until POST "
+                        "/admin/admission {\"hold\": false}: jobs ready then start together")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="batch-invariant numerics for the jobs that do not set batch_invariant: a job's adapter "
@@ -64,13 +74,16 @@ def is_loopback(host: str) -> bool:
 def run(args) -> int:
     from .served import load_served, parse_model_flags
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key is empty: every request would be refused; give a key, or leave the flag out")
     key = args.api_key if args.api_key is not None else os.environ.get("FLASHZO_API_KEY") or None
     if not is_loopback(args.host) and not key:
         raise InputError(f"--host {args.host} is not a loopback address: refusing to serve without an API key "
                          "(--api-key or FLASHZO_API_KEY)")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_running_jobs", "max_jobs_per_forward"):
+    for name in ("max_running_jobs", "max_jobs_per_forward", "max_concurrent_uploads", "max_queued_jobs",
+                 "completions_per_step"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_upload_mb <= 0:
@@ -94,7 +107,9 @@ def run(args) -> int:
               f"{m.device}{', no tokenizer' if models[name].tokenizer is None else ''})", flush=True)
     app = create_app(args.data_dir, models, api_key=key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward,
-                     batch_invariant=args.batch_invariant)
+                     batch_invariant=args.batch_invariant, max_concurrent_uploads=args.max_concurrent_uploads,
+                     max_queued_jobs=args.max_queued_jobs, completions_per_step=args.completions_per_step,
+                     hold_admission=args.hold_admission)
     print(f"flashzo serve: http://{args.host}:{args.port} (data in {os.path.abspath(args.data_dir)}, "
           f"{'API key required' if key else 'no API key'})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

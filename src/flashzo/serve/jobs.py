@@ -11,8 +11,9 @@ three are accepted there or in the top-level `hyperparameters`, and mapped:
     "auto"                     -> flashzo's default for that option
 
 Giving one quantity both ways (n_epochs and steps, learning_rate_multiplier and lr, two batch sizes)
-is refused. Everything is checked before the job exists: unknown names, types and ranges here; the
-files line by line against the model once the job is created (scheduler.py).
+is refused. Everything is checked before the job exists: names and types by serve/requests.py,
+ranges here (RunOptions' checks, this server's LIMITS, nothing that overflows to an infinity); the
+files line by line against the model once the job is created (serve/loader.py).
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from flashzo.engine.lora import LoRAAdapter
 from flashzo.errors import InputError
 from flashzo.run import RunOptions
 
 from .errors import ServeError
+from .requests import Method, OpenAIHyperparameters, typed
 
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 DEFAULTS = RunOptions()
-SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SUFFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # the whole suffix (fullmatch: no trailing newline)
 # What one job may ask of a shared server (a run of flashzo train has no such limits).
 LIMITS = {"steps": 1_000_000, "batch_size": 1024, "num_perturbations": 64, "warmup_steps": 1_000_000}
 
@@ -37,61 +41,48 @@ def _auto(value) -> bool:
     return isinstance(value, str) and value == "auto"
 
 
-def _number(name: str, value, *, integer: bool, where: str):
+def _positive(name: str, value, where: str):
+    """An OpenAI hyperparameter's value (None for "auto"); ServeError unless positive."""
     if _auto(value):
         return None
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ServeError(400, f"{where}.{name} must be {kind} or \"auto\", got {value!r}", param=f"{where}.{name}",
+    if value <= 0:
+        raise ServeError(400, f"{where}.{name} must be positive or \"auto\", got {value!r}", param=f"{where}.{name}",
                          code="invalid_hyperparameter")
     return value
 
 
-def run_options(method: dict | None, hyperparameters: dict | None, seed: int | None,
-                model, *, batch_invariant: bool = True) -> tuple[dict, float | None]:
-    """(RunOptions as a dict, n_epochs or None) of a create request; InputError naming what is wrong.
+def run_options(method: Method | None, hyperparameters: OpenAIHyperparameters | None, seed: int | None,
+                model, *, batch_invariant: bool = True, has_validation: bool = False) -> tuple[dict, float | None]:
+    """(RunOptions as a dict, n_epochs or None) of a create request (typed by serve/requests.py, or the
+    same as JSON values); an InputError naming what is wrong.
 
     With n_epochs the steps are known only once the training file has been read (`with_epochs`).
     A job that does not set method.mezo.hyperparameters.batch_invariant takes the server's
     (`flashzo serve --batch-invariant`, on by default): its adapter is then the one it gets alone,
     whichever jobs share its forwards.
     """
-    method = {"type": "mezo"} if method is None else method
-    if not isinstance(method, dict) or method.get("type") != "mezo":
-        got = method.get("type") if isinstance(method, dict) else method
-        raise ServeError(400, f"method.type must be \"mezo\" (flashzo trains with MeZO), got {got!r}",
+    if isinstance(method, dict):
+        method = typed(Method, method, "method")
+    if isinstance(hyperparameters, dict):
+        hyperparameters = typed(OpenAIHyperparameters, hyperparameters, "hyperparameters")
+    if method is not None and method.type != "mezo":
+        raise ServeError(400, f"method.type must be \"mezo\" (flashzo trains with MeZO), got {method.type!r}",
                          param="method.type", code="invalid_method")
-    extra = sorted(set(method) - {"type", "mezo"})
-    if extra:
-        raise ServeError(400, f"method: unknown field {', '.join(extra)} (known: type, mezo)", param="method")
-    mezo = method.get("mezo") or {}
-    if not isinstance(mezo, dict) or sorted(set(mezo) - {"hyperparameters"}):
-        raise ServeError(400, "method.mezo must be an object with one field, hyperparameters", param="method.mezo")
-    hps = mezo.get("hyperparameters") or {}
-    top = hyperparameters or {}
-    for where, d in (("method.mezo.hyperparameters", hps), ("hyperparameters", top)):
-        if not isinstance(d, dict):
-            raise ServeError(400, f"{where} must be an object", param=where)
-    unknown = sorted(set(top) - set(OPENAI_HYPERPARAMETERS))
-    if unknown:
-        raise ServeError(400, f"hyperparameters: unknown hyperparameter {', '.join(unknown)} (known: "
-                         f"{', '.join(OPENAI_HYPERPARAMETERS)}; flashzo's own go in method.mezo.hyperparameters)",
-                         param="hyperparameters", code="invalid_hyperparameter")
-    hps = dict(hps)
+    given = method.mezo.hyperparameters if method is not None and method.mezo is not None else None
+    hps = given.given() if given is not None else {}
+    top = hyperparameters.given() if hyperparameters is not None else {}
     openai = {}
     for name in OPENAI_HYPERPARAMETERS:
-        given = []
+        values = []
         if name in top:
-            given.append(("hyperparameters", top[name]))
+            values.append(("hyperparameters", top[name]))
         if name in hps and (name != "batch_size" or _auto(hps[name])):  # batch_size is flashzo's own too
-            given.append(("method.mezo.hyperparameters", hps.pop(name)))
-        values = {repr(v) for _, v in given if not _auto(v)}
-        if len(values) > 1:
+            values.append(("method.mezo.hyperparameters", hps.pop(name)))
+        if len({repr(v) for _, v in values if not _auto(v) and v is not None}) > 1:
             raise ServeError(400, f"{name} is given twice with different values", param=f"hyperparameters.{name}",
                              code="invalid_hyperparameter")
-        for where, value in given:
-            value = _number(name, value, integer=name != "learning_rate_multiplier", where=where)
+        for where, value in values:
+            value = _positive(name, value, where) if value is not None else None
             if value is not None:
                 openai[name] = value
     if "batch_size" in openai:
@@ -114,6 +105,8 @@ def run_options(method: dict | None, hyperparameters: dict | None, seed: int | N
             raise ServeError(400, f"seed is given twice: {seed!r} and {hps['seed']!r} in method.mezo.hyperparameters",
                              param="seed")
         hps["seed"] = seed
+    if hps.get("batch_invariant") is None:
+        hps.pop("batch_invariant", None)
     opts = RunOptions.from_dict({"batch_invariant": batch_invariant, **hps}, what="method.mezo.hyperparameters")
     for name, most in LIMITS.items():
         if getattr(opts, name) > most:
@@ -121,7 +114,49 @@ def run_options(method: dict | None, hyperparameters: dict | None, seed: int | N
                              f"{getattr(opts, name)}")
     opts.mezo_config()  # its checks (schedules need steps ...)
     LoRAAdapter.empty(opts.lora_config(), model.config, device="meta")  # modules and layers of this model
+    _check_numbers(opts, model)
+    if opts.keep_best is not None and not has_validation:
+        raise ServeError(400, f"keep_best {opts.keep_best!r} needs a validation_file (the best checkpoint is the "
+                         "best evaluation's)", param="method.mezo.hyperparameters.keep_best",
+                         code="invalid_hyperparameter")
     return opts.to_dict(), n_epochs
+
+
+def _check_numbers(opts: RunOptions, model) -> None:
+    """Refuse what would put an infinity into the job's object or the model's forward."""
+    multiplier = opts.lr / DEFAULTS.lr
+    if not math.isfinite(multiplier):
+        raise ServeError(400, f"lr {opts.lr!r} is too large: its learning_rate_multiplier (lr / {DEFAULTS.lr}) is "
+                         "not a finite number", param="method.mezo.hyperparameters.lr", code="invalid_hyperparameter")
+    biggest = torch.finfo(model.dtype).max
+    scaling = opts.alpha / opts.lora_r
+    if not scaling <= biggest:
+        raise ServeError(400, f"lora_alpha / lora_r = {scaling:.3g} overflows the model's {model.dtype} (largest "
+                         f"{biggest:.3g})", param="method.mezo.hyperparameters.lora_alpha",
+                         code="invalid_hyperparameter")
+    bad = _non_finite(job_object(provisional_row(opts.to_dict())))
+    if bad is not None:
+        raise ServeError(400, f"{bad} of the job would not be a finite number: a hyperparameter is too large",
+                         param="method.mezo.hyperparameters", code="invalid_hyperparameter")
+
+
+def provisional_row(options: dict) -> dict:
+    """A stored job's row as it will be created (what job_object reads)."""
+    return {"id": "ftjob-new", "model": "", "created_at": 0, "finished_at": None, "status": "validating_files",
+            "fine_tuned_model": None, "result_files": [], "trained_tokens": None, "error": None,
+            "started_at": None, "step": 0, "spec": {"training_file": ""}, "options": options}
+
+
+def _non_finite(value, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in `value`, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "a value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def with_epochs(options: dict, n_epochs: float | None, num_examples: int) -> dict:
@@ -136,7 +171,7 @@ def with_epochs(options: dict, n_epochs: float | None, num_examples: int) -> dic
 
 
 def check_suffix(suffix: str | None) -> None:
-    if suffix is not None and not SUFFIX.match(suffix):
+    if suffix is not None and not SUFFIX.fullmatch(suffix):
         raise ServeError(400, f"suffix must be 1-64 characters of letters, digits, '-', '_' and '.', got {suffix!r}",
                          param="suffix")
 

@@ -4,54 +4,70 @@ Every running job on one base model whose forward can be shared (the same eps, a
 LoRA scaling: engine/mezo.py, score_together) is in one group. A scheduler step takes one group,
 builds one forward holding every job's signed copies (the kernel's multi-adapter segments), then
 applies each job's update; groups take turns round-robin, and a group larger than
---max-jobs-per-forward steps its least advanced jobs first, so no job starves. Between two steps the
-completions queued at the first are served (CausalLM's KV pool and the decode pool are used by this
-thread only).
+--max-jobs-per-forward steps its least advanced jobs first, so no job starves. Completions are
+forwards queued by the HTTP threads (`submit`); while jobs train, at most `calls_per_step` of them
+run between two training steps, so training keeps its share however many completions wait. Nothing
+else runs here: reading and checking files is the loader's thread (serve/loader.py), tokenizing and
+rendering a completion are the HTTP threads'.
 
 A job's trajectory is `flashzo train`'s: the trainer is MeZOTrainer(model, opts.lora_config(),
-opts.mezo_config()), the batch of step t is src/flashzo/loop.py's batch_for_step, evaluations and
-checkpoints fall where fit() puts them. A job alone in its group runs exactly fit()'s forward (a
-bit-identical adapter on a CPU); beside others, its rows are rounded as part of a bigger GEMM
-(README, "flashzo serve").
+opts.mezo_config()), the batch of step t is src/flashzo/loop.py's batch_for_step, and when it
+evaluates, checkpoints and ends is loop.py's RunSchedule, the one fit() follows. A job alone in its
+group runs exactly fit()'s forward (a bit-identical adapter on a CPU); beside others, see README,
+"flashzo serve".
 
-A job's failure fails only that job: its update is applied on its own, and a shared forward that
-raises is retried one job at a time to find the job at fault.
+What a step leaves to write (its metrics row, an evaluation, a checkpoint, the result files) is
+queued on the job as records and written in order under the job's lock. A record the full disk
+refuses stays queued: the job stops stepping (its state stays in memory, nothing is lost or redone)
+and the records are retried every DISK_RETRY_S until they go through; the disk's state is logged
+once each way (store.py: DiskWatch). A job whose every step was skipped (non-finite) has failed.
+
+Locks: `_lock` guards `running` (changed only by this thread), the hold and the step budget; a job's
+`lock` guards its records and `cancelled`: `cancel` (an HTTP thread) records the cancellation under
+it, so a job's checkpoints, adapter and result files are either all written before "Job cancelled"
+or not at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
-import json
 import logging
 import os
-import tarfile
 import threading
 import time
 import traceback
 
-from flashzo.data import MAX_ERRORS, DataError, read_dataset
 from flashzo.engine.mezo import MeZOTrainer, NonFiniteLossError, score_together
 from flashzo.errors import InputError
-from flashzo.loop import CHECKPOINT_DIR, batch_for_step
+from flashzo.loop import BEST_DIR, CHECKPOINT_DIR, RunSchedule, batch_for_step, consider_best
 from flashzo.run import RunOptions
 
 from . import jobs as J
-from .store import Store, new_id, now
+from .loader import Loader
+from .results import CSV_COLUMNS, ResultFiles, write_csv, write_tar
+from .store import DiskFull, Store, is_disk_full, now
 
 log = logging.getLogger("flashzo.serve")
 ADAPTER_DIR = "adapter"
-CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy", "lr",
-               "loss_plus", "loss_minus", "projected_grad", "skipped", "tokens")
+DISK_RETRY_S = 2.0  # how often records the full disk refused are tried again
+IDLE_WAIT_S = 1.0  # an idle scheduler looks at the queue this often, whatever wakes it
 
 
 class RunningJob:
-    def __init__(self, row: dict, served, trainer: MeZOTrainer, opts: RunOptions, train, held_out, job_dir: str):
+    def __init__(self, row: dict, served, trainer: MeZOTrainer, opts: RunOptions, data: tuple, job_dir: str):
         self.id, self.served, self.trainer, self.opts = row["id"], served, trainer, opts
-        self.train, self.held_out, self.dir = train, held_out, job_dir
+        self.train, self.held_out = data
+        self.dir = job_dir
         self.suffix = row["spec"].get("suffix")
+        self.schedule = RunSchedule(opts.steps, opts.eval_every, opts.save_every, evaluates=bool(self.held_out))
+        self.lock = threading.Lock()  # its records, and `cancelled`
         self.cancelled = False
+        self.ended = False  # its end (failed or succeeded) is queued or recorded: no more steps
+        self.records: collections.deque = collections.deque()  # what is still to be written, in order
         self.saved_step = trainer.step_count if trainer.step_count else -1  # the step of its last checkpoint
+        self.last_row: dict = {}
         tr = trainer
         self.key = (served.name, tr.config.eps, tr.adapter.structure(), tr.adapter.config.scaling, tr.config.sharing,
                     tr.config.batch_invariant)
@@ -60,29 +76,39 @@ class RunningJob:
     def step(self) -> int:
         return self.trainer.step_count
 
+    @property
+    def steppable(self) -> bool:
+        return not (self.cancelled or self.ended or self.records)
+
 
 def _sequence_tokens(examples) -> int:
     return sum(len(toks) for ex in examples for toks, _ in ex.sequences())
 
 
 class Scheduler:
-    def __init__(self, store: Store, models: dict, metrics, *, max_running: int = 16, max_jobs_per_forward: int = 8):
+    def __init__(self, store: Store, models: dict, metrics, *, max_running: int = 16, max_jobs_per_forward: int = 8,
+                 calls_per_step: int = 2, hold: bool = False):
         self.store, self.models, self.metrics = store, models, metrics
         self.max_running, self.max_jobs_per_forward = max_running, max_jobs_per_forward
+        self.calls_per_step = calls_per_step
         self.running: dict[str, RunningJob] = {}
+        self._lock = threading.Lock()
+        self._held = hold
+        self._budget: int | None = None  # training steps still allowed (None: no limit); guarded by _lock
         self._calls: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
         self._admit_due = True
         self._turn = 0
-        self._datasets: dict[str, tuple] = {}  # validated data, kept for admission
-        self._validator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashzo-validate")
+        self._disk_retry_at = 0.0
+        self._abandoned: set[str] = set()  # jobs whose failure could not be recorded: never restarted here
+        self.loader = Loader(store, models, on_ready=self.notify, on_disk_full=store.disk.full)
         self._thread = threading.Thread(target=self._loop, name="flashzo-scheduler", daemon=True)
 
     # Control, from any thread ---------------------------------------------------------------------
     def start(self) -> None:
         for row in self.store.list_jobs(status=["validating_files"], oldest_first=True):
-            self.validate(row["id"])
+            self.loader.validate(row["id"])
         self._thread.start()
 
     def stop(self) -> None:
@@ -90,96 +116,77 @@ class Scheduler:
         with self._wake:
             self._stop = True
             self._wake.notify_all()
-        self._thread.join()
-        self._validator.shutdown(wait=True, cancel_futures=True)
+        if self._thread.is_alive():
+            self._thread.join()
+        self.loader.close()
 
     def notify(self) -> None:
         with self._wake:
             self._admit_due = True
             self._wake.notify_all()
 
-    def call(self, fn, timeout: float = 600.0):
-        """Run fn() on the scheduler thread between two steps; its result (or its exception)."""
+    def submit(self, fn) -> concurrent.futures.Future:
+        """Queue fn() to run on the scheduler thread between two steps; its future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             if self._stop:
                 raise RuntimeError("the server is shutting down")
             self._calls.append((fn, fut))
             self._wake.notify_all()
-        return fut.result(timeout)
+        return fut
 
-    def cancel(self, job_id: str) -> None:
-        job = self.running.get(job_id)
-        if job is not None:
-            job.cancelled = True
-        self._datasets.pop(job_id, None)
-        self.notify()
+    def call(self, fn, timeout: float = 600.0):
+        return self.submit(fn).result(timeout)
+
+    async def run(self, fn):
+        """fn() on the scheduler thread, awaited without holding a thread of the HTTP thread pool."""
+        return await asyncio.wrap_future(self.submit(fn))
 
     def validate(self, job_id: str) -> None:
-        self._validator.submit(self._guarded, self._validate, job_id)
+        self.loader.validate(job_id)
 
-    # Validation (its own thread) ------------------------------------------------------------------
-    @staticmethod
-    def _guarded(fn, *args):
-        try:
-            fn(*args)
-        except Exception:  # a bug: logged, the server goes on
-            log.error("unexpected error in %s:\n%s", fn.__name__, traceback.format_exc())
+    def hold(self, held: bool) -> None:
+        """Hold (or release) the start of queued and resumed jobs; running jobs go on."""
+        with self._lock:
+            self._held = held
+        self.notify()
 
-    def _read(self, served, file_id: str, template: str | None, param: str):
-        """The examples of a stored file; InputError with OpenAI's (message, param, code) fields."""
-        from .errors import ServeError
+    def limit_steps(self, budget: int | None) -> None:
+        """Take at most `budget` more training steps (scheduler steps), then wait with every job's state
+        in memory; None: no limit. Completions are served meanwhile."""
+        with self._lock:
+            self._budget = budget
+        self.notify()
 
-        row = self.store.get_file(file_id)
-        if row is None:
-            raise ServeError(400, f"{param} {file_id} no longer exists", param=param, code=f"invalid_{param}")
-        try:
-            with served.tokenizer_lock:
-                ds = read_dataset(self.store.file_path(file_id), served.tokenizer, template=template,
-                                  limits=served.model.limits)
-        except DataError as e:
-            name = f"{file_id} ({row['filename']})"
-            lines = [f"{name} line {line}: {msg}" if line else f"{name}: {msg}" for line, msg in e.problems]
-            more = "\n... (the first problems only)" if len(e.problems) >= MAX_ERRORS else ""
-            raise ServeError(400, f"{param} {file_id} has problems:\n" + "\n".join(lines) + more, param=param,
-                             code=f"invalid_{param}") from None
-        except InputError as e:
-            msg = str(e).replace(self.store.file_path(file_id), f"{file_id} ({row['filename']})")
-            raise ServeError(400, f"{param}: {msg}", param=param, code=f"invalid_{param}") from None
-        return ds.examples
+    def _may_train(self) -> bool:
+        with self._lock:
+            return self._budget is None or self._budget > 0
 
-    def _validate(self, job_id: str) -> None:
-        row = self.store.get_job(job_id)
-        if row is None or row["status"] != "validating_files":
-            return
-        spec, opts = row["spec"], row["options"]
-        served = self.models.get(row["model"])
-        try:
-            if served is None:
-                raise InputError(f"model {row['model']!r} is not served any more (restart with --model "
-                                 f"{row['model']}=PATH)")
-            train = self._read(served, spec["training_file"], opts["template"], "training_file")
-            held_out = self._read(served, spec["validation_file"], opts["template"], "validation_file") \
-                if spec.get("validation_file") else None
-            opts = J.with_epochs(opts, spec.get("n_epochs"), len(train))
-        except InputError as e:
-            self._fail_row(job_id, e, only_if=["validating_files"])
-            return
-        spec = dict(spec, num_examples=len(train))
-        self._datasets[job_id] = (train, held_out)
-        if self.store.update_job(job_id, only_if=["validating_files"], status="queued", spec=spec, options=opts):
-            self.store.add_event(job_id, f"Files validated: {len(train)} training examples"
-                                 + (f", {len(held_out)} validation examples" if held_out else ""))
-            self.store.add_event(job_id, "Job queued")
+    def status(self) -> dict:
+        with self._lock:
+            running, held, budget = len(self.running), self._held, self._budget
+        with self._wake:
+            calls = len(self._calls)
+        return {"held": held, "step_budget": budget, "running_jobs": running, "ready_jobs": self.loader.ready(),
+                "loading_jobs": self.loader.busy(), "queued_calls": calls, "disk_full": self.store.disk.is_full}
+
+    def cancel(self, job_id: str) -> bool:
+        """Record the job cancelled if it has not ended (False otherwise). A running job's records stop
+        here: none is written after "Job cancelled"."""
+        with self._lock:
+            job = self.running.get(job_id)
+            if job is None:  # not running: the start of a job takes _lock too, so it cannot begin meanwhile
+                done = self.store.cancel_job(job_id)
+                self.loader.drop(job_id)
+        if job is not None:
+            with job.lock:
+                done = self.store.cancel_job(job_id)
+                if done:
+                    job.cancelled = True
+                    job.records.clear()
+        if done:
             self.notify()
-        else:
-            self._datasets.pop(job_id, None)
-
-    def _fail_row(self, job_id: str, e: Exception, *, only_if, code: str | None = None) -> None:
-        error = {"code": code or getattr(e, "code", None) or "training_failed", "message": str(e),
-                 "param": getattr(e, "param", None)}
-        if self.store.update_job(job_id, only_if=only_if, status="failed", error=error, finished_at=now()):
-            self.store.add_event(job_id, f"Job failed: {e}", level="error")
+        return done
 
     # The loop -------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -187,27 +194,45 @@ class Scheduler:
             with self._wake:
                 if self._stop:
                     break
-                idle = not self.running and not self._calls and not self._admit_due
-                if idle:
-                    self._wake.wait(1.0)
+                if not (self._calls or self._admit_due or self._training()):
+                    self._wake.wait(self._idle_wait())
                     self._admit_due = True  # a periodic look at the queue, whatever woke us
-                pending = len(self._calls)
             try:
-                self._serve_calls(pending)
-                self._drop_cancelled()
-                if self._admit_due:
-                    self._admit_due = False
-                    self._admit()
-                group = self._next_group()
-                if group:
-                    self._step_group(group)
+                self.turn()
             except Exception:  # a bug: logged, the loop goes on
                 log.error("scheduler error:\n%s", traceback.format_exc())
                 time.sleep(0.1)
         self._shutdown()
 
-    def _serve_calls(self, n: int) -> None:
-        for _ in range(n):  # only those queued before this turn: training is never starved
+    def _idle_wait(self) -> float:
+        if any(j.records for j in self.running.values()):
+            return max(0.0, min(IDLE_WAIT_S, self._disk_retry_at - time.monotonic()))
+        return IDLE_WAIT_S
+
+    def turn(self) -> None:
+        """One turn: retry what the full disk refused (when due), serve queued calls (at most
+        calls_per_step while a job can step), admit jobs, take one training step."""
+        self._retry_records()
+        self._serve_calls(self.calls_per_step if self._training() else None)
+        self._drop_ended()
+        if self._admit_due:
+            self._admit_due = False
+            self._admit()
+        group = self._next_group() if self._may_train() else []
+        if group:
+            with self._lock:
+                if self._budget is not None:
+                    self._budget -= 1
+            self._step_group(group)
+
+    def _training(self) -> bool:
+        """Whether a job can take a step now."""
+        return self._may_train() and any(j.steppable for j in self.running.values())
+
+    def _serve_calls(self, most: int | None) -> None:
+        with self._wake:
+            n = len(self._calls) if most is None else min(most, len(self._calls))  # those queued before this turn
+        for _ in range(n):
             with self._wake:
                 if not self._calls:
                     return
@@ -225,24 +250,105 @@ class Scheduler:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(RuntimeError("the server is shutting down"))
         for job in list(self.running.values()):
-            if not job.cancelled:
+            if job.cancelled or job.ended:
+                continue
+            try:
+                self._queue_checkpoint(job, why="server shutdown")
+                self._write(job)
+            except Exception:
+                log.error("checkpoint of %s at shutdown failed:\n%s", job.id, traceback.format_exc())
+
+    # Records --------------------------------------------------------------------------------------
+    def _write(self, job: RunningJob) -> bool:
+        """Write the job's queued records in order; False when the disk is full (the rest stay queued).
+        Another error propagates (the caller fails the job)."""
+        with job.lock:
+            if job.cancelled:
+                job.records.clear()
+                return False
+            while job.records:
                 try:
-                    self._checkpoint(job, why="server shutdown")
-                except Exception:
-                    log.error("checkpoint of %s at shutdown failed:\n%s", job.id, traceback.format_exc())
+                    job.records[0]()
+                except Exception as e:
+                    if is_disk_full(e):
+                        self.store.disk.full(e)
+                        self._disk_retry_at = time.monotonic() + DISK_RETRY_S
+                        return False
+                    job.records.clear()
+                    raise
+                job.records.popleft()
+        return True
+
+    def _write_or_fail(self, job: RunningJob) -> None:
+        try:
+            self._write(job)
+        except Exception as e:
+            self._fail(job, e)
+
+    def _retry_records(self) -> None:
+        if time.monotonic() < self._disk_retry_at:
+            return
+        waiting = [j for j in self.running.values() if j.records]
+        for job in waiting:
+            self._write_or_fail(job)
+        if self.store.disk.is_full or waiting:
+            self._disk_retry_at = time.monotonic() + DISK_RETRY_S
+            self.loader.retry_waiting()
+            self._admit_due = True
+
+    def _fail(self, job: RunningJob, e: Exception, code: str | None = None) -> None:
+        """The job failed: its error is its last record (written when the disk allows)."""
+        if not isinstance(e, (InputError, NonFiniteLossError)):
+            log.error("job %s failed:\n%s", job.id, "".join(traceback.format_exception(e)))
+        error = {"code": code or getattr(e, "code", None) or "training_failed", "message": str(e),
+                 "param": getattr(e, "param", None)}
+        job.ended = True
+        job.records.append(lambda: self.store.fail_job(job.id, error, only_if=["running"]))
+        try:
+            self._write(job)
+        except Exception:  # the failure itself cannot be recorded: logged; not started again by this process
+            log.error("recording the failure of %s failed:\n%s", job.id, traceback.format_exc())
+            self._abandoned.add(job.id)
+            with job.lock:
+                job.records.clear()
+
+    def _drop_ended(self) -> None:
+        for job in [j for j in self.running.values() if j.cancelled or (j.ended and not j.records)]:
+            with self._lock:
+                del self.running[job.id]
+            self.metrics.job_ended(job.id)
 
     # Admission ------------------------------------------------------------------------------------
     def _admit(self) -> None:
-        for row in self.store.list_jobs(status=["running"], oldest_first=True):  # after a restart
-            if row["id"] not in self.running:
-                self._start(row)
-        while len(self.running) < self.max_running:
-            rows = self.store.list_jobs(status=["queued"], oldest_first=True, limit=1)
-            if not rows:
+        """Start jobs in order (those running before a restart, then the queued, oldest first) while there
+        is room; a job whose files are still being read holds back the ones after it. Held: only read."""
+        if any(j.records for j in self.running.values()):
+            return  # the disk is full: no new work until the records are written
+        resumed = [r for r in self.store.list_jobs(status=["running"], oldest_first=True)
+                   if r["id"] not in self.running and r["id"] not in self._abandoned]
+        room = self.max_running - len(self.running) - len(resumed)
+        queued = self.store.list_jobs(status=["queued"], oldest_first=True, limit=room) if room > 0 else []
+        rows = resumed + queued
+        for row in rows:
+            if not self.loader.has(row["id"]):
+                self.loader.load(row["id"])
+        with self._lock:
+            held = self._held
+        if held:
+            return
+        for row in rows:
+            data = self.loader.take(row["id"])
+            if data is None:
                 return
-            self._start(rows[0])
+            try:
+                self._start(row, data)
+            except DiskFull as e:
+                self.loader.keep(row["id"], data)
+                self.store.disk.full(e)
+                self._disk_retry_at = time.monotonic() + DISK_RETRY_S
+                return
 
-    def _start(self, row: dict) -> None:
+    def _start(self, row: dict, data: tuple) -> None:
         job_id = row["id"]
         served = self.models.get(row["model"])
         try:
@@ -250,13 +356,6 @@ class Scheduler:
                 raise InputError(f"model {row['model']!r} is not served any more (restart with --model "
                                  f"{row['model']}=PATH)")
             opts = RunOptions.from_dict(row["options"])
-            data = self._datasets.pop(job_id, None)
-            if data is None:  # a restart: read the stored files again
-                spec = row["spec"]
-                train = self._read(served, spec["training_file"], opts.template, "training_file")
-                held_out = self._read(served, spec["validation_file"], opts.template, "validation_file") \
-                    if spec.get("validation_file") else None
-                data = (train, held_out)
             job_dir = self.store.job_dir(job_id)
             ckpt = os.path.join(job_dir, CHECKPOINT_DIR)
             resumed = os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")
@@ -265,33 +364,35 @@ class Scheduler:
             else:
                 trainer = MeZOTrainer(served.model, opts.lora_config(), opts.mezo_config())
         except Exception as e:
-            self._fail_row(job_id, e, only_if=["queued", "running"])
+            if not isinstance(e, InputError):
+                log.error("starting %s failed:\n%s", job_id, traceback.format_exc())
+            error = {"code": getattr(e, "code", None) or "training_failed", "message": str(e),
+                     "param": getattr(e, "param", None)}
+            self.store.fail_job(job_id, error, only_if=["queued", "running"])
             return
-        if not self.store.update_job(job_id, only_if=["queued", "running"], status="running",
-                                     started_at=row["started_at"] or now(), step=trainer.step_count):
-            return
-        job = RunningJob(row, served, trainer, opts, data[0], data[1], job_dir)
-        self.running[job_id] = job
-        if resumed:
-            self.store.add_event(job_id, f"Resumed from the checkpoint at step {trainer.step_count}",
-                                 data={"step": trainer.step_count})
-        else:
-            self.store.add_event(job_id, "Fine-tuning job started")
-        if job.held_out and trainer.step_count == 0:
-            self._evaluate(job)
-        if job.step >= opts.steps:
-            self._finish(job)
-
-    def _drop_cancelled(self) -> None:
-        for job in [j for j in self.running.values() if j.cancelled]:
-            del self.running[job.id]
-            self.metrics.job_ended(job.id)
+        step = trainer.step_count
+        event = (f"Resumed from the checkpoint at step {step}", {"data": {"step": step}}) if resumed \
+            else ("Fine-tuning job started", {})
+        job = RunningJob(row, served, trainer, opts, data, job_dir)
+        rows = self.store.metrics(job_id)
+        job.last_row = rows[-1] if rows else {}
+        with self._lock:  # cancel() looks for the job under this lock: it sees it running, or the row cancelled
+            if not self.store.change_job(job_id, only_if=["queued", "running"], status="running",
+                                         started_at=row["started_at"] or now(),
+                                         step=step, events=[event]):
+                return
+            self.running[job_id] = job
+        if job.schedule.eval_first(step, evaluated=self.store.has_eval(job_id)):
+            self._queue_eval(job, row=None)
+        if job.schedule.finished(step):
+            self._queue_finish(job)
+        self._write_or_fail(job)
 
     # Stepping -------------------------------------------------------------------------------------
     def _next_group(self) -> list[RunningJob]:
         groups: dict[tuple, list[RunningJob]] = {}
         for job in self.running.values():
-            if not job.cancelled:
+            if job.steppable:
                 groups.setdefault(job.key, []).append(job)
         if not groups:
             return []
@@ -311,7 +412,7 @@ class Scheduler:
                 self._fail(jobs[0], e)
                 return
             for j in jobs:  # find the job at fault: each alone
-                if not j.cancelled and j.id in self.running:
+                if j.steppable:
                     self._step_group([j])
             return
         model = jobs[0].served
@@ -337,106 +438,97 @@ class Scheduler:
                 self._fail(j, e)
 
     def _after_step(self, job: RunningJob, batch, res, correct, n) -> None:
+        """fit()'s bookkeeping after a step, as records: the metrics row, then what the schedule asks."""
         acc = sum(correct) / (len(correct) * n) if batch[0].is_classification else None
-        row = {"step": job.step, "train_loss": res.loss, "train_accuracy": acc, "valid_loss": None,
-               "valid_mean_token_accuracy": None, "lr": res.lr, "loss_plus": res.loss_plus[0] if
-               len(res.loss_plus) == 1 else res.loss_plus, "loss_minus": res.loss_minus[0] if
-               len(res.loss_minus) == 1 else res.loss_minus, "projected_grad": res.projected_grads[0] if
-               len(res.projected_grads) == 1 else res.projected_grads, "skipped": res.skipped,
+        one = lambda xs: xs[0] if len(xs) == 1 else xs
+        done = job.step
+        row = {"step": done, "train_loss": res.loss, "train_accuracy": acc, "valid_loss": None,
+               "valid_mean_token_accuracy": None, "lr": res.lr, "loss_plus": one(res.loss_plus),
+               "loss_minus": one(res.loss_minus), "projected_grad": one(res.projected_grads), "skipped": res.skipped,
                "tokens": _sequence_tokens(batch)}
         self.metrics.job_steps.labels(job.served.name).inc()
         self.metrics.job_loss.labels(job.id).set(res.loss)
-        self.metrics.job_step.labels(job.id).set(job.step)
-        done, opts = job.step, job.opts
-        if opts.eval_every and done % opts.eval_every == 0 and done < opts.steps and job.held_out:
-            row.update(self._evaluate(job, record=False))
-        self.store.put_metrics(job.id, [row])
-        self.store.update_job(job.id, only_if=["running"], step=done)
-        if opts.save_every and done % opts.save_every == 0:
-            self._checkpoint(job)
-        if done >= opts.steps:
-            self._finish(job)
+        self.metrics.job_step.labels(job.id).set(done)
+        if job.schedule.eval_after(done):
+            self._queue_eval(job, row=row)
+        else:
+            job.last_row = row
+            job.records.append(lambda: self.store.record_step(job.id, row, step=done))
+        if job.schedule.save_after(done):
+            self._queue_checkpoint(job)
+        if job.schedule.finished(done):
+            self._queue_finish(job)
+        self._write_or_fail(job)
 
-    def _evaluate(self, job: RunningJob, *, record: bool = True) -> dict:
-        res = job.trainer.evaluate(job.held_out)
+    def _queue_eval(self, job: RunningJob, *, row: dict | None) -> None:
+        """Evaluate now; queue its records: into the step's `row` (then written with it), or merged into
+        the stored row of the job's step; with keep_best, the best checkpoint."""
+        res = job.trainer.evaluate(job.held_out, batch_size=job.opts.eval_batch_size)
+        step = job.step
         out = {"valid_loss": res["loss"], "valid_mean_token_accuracy": res.get("accuracy")}
-        msg = f"Step {job.step}: validation loss {res['loss']:.6g}"
+        msg = f"Step {step}: validation loss {res['loss']:.6g}"
         if "accuracy" in res:
             msg += f", accuracy {res['accuracy']:.4g}"
-        self.store.add_event(job.id, msg, type="metrics", data={"step": job.step, **out})
-        if record:
-            rows = {r["step"]: r for r in self.store.metrics(job.id)}
-            row = rows.get(job.step, {c: None for c in CSV_COLUMNS} | {"step": job.step})
-            self.store.put_metrics(job.id, [{**row, **out}])
-        return out
+        event = (msg, {"type": "metrics", "data": {"step": step, **out}})
+        if row is not None:
+            row = job.last_row = {**row, **out}
+            job.records.append(lambda: self.store.record_step(job.id, row, step=step, events=[event]))
+        else:
+            job.last_row = {**{c: None for c in CSV_COLUMNS}, **job.last_row, "step": step, **out}
+            empty = {c: None for c in CSV_COLUMNS} | {"step": step}
+            job.records.append(lambda: self.store.record_eval(job.id, step, out, empty, event))
+        metric = job.opts.keep_best
+        if metric and consider_best(job.trainer, res, metric, None):
+            path = os.path.join(job.dir, BEST_DIR)
+            job.records.append(lambda: job.trainer.save(path))
+            message = f"Best validation {metric} so far ({res[metric]:.6g}) at step {step}: kept"
+            job.records.append(lambda: self.store.add_event(job.id, message, data={"step": step}))
 
-    def _checkpoint(self, job: RunningJob, why: str | None = None) -> None:
-        if job.saved_step == job.step:
+    def _queue_checkpoint(self, job: RunningJob, why: str | None = None) -> None:
+        step = job.step
+        if job.saved_step == step:
             return
-        job.trainer.save(os.path.join(job.dir, CHECKPOINT_DIR))
-        job.saved_step = job.step
-        rows = self.store.metrics(job.id)
-        last = rows[-1] if rows else {}
-        metrics = {"step": job.step, "train_loss": last.get("train_loss"), "train_mean_token_accuracy":
+        job.saved_step = step
+
+        def save():
+            job.trainer.save(os.path.join(job.dir, CHECKPOINT_DIR))
+
+        last = job.last_row
+        metrics = {"step": step, "train_loss": last.get("train_loss"), "train_mean_token_accuracy":
                    last.get("train_accuracy"), "valid_loss": last.get("valid_loss"),
                    "valid_mean_token_accuracy": last.get("valid_mean_token_accuracy")}
-        self.store.add_checkpoint(job.id, job.step, metrics)
-        self.store.add_event(job.id, f"Checkpoint saved at step {job.step}" + (f" ({why})" if why else ""),
-                             data={"step": job.step})
+        event = (f"Checkpoint saved at step {step}" + (f" ({why})" if why else ""), {"data": {"step": step}})
+        job.records.append(save)
+        job.records.append(lambda: self.store.add_checkpoint(job.id, step, metrics, event))
 
-    def _fail(self, job: RunningJob, e: Exception, code: str | None = None) -> None:
-        if not isinstance(e, (InputError, NonFiniteLossError)):
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-        self.running.pop(job.id, None)
-        self.metrics.job_ended(job.id)
-        self._fail_row(job.id, e, only_if=["running"], code=code)
+    def _queue_finish(self, job: RunningJob) -> None:
+        """fit()'s end: the last evaluation, the checkpoint, the adapter; then the result files, and the job
+        succeeded, in one transaction. A job whose every step was skipped has failed instead."""
+        c = job.trainer.counters
+        if job.step and c.nonfinite_total >= job.step:
+            self._fail(job, NonFiniteLossError(
+                f"every one of the {job.step} steps was skipped (a non-finite loss or update): the adapter is "
+                "still its initial state. Lower lr, eps or lora_alpha, or check the data."), code="non_finite_loss")
+            return
+        if job.schedule.eval_at_end(job.step):
+            self._queue_eval(job, row=None)
+        self._queue_checkpoint(job)
+        job.ended = True
+        job.records.append(lambda: self._write_results(job))
 
-    def _finish(self, job: RunningJob) -> None:
-        """fit()'s end: the last evaluation, the checkpoint, the adapter; then the result files, and
-        the job succeeded, in one transaction."""
-        if job.held_out:
-            self._evaluate(job)
-        self._checkpoint(job)
+    def _write_results(self, job: RunningJob) -> None:
         served = job.served
         adapter_dir = os.path.join(job.dir, ADAPTER_DIR)
         job.trainer.adapter.save_pretrained(adapter_dir, base_model_name_or_path=served.path)
         rows = self.store.metrics(job.id)
-        csv_id, tar_id = new_id("file"), new_id("file")
-        csv_tmp, tar_tmp = self.store.new_file_path(csv_id), self.store.new_file_path(tar_id)
-        _write_csv(csv_tmp, rows)
-        with tarfile.open(tar_tmp, "w:gz") as tar:
-            tar.add(adapter_dir, arcname="adapter")
         name = J.fine_tuned_name(served.name, job.suffix, job.id)
-        tokens = sum(r.get("tokens") or 0 for r in rows)
-        self.running.pop(job.id, None)
-        self.metrics.job_ended(job.id)
-        done = False
-        with self.store.transaction() as db:
-            status = db.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
-            if status == "running":
-                for fid, tmp, fname in ((csv_id, csv_tmp, "step_metrics.csv"), (tar_id, tar_tmp, "adapter.tar.gz")):
-                    os.replace(tmp, self.store.file_path(fid))
-                    db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
-                               (fid, "fine-tune-results", fname, os.path.getsize(self.store.file_path(fid)), now()))
-                db.execute("UPDATE jobs SET status = 'succeeded', finished_at = ?, fine_tuned_model = ?, "
-                           "trained_tokens = ?, result_files = ?, step = ? WHERE id = ?",
-                           (now(), name, tokens, json.dumps([csv_id, tar_id]), job.step, job.id))
-                done = True
-        if done:
-            self.store.add_event(job.id, f"New fine-tuned model created: {name}")
-            self.store.add_event(job.id, "The job has successfully completed")
-        else:
-            for tmp in (csv_tmp, tar_tmp):
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for r in rows:
-            w.writerow(["" if r.get(c) is None else r.get(c) for c in CSV_COLUMNS])
-
+        with ResultFiles(self.store) as files:
+            write_csv(files.new("step_metrics.csv"), rows)
+            write_tar(files.new("adapter.tar.gz"), adapter_dir, "adapter")
+            best = os.path.join(job.dir, BEST_DIR)
+            if job.opts.keep_best and os.path.isdir(best):
+                write_tar(files.new("best_adapter.tar.gz"), best, "adapter")
+            self.store.succeed_job(job.id, files.made, fine_tuned_model=name,
+                                   trained_tokens=sum(r.get("tokens") or 0 for r in rows), step=job.step,
+                                   events=[f"New fine-tuned model created: {name}",
+                                           "The job has successfully completed"])

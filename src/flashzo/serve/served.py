@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 from flashzo.errors import InputError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the whole name (fullmatch: no trailing newline)
 ADAPTER_CACHE = 8  # fine-tuned adapters kept in memory per base model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
@@ -18,8 +18,9 @@ class ServedModel:
     def __init__(self, name: str, path: str, model, tokenizer):
         self.name, self.path, self.model, self.tokenizer = name, path, model, tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
-        self.pool = None  # the decode pool (engine/generate.py), made on first use and reused
-        self._adapters: OrderedDict[str, object] = OrderedDict()
+        self.pool = None  # the decode pool (engine/generate.py): the scheduler thread's only
+        self._adapters: OrderedDict[str, object] = OrderedDict()  # guarded by _adapters_lock
+        self._adapters_lock = threading.Lock()  # HTTP threads load fine-tuned adapters
 
     @property
     def eos_token_id(self) -> int | None:
@@ -59,13 +60,15 @@ class ServedModel:
         """The fine-tuned adapter saved at `path` (PEFT format), loaded once and kept (LRU)."""
         from flashzo.engine.lora import LoRAAdapter
 
-        if key in self._adapters:
-            self._adapters.move_to_end(key)
-            return self._adapters[key]
+        with self._adapters_lock:
+            if key in self._adapters:
+                self._adapters.move_to_end(key)
+                return self._adapters[key]
         ad = LoRAAdapter.from_pretrained(path, self.model.config, device=self.model.device)
-        self._adapters[key] = ad
-        while len(self._adapters) > ADAPTER_CACHE:
-            self._adapters.popitem(last=False)
+        with self._adapters_lock:
+            self._adapters[key] = ad
+            while len(self._adapters) > ADAPTER_CACHE:
+                self._adapters.popitem(last=False)
         return ad
 
 
@@ -76,7 +79,7 @@ def parse_model_flags(values: list[str]) -> dict[str, str]:
         name, sep, path = v.partition("=")
         if not sep or not path:
             raise InputError(f"--model {v!r}: expected NAME=PATH")
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise InputError(f"--model {v!r}: NAME must be 1-64 letters, digits, '.', '_' or '-' (no ':')")
         if name in out:
             raise InputError(f"--model {name} is given twice")

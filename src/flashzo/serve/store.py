@@ -2,19 +2,29 @@
 
     DATA_DIR/flashzo.db          files, jobs, events, checkpoints index, per-step metrics
     DATA_DIR/files/<file id>     uploaded and result files, named by id (never the client's name)
-    DATA_DIR/jobs/<job id>/      a job's checkpoint/ (MeZOTrainer.save: atomic), adapter/, results
+    DATA_DIR/jobs/<job id>/      a job's checkpoint/ (MeZOTrainer.save: atomic), best/, adapter/
 
-Every write is one transaction that either happened or did not: a kill -9 at any moment leaves the
-database as it was after its last commit (WAL, synchronous=NORMAL: durable against a process that
-dies; an OS crash can lose the last commits, never corrupt the database). A file is written under a
-temporary name and renamed before its row is committed, so a row never names a missing or partial
-file. State changes are conditional updates (`UPDATE ... WHERE status IN (...)`), so a cancel and a
-job's end racing each other leave exactly one of them recorded.
+Every SQL statement of the service is here. Every write is one transaction that either happened or
+did not: a kill -9 at any moment leaves the database as it was after its last commit (WAL,
+synchronous=NORMAL: durable against a process that dies; an OS crash can lose the last commits,
+never corrupt the database). A file is written under a temporary name and renamed before its row
+is committed, so a row never names a missing or partial file. State changes are conditional
+updates (`UPDATE ... WHERE status IN (...)`) made in one transaction with their event, so a cancel
+and a job's end racing each other leave exactly one of them recorded, and an event is never
+without its change.
+
+JSON columns hold finite numbers only: a NaN or infinity (a diverged loss) is written as null. Rows
+an older flashzo wrote with `NaN` / `Infinity` still read (as floats; the HTTP layer writes them as
+null). A write that fails because the disk (or the database) is full raises `DiskFull`: the caller
+keeps what it meant to write and tries again later (serve/scheduler.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -45,8 +55,77 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 ACTIVE = ("validating_files", "queued", "running")
+WAITING = ("validating_files", "queued")  # what --max-queued-jobs counts
 TERMINAL = ("succeeded", "failed", "cancelled")
 JSON_COLUMNS = ("spec", "options", "error", "result_files")
+log = logging.getLogger("flashzo.serve")
+
+
+class DiskFull(OSError):
+    """A write failed because the data directory's disk (or the database) is full."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write failing for lack of space: ENOSPC / EDQUOT, SQLite's SQLITE_FULL, or
+    safetensors' StorageFull (it raises its own error type with the OS error in the message)."""
+    if isinstance(e, DiskFull):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, sqlite3.OperationalError) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "database or disk is full" in text
+
+
+class DiskWatch:
+    """Whether the data directory was last found full. The first refused write logs one warning (and
+    one again at most every LOG_EVERY_S while it stays full); the first write that works after that
+    logs that space is back. Any thread may report."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.full_since: float | None = None
+        self._logged_at = -math.inf
+
+    @property
+    def is_full(self) -> bool:
+        return self.full_since is not None
+
+    def full(self, e: BaseException) -> None:
+        with self._lock:
+            t = time.monotonic()
+            if self.full_since is None:
+                self.full_since = t
+            if t - self._logged_at >= self.LOG_EVERY_S:
+                self._logged_at = t
+                log.warning("the data directory is full (%s): jobs are paused, their state kept in memory, "
+                            "and writes are retried until space is freed", e)
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.full_since is None:
+                return
+            log.warning("the data directory takes writes again (full for %.0f s): jobs continue",
+                        time.monotonic() - self.full_since)
+            self.full_since, self._logged_at = None, -math.inf
+
+
+def finite(value):
+    """`value` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
+def dumps(value) -> str:
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def new_id(prefix: str) -> str:
@@ -58,7 +137,8 @@ def now() -> int:
 
 
 class Store:
-    """The database and the file tree under one data directory; safe to use from several threads."""
+    """The database and the file tree under one data directory; safe to use from several threads
+    (one connection, its statements serialized by a lock)."""
 
     def __init__(self, data_dir: str):
         self.data_dir = os.path.abspath(data_dir)
@@ -67,6 +147,7 @@ class Store:
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.jobs_dir, exist_ok=True)
         self._lock = threading.RLock()
+        self.disk = DiskWatch()
         self._db = sqlite3.connect(os.path.join(self.data_dir, "flashzo.db"), check_same_thread=False,
                                    isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -82,9 +163,19 @@ class Store:
             self._db.close()
 
     # Low level ------------------------------------------------------------------------------------
+    def _run(self, sql: str, args: Iterable = ()) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self._db.execute(sql, tuple(args))
+            except sqlite3.OperationalError as e:
+                if is_disk_full(e):
+                    self.disk.full(e)
+                    raise DiskFull(errno.ENOSPC, f"the database cannot grow: {e}") from e
+                raise
+
     def _all(self, sql: str, args: Iterable = ()) -> list[dict]:
         with self._lock:
-            return [self._row(r) for r in self._db.execute(sql, tuple(args)).fetchall()]
+            return [self._row(r) for r in self._run(sql, args).fetchall()]
 
     def _one(self, sql: str, args: Iterable = ()) -> dict | None:
         rows = self._all(sql, args)
@@ -98,8 +189,31 @@ class Store:
                 d[k] = json.loads(d[k])
         return d
 
-    def transaction(self):
+    def transaction(self) -> _Transaction:
+        """`with store.transaction() as tx:` statements (tx.run) that commit together or not at all."""
         return _Transaction(self)
+
+    @staticmethod
+    def _event(tx: _Transaction, job_id: str, message: str, *, level: str = "info", type: str = "message",
+               data: dict | None = None) -> None:
+        tx.run("INSERT INTO events (id, job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("ftevent"), job_id, now(), level, type, message, dumps(data) if data is not None else None))
+
+    @staticmethod
+    def _status_is(tx: _Transaction, job_id: str, statuses: Iterable[str]) -> bool:
+        row = tx.run("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row[0] in tuple(statuses)
+
+    def _update(self, tx: _Transaction, job_id: str, only_if: Iterable[str] | None, fields: dict) -> bool:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        args = [dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()]
+        sql = f"UPDATE jobs SET {cols} WHERE id = ?"
+        args.append(job_id)
+        if only_if is not None:
+            only_if = list(only_if)
+            sql += f" AND status IN ({', '.join('?' * len(only_if))})"
+            args.extend(only_if)
+        return tx.run(sql, args).rowcount > 0
 
     # Files ----------------------------------------------------------------------------------------
     def file_path(self, file_id: str) -> str:
@@ -111,10 +225,15 @@ class Store:
 
     def add_file(self, file_id: str, purpose: str, filename: str, written: str) -> dict:
         """Register the finished file `written` (renamed to its id's path first) and return its row."""
-        os.replace(written, self.file_path(file_id))
-        with self._lock:
-            self._db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (file_id, purpose, filename, os.path.getsize(self.file_path(file_id)), now()))
+        path = self.file_path(file_id)
+        os.replace(written, path)
+        try:
+            with self.transaction() as tx:
+                tx.run("INSERT INTO files (id, purpose, filename, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (file_id, purpose, filename, os.path.getsize(path), now()))
+        except BaseException:
+            os.unlink(path)  # no row names it: nothing refers to it
+            raise
         return self.get_file(file_id)
 
     def get_file(self, file_id: str) -> dict | None:
@@ -135,8 +254,8 @@ class Store:
         return self._all(sql, args + [limit])
 
     def delete_file(self, file_id: str) -> bool:
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+        with self.transaction() as tx:
+            deleted = tx.run("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
         if deleted:
             try:
                 os.unlink(self.file_path(file_id))
@@ -148,11 +267,20 @@ class Store:
     def job_dir(self, job_id: str) -> str:
         return os.path.join(self.jobs_dir, job_id)
 
-    def add_job(self, job_id: str, model: str, spec: dict, options: dict) -> dict:
-        with self._lock:
-            self._db.execute("INSERT INTO jobs (id, created_at, model, status, spec, options) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
-                             (job_id, now(), model, "validating_files", json.dumps(spec), json.dumps(options)))
+    def add_job(self, job_id: str, model: str, spec: dict, options: dict, events: list[str], *,
+                most_waiting: int | None = None) -> dict | None:
+        """A new job (validating_files) and its first events; None, and no job, when `most_waiting` jobs
+        are already waiting (validating_files or queued)."""
+        with self.transaction() as tx:
+            if most_waiting is not None:
+                waiting = tx.run(f"SELECT COUNT(*) FROM jobs WHERE status IN ({', '.join('?' * len(WAITING))})",
+                                 WAITING).fetchone()[0]
+                if waiting >= most_waiting:
+                    return None
+            tx.run("INSERT INTO jobs (id, created_at, model, status, spec, options) VALUES (?, ?, ?, ?, ?, ?)",
+                   (job_id, now(), model, "validating_files", dumps(spec), dumps(options)))
+            for message in events:
+                self._event(tx, job_id, message)
         return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> dict | None:
@@ -172,6 +300,12 @@ class Store:
         sql += f" ORDER BY seq {'ASC' if oldest_first else 'DESC'} LIMIT ?"
         return self._all(sql, args + [limit])
 
+    def count_jobs(self, statuses: Iterable[str]) -> int:
+        statuses = list(statuses)
+        row = self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({', '.join('?' * len(statuses))})",
+                        statuses)
+        return row["n"]
+
     def job_by_model(self, fine_tuned_model: str) -> dict | None:
         return self._one("SELECT * FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'", (fine_tuned_model,))
 
@@ -179,16 +313,28 @@ class Store:
         """Set `fields` on a job (JSON columns encoded); with only_if, only while its status is one of those."""
         if not fields:
             return False
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        args = [json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()]
-        sql = f"UPDATE jobs SET {cols} WHERE id = ?"
-        args.append(job_id)
-        if only_if is not None:
-            only_if = list(only_if)
-            sql += f" AND status IN ({', '.join('?' * len(only_if))})"
-            args.extend(only_if)
-        with self._lock:
-            return self._db.execute(sql, args).rowcount > 0
+        with self.transaction() as tx:
+            return self._update(tx, job_id, only_if, fields)
+
+    def change_job(self, job_id: str, *, only_if: Iterable[str], events: Iterable[tuple[str, dict]] = (),
+                   **fields) -> bool:
+        """A state change and its events in one transaction, only while the job's status is one of
+        `only_if`; events are (message, add_event's keyword arguments)."""
+        with self.transaction() as tx:
+            if not self._update(tx, job_id, only_if, fields):
+                return False
+            for message, kw in events:
+                self._event(tx, job_id, message, **kw)
+            return True
+
+    def cancel_job(self, job_id: str) -> bool:
+        return self.change_job(job_id, only_if=ACTIVE, events=[("Job cancelled", {})], status="cancelled",
+                               finished_at=now())
+
+    def fail_job(self, job_id: str, error: dict, *, only_if: Iterable[str]) -> bool:
+        return self.change_job(job_id, only_if=only_if, events=[(f"Job failed: {error['message']}",
+                                                                 {"level": "error"})],
+                               status="failed", error=error, finished_at=now())
 
     def status_counts(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._all("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
@@ -198,14 +344,68 @@ class Store:
         jobs = self.list_jobs(status=ACTIVE)
         return [j["id"] for j in jobs if file_id in (j["spec"].get("training_file"), j["spec"].get("validation_file"))]
 
-    # Events, checkpoints, metrics -----------------------------------------------------------------
+    # A running job's records (each call one transaction, written only while the job runs) ----------
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict | None = None) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO events (id, job_id, created_at, level, type, message, data) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (new_id("ftevent"), job_id, now(), level, type, message,
-                              json.dumps(data) if data is not None else None))
+        with self.transaction() as tx:
+            self._event(tx, job_id, message, level=level, type=type, data=data)
+
+    def record_step(self, job_id: str, row: dict, *, step: int, events: Iterable[tuple[str, dict]] = ()) -> bool:
+        """A step's metrics row (a step redone after a restart replaces its row), the job's step, events."""
+        with self.transaction() as tx:
+            if not self._status_is(tx, job_id, ["running"]):
+                return False
+            tx.run("INSERT OR REPLACE INTO metrics (job_id, step, row) VALUES (?, ?, ?)",
+                   (job_id, row["step"], dumps(row)))
+            tx.run("UPDATE jobs SET step = ? WHERE id = ?", (step, job_id))
+            for message, kw in events:
+                self._event(tx, job_id, message, **kw)
+            return True
+
+    def record_eval(self, job_id: str, step: int, values: dict, empty_row: dict, event: tuple[str, dict]) -> bool:
+        """An evaluation's values merged into the metrics row of `step` (or `empty_row`), and its event."""
+        with self.transaction() as tx:
+            if not self._status_is(tx, job_id, ["running"]):
+                return False
+            got = tx.run("SELECT row FROM metrics WHERE job_id = ? AND step = ?", (job_id, step)).fetchone()
+            row = json.loads(got[0]) if got is not None else dict(empty_row)
+            tx.run("INSERT OR REPLACE INTO metrics (job_id, step, row) VALUES (?, ?, ?)",
+                   (job_id, step, dumps({**row, **values})))
+            self._event(tx, job_id, event[0], **event[1])
+            return True
+
+    def has_eval(self, job_id: str) -> bool:
+        """Whether an evaluation of the job is on record (fit's `history["eval"]`)."""
+        return any(r.get("valid_loss") is not None or r.get("valid_mean_token_accuracy") is not None
+                   for r in self.metrics(job_id))
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict, event: tuple[str, dict]) -> bool:
+        with self.transaction() as tx:
+            if not self._status_is(tx, job_id, ["running"]):
+                return False
+            tx.run("INSERT INTO checkpoints (id, job_id, step, created_at, metrics) VALUES (?, ?, ?, ?, ?)",
+                   (new_id("ftckpt"), job_id, step, now(), dumps(metrics)))
+            self._event(tx, job_id, event[0], **event[1])
+            return True
+
+    def succeed_job(self, job_id: str, files: list[tuple[str, str, str]], *, fine_tuned_model: str,
+                    trained_tokens: int, step: int, events: list[str]) -> bool:
+        """The job's result files `(id, written path, name)` renamed into place and registered, and the job
+        succeeded, in one transaction; False (nothing changed) when the job no longer runs."""
+        with self.transaction() as tx:
+            if not self._status_is(tx, job_id, ["running"]):
+                return False
+            for fid, written, name in files:
+                tx.run("INSERT INTO files (id, purpose, filename, bytes, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (fid, "fine-tune-results", name, os.path.getsize(written), now()))
+            tx.run("UPDATE jobs SET status = 'succeeded', finished_at = ?, fine_tuned_model = ?, trained_tokens = ?, "
+                   "result_files = ?, step = ? WHERE id = ?",
+                   (now(), fine_tuned_model, trained_tokens, dumps([f[0] for f in files]), step, job_id))
+            for message in events:
+                self._event(tx, job_id, message)
+            for fid, written, _ in files:  # last: a failure above leaves no file under an id
+                os.replace(written, self.file_path(fid))
+            return True
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> list[dict]:
         """Newest first; `after`: an event id, the list continues with older events."""
@@ -215,11 +415,6 @@ class Store:
             args.append(after)
         return self._all(sql + " ORDER BY seq DESC LIMIT ?", args + [limit])
 
-    def add_checkpoint(self, job_id: str, step: int, metrics: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO checkpoints (id, job_id, step, created_at, metrics) VALUES (?, ?, ?, ?, ?)",
-                             (new_id("ftckpt"), job_id, step, now(), json.dumps(metrics)))
-
     def list_checkpoints(self, job_id: str, *, after: str | None = None, limit: int = 10) -> list[dict]:
         sql, args = "SELECT * FROM checkpoints WHERE job_id = ?", [job_id]
         if after:
@@ -227,36 +422,43 @@ class Store:
             args.append(after)
         return self._all(sql + " ORDER BY seq DESC LIMIT ?", args + [limit])
 
-    def put_metrics(self, job_id: str, rows: list[dict]) -> None:
-        """One row per step (a step redone after a restart replaces its row)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO metrics (job_id, step, row) VALUES (?, ?, ?)",
-                                     [(job_id, r["step"], json.dumps(r)) for r in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
     def metrics(self, job_id: str) -> list[dict]:
         return [r["row"] for r in self._all("SELECT row FROM metrics WHERE job_id = ? ORDER BY step", (job_id,))]
 
 
 class _Transaction:
-    """`with store.transaction() as db:` several statements that commit together (or not at all)."""
+    """`with store.transaction() as tx:` several statements that commit together (or not at all)."""
 
     def __init__(self, store: Store):
         self.store = store
 
-    def __enter__(self) -> sqlite3.Connection:
+    def run(self, sql: str, args: Iterable = ()) -> sqlite3.Cursor:
+        return self.store._run(sql, args)
+
+    def __enter__(self) -> _Transaction:
         self.store._lock.acquire()
-        self.store._db.execute("BEGIN IMMEDIATE")
-        return self.store._db
+        try:
+            self.store._run("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return self
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self.store._run("COMMIT")
+                    self.store.disk.ok()
+                    return False
+                except BaseException:
+                    self._rollback()
+                    raise
+            self._rollback()
         finally:
             self.store._lock.release()
         return False
+
+    def _rollback(self) -> None:
+        if self.store._db.in_transaction:
+            self.store._db.execute("ROLLBACK")
