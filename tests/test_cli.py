@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 
 import pytest
@@ -138,7 +139,8 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, capsys):
 
 def test_console_script_and_module_entry_points(tmp_path):
     env = dict(os.environ)
-    for cmd in (["flashzo", "--help"], [sys.executable, "-m", "flashzo", "--help"]):
+    script = os.path.join(sysconfig.get_path("scripts"), "flashzo")  # this interpreter's console script
+    for cmd in ([script, "--help"], [sys.executable, "-m", "flashzo", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                            env=env, timeout=120)
         assert r.returncode == 0, r.stderr
