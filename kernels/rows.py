@@ -47,14 +47,14 @@ def row_chunk(device: torch.device | str, width: int | None = None) -> int:
     elements (apply_rows passes it; None: a wide row). A function of the device type and the
     weights' or rows' shape only, never of the batch.
 
-    NOTE (the sizes, measured on a CPU with torch 2.13's MKL, two threads): a projection
-    GEMM runs 256 rows per call (MKL at 256 rows is within 1.0-1.2x of one call over all rows, at
-    64 rows 1.1-1.6x), a wide one (an LM head) 64 (it is re-read from memory per call, but a
-    readout holds few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x). A row-wise op follows
-    the same rule: 256 rows of a hidden-size row (a layer norm over [954, 768]: 0.82 ms against
-    0.32 ms for one plain call, 1.21 ms at 64 rows; medians of 300 interleaved calls), 64 of a
-    vocabulary-wide one (a readout's log-sum-exp). CUDA:
-    256 rows everywhere, not yet timed on a GPU.
+    NOTE (the sizes, measured on a CPU with torch 2.13's MKL on one thread, as the chunks run: CPU
+    time, medians of interleaved calls, fp32): a projection GEMM runs 256 rows per call (at 256 rows
+    1.11-1.24x the time of one single-threaded call over all rows, at 64 rows 1.17-1.32x; T = 954
+    and 5280, K, N = 768..3072), a wide one (an LM head) 64 (it is re-read from memory per call, but a readout holds
+    few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x). A row-wise op follows the same rule:
+    256 rows of a hidden-size row (a layer norm over [954, 768]: 0.58 ms at 256 or 64 rows against
+    0.22 ms for one plain call), 64 of a vocabulary-wide one (a readout's log-sum-exp). CUDA: 256
+    rows everywhere, not yet timed on a GPU.
     """
     if torch.device(device).type == "cuda":
         return 256

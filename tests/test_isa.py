@@ -52,6 +52,8 @@ def variant_env(name: str, tmp_path) -> dict:
     if preload:
         env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD")) if p)
     if name == "avx2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            pytest.skip(f"a CPU without AVX2 ({torch.backends.cpu.get_cpu_capability()})")
         env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
     return env
 
