@@ -30,13 +30,13 @@ tests/test_attention.py has a GPU-marked test comparing it with the torch backen
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from flashzo.errors import InputError
+from flashzo.kernels.serial import run_serial
 
 from . import invariant
 
@@ -172,8 +172,8 @@ class TorchAttentionBackend:
     CPU kernel splits its work by the batch (one query row over 64 keys rounds differently at 1
     and 8 sequences per call, with two threads). So every sequence is one call of exactly its own
     shape [1, H, qo_len, kv_len] on fresh copies of its q, K and V (`_InvariantPlan`): its result
-    depends on them only. The calls run on one intra-op thread: a call is too small to share, and
-    with two threads on a loaded machine each call's fork/join cost more than the call.
+    depends on them only. On a CPU each call runs single-threaded, the sequences in parallel
+    (kernels/serial.py): SDPA's kernel splits its work by the thread count, and its GEMMs are MKL's.
     """
 
     name = "torch"
@@ -279,13 +279,20 @@ class _InvariantPlan:
         k_all = kb[self.kv_slots].to(q.dtype)  # [nnz, KV, D]: one gather for the stage
         v_all = vb[self.kv_slots].to(q.dtype)
         o = torch.empty_like(q)  # [T, H, D]
-        with _one_thread():
-            for (q0, n, k0, m), mask in zip(self.seqs, self.masks):
-                qs = _fresh(q[q0:q0 + n])  # [1, H, n, D]
-                ks, vs = _fresh(k_all[k0:k0 + m]), _fresh(v_all[k0:k0 + m])  # [1, KV, m, D]
-                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
-                                                     enable_gqa=group > 1)  # [1, H, n, D]
-                o[q0:q0 + n] = out[0].transpose(0, 1)
+
+        def attend(s: int) -> None:  # one sequence, alone at its own shape
+            (q0, n, k0, m), mask = self.seqs[s], self.masks[s]
+            qs = _fresh(q[q0:q0 + n])  # [1, H, n, D]
+            ks, vs = _fresh(k_all[k0:k0 + m]), _fresh(v_all[k0:k0 + m])  # [1, KV, m, D]
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
+                                                 enable_gqa=group > 1)  # [1, H, n, D]
+            o[q0:q0 + n] = out[0].transpose(0, 1)
+
+        if q.device.type == "cpu":
+            run_serial(attend, range(len(self.seqs)))
+        else:
+            for s in range(len(self.seqs)):
+                attend(s)
         return o
 
 
@@ -293,20 +300,6 @@ def _fresh(x: torch.Tensor) -> torch.Tensor:
     # [n, H, D] rows of a bigger tensor -> [1, H, n, D] in new memory: the same layout and alignment
     # whatever the batch around it (a view's offset would depend on it)
     return x.transpose(0, 1).unsqueeze(0).clone(memory_format=torch.contiguous_format)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch's intra-op threads set to 1 for a block (restored after)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ copy-major, so each copy is one segment of the perturbed LoRA kernel. Layers bel
 adapted layer are identical for every copy: they run once on an unsigned "trunk" copy and the
 hidden states fork into the copies inside that layer, whose projections without an adapter also
 run once on the trunk (docs/design.md, "Sharing"). Only the rows whose next-token distribution a
-loss reads get logits.
+loss reads get logits. In the batch-invariant mode (engine/invariant.py) each example has a tree of
+its own: a run shared with another example would split the example's sequences into other pieces,
+and attention rounds a query row differently with another number of query rows in its call.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from flashzo.errors import InputError
 from flashzo.kernels import LoRAPart, LoRAStack, Segments, stack_lora_parts
 
+from . import invariant
 from .attention import AttentionMetadata
 from .example import Example, Limits, check_examples
 from .lora import LoRAAdapter
@@ -213,13 +216,20 @@ class _Layout:
     first; node k's rows are row..row+len(tokens).
     """
 
-    def __init__(self, seqs: list[tuple[int, int, list[int], int]], sharing: str):
+    def __init__(self, seqs: list[tuple[int, int, list[int], int]], sharing: str, per_example: bool = False):
         self.root = _Node([], None, 0)
         self.seqs = seqs
-        if sharing == "all":
-            for _, _, toks, _ in seqs:
-                self._insert(toks)
-            self.chains = [self._walk(toks) for _, _, toks, _ in seqs]
+        roots = [self.root]
+        if sharing == "all":  # per_example: one tree per example, sharing only inside it
+            trees: dict[int, _Node] = {}
+
+            def tree(e: int) -> _Node:
+                return trees.setdefault(e, _Node([], None, 0)) if per_example else self.root
+
+            for e, _, toks, _ in seqs:
+                self._insert(toks, tree(e))
+            self.chains = [self._walk(toks, tree(e)) for e, _, toks, _ in seqs]
+            roots = list(trees.values()) if per_example else roots
         elif sharing == "candidates":
             prompts: dict[int, _Node] = {}
             self.chains = []
@@ -230,11 +240,12 @@ class _Layout:
         else:
             self.chains = [[self._add(toks, self.root, 0)] for _, _, toks, _ in seqs]
         self.nodes: list[_Node] = []
-        stack = list(reversed(self.root.children.values()))
-        while stack:  # pre-order: a node's rows come after its ancestors'
-            node = stack.pop()
-            self.nodes.append(node)
-            stack.extend(reversed(node.children.values()))
+        for root in roots:
+            stack = list(reversed(root.children.values()))
+            while stack:  # pre-order: a node's rows come after its ancestors'
+                node = stack.pop()
+                self.nodes.append(node)
+                stack.extend(reversed(node.children.values()))
         row = 0
         for node in self.nodes:
             node.row, row = row, row + len(node.tokens)
@@ -245,8 +256,8 @@ class _Layout:
         parent.children[len(parent.children)] = node  # no sharing: keyed by arrival, not by token
         return node
 
-    def _insert(self, seq: list[int]) -> None:
-        node, i = self.root, 0
+    def _insert(self, seq: list[int], root: _Node) -> None:
+        node, i = root, 0
         while i < len(seq):
             child = node.children.get(seq[i])
             if child is None:
@@ -263,8 +274,9 @@ class _Layout:
                 child = head
             node, i = child, i + m
 
-    def _walk(self, seq: list[int]) -> list[_Node]:
-        chain, node, i = [], self.root, 0
+    @staticmethod
+    def _walk(seq: list[int], root: _Node) -> list[_Node]:
+        chain, node, i = [], root, 0
         while i < len(seq):
             node = node.children[seq[i]]
             chain.append(node)
@@ -280,7 +292,7 @@ class _Layout:
 
     def page_table(self, node: _Node, base: int) -> list[int]:
         chain = []
-        while node is not None and node is not self.root:
+        while node.parent is not None:  # up to its tree's root (which holds no tokens)
             chain.append(node)
             node = node.parent
         table = []
@@ -293,7 +305,7 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
                 adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, num_layers: int,
                 max_positions: int, vocab_size: int | None = None, device, sharing: str = "all",
                 fork: bool = True, examples_per_copy: Sequence[Sequence[int]] | None = None,
-                projections: Sequence[Projection] = ()) -> StepBatch:
+                projections: Sequence[Projection] = (), batch_invariant: bool | None = None) -> StepBatch:
     """One forward batch scoring `examples` under every copy (the examples are checked first).
 
     examples_per_copy: which examples each copy scores (default: all of them in every copy); used
@@ -303,22 +315,27 @@ def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
     sequence computed on its own: the reference the sharing paths are tested against).
     fork: run the layers below the lowest adapted layer, and that layer's projections without an
     adapter, once on an unsigned trunk (needs every copy to score the same examples).
+    batch_invariant: lay the batch out for the batch-invariant mode (sharing="all" shares runs only
+    inside an example); None: the calling thread's mode (engine/invariant.py).
     """
     limits = Limits(vocab_size if vocab_size is not None else 2**63, max_positions)
     check_examples(examples, limits, what="examples", training=False)
     return plan_batch(examples, copies, adapters=adapters, eps=eps, num_layers=num_layers, device=device,
-                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy, projections=projections)
+                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy, projections=projections,
+                      batch_invariant=batch_invariant)
 
 
 def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters: Sequence[LoRAAdapter] = (),
                eps: float = 0.0, num_layers: int, device, sharing: str = "all", fork: bool = True,
                examples_per_copy: Sequence[Sequence[int]] | None = None,
-               projections: Sequence[Projection] = ()) -> StepBatch:
+               projections: Sequence[Projection] = (), batch_invariant: bool | None = None) -> StepBatch:
     """build_batch for examples an entry point has already checked (engine/example.py).
 
     projections: the model's stacked projections (CausalLM.projections); their adapted parts are
     packed for the kernel once here, not in every forward.
+    batch_invariant: as in build_batch.
     """
+    per_example = invariant.is_batch_invariant() if batch_invariant is None else batch_invariant
     if sharing not in SHARING:
         raise InputError(f"sharing must be one of {SHARING}, got {sharing!r}")
     if not copies:
@@ -333,7 +350,7 @@ def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters:
         if ex_ids not in layouts:
             seqs = [(e, c, toks, scored_from) for e in ex_ids
                     for c, (toks, scored_from) in enumerate(examples[e].sequences())]
-            layouts[ex_ids] = _Layout(seqs, sharing)
+            layouts[ex_ids] = _Layout(seqs, sharing, per_example)
 
     same_layout = all(ex == per_copy[0] for ex in per_copy)
     lowest = min((a.lowest_layer for a in adapters), default=num_layers)

@@ -230,7 +230,7 @@ class MeZOTrainer:
     def _score_copies(self, examples: Sequence[Example], copies: Sequence[Copy]):
         """(CopyScores, rows of the forward) of checked `examples` under `copies` of this trainer's adapter."""
         batch = self.model.plan_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
-                                      sharing=self.config.sharing)
+                                      sharing=self.config.sharing, batch_invariant=self.config.batch_invariant)
         return copy_losses(batch.readout, self.model.score(batch), examples), batch.stats.num_tokens
 
     # torch.distributed ----------------------------------------------------------------------------
@@ -520,10 +520,10 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
         spans.append((len(copies), len(copies) + len(job_copies)))
         copies.extend(job_copies)
         per_copy.extend([ids] * len(job_copies))
-    batch = model.plan_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
-                             eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
-                             examples_per_copy=per_copy)
-    with invariant.batch_invariant_mode(trainers[0].config.batch_invariant):
+    with invariant.batch_invariant_mode(trainers[0].config.batch_invariant):  # the layout is the mode's too
+        batch = model.plan_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
+                                 eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
+                                 examples_per_copy=per_copy)
         scores = copy_losses(batch.readout, model.score(batch), examples)
     return TogetherScores(losses=[pair_losses(scores.loss[a:b]) for a, b in spans],
                           correct=[scores.correct[a:b] for a, b in spans],

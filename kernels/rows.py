@@ -2,26 +2,22 @@
 
 A GEMM library picks its kernel, its blocking and sometimes a split of K from the shape of the call,
 so the bits of one row of ``x @ w`` change with the rows beside it. Measured with torch 2.13's MKL
-(AVX2, fp32), for every (K, N) tried from 32x96 to 8192x2048: a row of ``x @ W.T`` rounds one way
-at T = 1, another at T = 2-3 and a third at T >= 4 (with two threads, some rows of T = 5, 7 and 9
-round as at T = 2-3: a thread's share of the rows is that small). Torch's CPU reductions do the
-same over long rows: ``x.sum(-1)`` over 50272 columns rounds a row differently at T = 1 and at
-T = 2-3 with two threads.
+on an AMD CPU (fp32, two threads), for every (K, N) tried from 32x96 to 8192x2048: a row of
+``x @ W.T`` rounds one way at T = 1, another at T = 2-3 and a third at T >= 4. Torch's CPU loops
+do the same to element-wise ops: the elements past the last whole vector of a call run through
+scalar code, which rounds a transcendental function differently from the vector code.
 
 Here ``x`` is cut into chunks of ``row_chunk(device, N)`` rows, copied into one fresh contiguous
 buffer (every chunk then starts at the same alignment) whose last chunk is zero-padded, and every
 chunk is computed by a GEMM of one shape, [C, K] x [K, N]: a row's bits are then a function of the
 row, of ``w`` and of that shape only, never of T, of the other rows or of where the row sits in its
-chunk (measured: every position of a 64-, 128- or 256-row call gives the same bits).
+chunk (tests/test_rows.py checks the first, middle and last position of batches of many sizes).
 
-On a CPU the chunks go to MKL in one batched call (``torch.bmm`` over [n, C, K]). One call per
-chunk costs 3-8x one call over all rows with two threads on a loaded machine (a fork/join of the
-thread pool per call); the batched call costs 1.2-1.5x at 64-row chunks, 1.0-1.25x at 256 (MKL
-runs a 64- or 256-row GEMM below its large-T rate), measured at T = 954 and 5280, K, N = 768..3072.
-Each chunk of a batched call rounds exactly as a call of that chunk alone (measured for n = 1 to
-40 chunks of 64 rows at three shapes, and n up to 13 chunks of 64 or 256 rows at (K, N) from 8x768
-to 2048x50272, one and two threads; tests/test_rows.py checks it on every run). On CUDA the chunks
-are separate cuBLAS calls: cuBLAS may pick a batched kernel by the batch count.
+On a CPU every chunk is its own ``torch.mm`` call, run single-threaded, the chunks in parallel
+(kernels/serial.py): a library's split of one call between threads, or its choice of kernel for a
+batched call by the number of GEMMs in it, would make the bits depend on the thread count or on T
+(MKL's AVX-512 path does both; tests/test_isa.py runs the checks under it). On CUDA the chunks are
+separate cuBLAS calls.
 
     mm_rows(x, w_t)      x @ w_t, row-invariant
     apply_rows(fn, x)    fn(x) for a row-wise fn (a norm, a log-sum-exp), one [C, ...] call per chunk
@@ -34,7 +30,16 @@ from typing import Callable
 
 import torch
 
+from .serial import run_serial
+
 WIDE = 16384  # output columns from which a GEMM counts as wide (an LM head over the vocabulary)
+# Output columns below which a GEMM is computed with zero columns added up to this many. MKL's AVX2
+# kernels (an Intel CPU) compute an output of 2 to 48 columns (a LoRA shrink to r columns, a tiny
+# model's projection) in blocks of 6 rows, and a block of 2 rows left over at the end of a panel
+# rounds differently (rows 174, 175, 254 and 255 of a 256-row call), so a row's bits would depend
+# on where the batch puts it; from 56 columns on no position differs. Measured with torch 2.13's
+# MKL, K from 2 to 768; tests/test_isa.py checks every position of a call under that code path.
+NARROW = 64
 
 
 def row_chunk(device: torch.device | str, width: int | None = None) -> int:
@@ -42,14 +47,14 @@ def row_chunk(device: torch.device | str, width: int | None = None) -> int:
     elements (apply_rows passes it; None: a wide row). A function of the device type and the
     weights' or rows' shape only, never of the batch.
 
-    NOTE (the sizes, measured on a CPU with torch 2.13's MKL, two threads): a projection
-    GEMM runs 256 rows per call (MKL at 256 rows is within 1.0-1.2x of one call over all rows, at
-    64 rows 1.1-1.6x), a wide one (an LM head) 64 (it is re-read from memory per call, but a
-    readout holds few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x). A row-wise op follows
-    the same rule: 256 rows of a hidden-size row (a layer norm over [954, 768]: 0.82 ms against
-    0.32 ms for one plain call, 1.21 ms at 64 rows; medians of 300 interleaved calls), 64 of a
-    vocabulary-wide one (a readout's log-sum-exp). CUDA:
-    256 rows everywhere, not yet timed on a GPU.
+    NOTE (the sizes, measured on a CPU with torch 2.13's MKL on one thread, as the chunks run: CPU
+    time, medians of interleaved calls, fp32): a projection GEMM runs 256 rows per call (at 256 rows
+    1.11-1.24x the time of one single-threaded call over all rows, at 64 rows 1.17-1.32x; T = 954
+    and 5280, K, N = 768..3072), a wide one (an LM head) 64 (it is re-read from memory per call, but a readout holds
+    few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x). A row-wise op follows the same rule:
+    256 rows of a hidden-size row (a layer norm over [954, 768]: 0.58 ms at 256 or 64 rows against
+    0.22 ms for one plain call), 64 of a vocabulary-wide one (a readout's log-sum-exp). CUDA: 256
+    rows everywhere, not yet timed on a GPU.
     """
     if torch.device(device).type == "cuda":
         return 256
@@ -81,14 +86,20 @@ def mm_rows(x: torch.Tensor, w_t: torch.Tensor, *, chunk: int | None = None) -> 
     c = chunk or row_chunk(x.device, N)
     if T == 0:
         return x.new_empty((0, N))
+    if N < NARROW:  # NOTE: zero columns up to NARROW, see NARROW
+        w_t = torch.cat([w_t, w_t.new_zeros((K, NARROW - N))], dim=1)  # [K, NARROW]
     buf = _padded(x, c)  # [n*c, K]
-    n = buf.shape[0] // c
-    if x.device.type == "cpu":  # one batched MKL call, every chunk its own [c, K] x [K, N] GEMM
-        return torch.bmm(buf.view(n, c, K), w_t.unsqueeze(0).expand(n, K, N)).view(n * c, N)[:T]
-    out = x.new_empty((n * c, N))
-    for r0 in range(0, n * c, c):
-        torch.mm(buf[r0 : r0 + c], w_t, out=out[r0 : r0 + c])
-    return out[:T]
+    out = x.new_empty((buf.shape[0], w_t.shape[1]))
+
+    def chunk_mm(r0: int) -> None:  # one [c, K] x [K, N] GEMM
+        torch.mm(buf[r0:r0 + c], w_t, out=out[r0:r0 + c])
+
+    if x.device.type == "cpu":
+        run_serial(chunk_mm, range(0, buf.shape[0], c))
+    else:
+        for r0 in range(0, buf.shape[0], c):
+            chunk_mm(r0)
+    return out[:T] if out.shape[1] == N else out[:T, :N].contiguous()
 
 
 def apply_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
@@ -108,18 +119,30 @@ def apply_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
     if T == 0:
         return fn(x)
     # NOTE: full chunks are read in place (a contiguous [c, ...] view of x, or a contiguous copy of a
-    # strided one), only the last partial chunk is copied and zero-padded, and every chunk's result
-    # goes straight into one output. Padding all of x and concatenating the chunks' results instead
-    # cost 28x one plain call for a ReLU over [954, 3072] on 2 threads (19 ms against 0.67 ms); this
-    # way 2-3x. torch's CPU element-wise and row-reduction loops read with unaligned vector loads,
-    # so a view's offset does not change a chunk's bits (tests/test_rows.py checks rows at the first,
-    # middle and last position of batches of many sizes).
-    out = None
-    for r0 in range(0, T, c):
-        n = min(c, T - r0)
-        part = x[r0:r0 + c].contiguous() if n == c else _padded(x[r0:], c)
-        y = fn(part)  # [c, ...']
-        if out is None:
-            out = y.new_empty((T,) + tuple(y.shape[1:]))
-        out[r0:r0 + n] = y[:n]
+    # strided one), only the last partial chunk is copied and zero-padded. torch's CPU element-wise
+    # and row-reduction loops read with unaligned vector loads, so a view's offset does not change a
+    # chunk's bits (tests/test_rows.py checks rows at the first, middle and last position of batches
+    # of many sizes). A chunk of row_chunk's 64 or 256 rows holds a multiple of 64 elements, so the
+    # single-threaded loop of an element-wise op over it (ATen's CPU loops step two vectors, at most
+    # 64 elements) ends on whole vectors: no element runs through the scalar code.
+    starts = range(0, T, c)
+    ys: list = [None] * len(starts)
+
+    def chunk_fn(k: int) -> None:  # one [c, ...] call
+        ys[k] = fn(_chunk(x, starts[k], c))
+
+    if x.device.type == "cpu":
+        run_serial(chunk_fn, range(len(starts)))
+    else:
+        for k in range(len(starts)):
+            chunk_fn(k)
+    out = ys[0].new_empty((T,) + tuple(ys[0].shape[1:]))
+    for r0, y in zip(starts, ys):
+        out[r0:r0 + c] = y[:min(c, T - r0)]
     return out
+
+
+def _chunk(x: torch.Tensor, r0: int, c: int) -> torch.Tensor:
+    # rows r0 .. r0+c of x as a contiguous [c, ...]: a view of a full chunk (or its contiguous copy),
+    # the last partial chunk copied and zero-padded
+    return x[r0:r0 + c].contiguous() if x.shape[0] - r0 >= c else _padded(x[r0:], c)

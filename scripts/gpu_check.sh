@@ -10,7 +10,8 @@
 # microbenchmark, FlashInfer's attention against the torch backend, and the MeZO step benchmark
 # (opt-1.3b, opt-6.7b, opt-13b in bf16 on the SST-2- and RTE-shaped batches). Writes OUTDIR/summary.md
 # (each part's status and time, then the result tables) and OUTDIR/gpu_check.tgz (every log and
-# result file). Exit status: 0 when every part passed, 1 otherwise.
+# result file). Exit status: 0 when every part passed, 1 otherwise. Every Python step runs the
+# interpreter named by $PYTHON (default: python3 from the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 
 dry=0
@@ -18,7 +19,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=1 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) if [ -z "$out" ]; then out=$arg; else echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; fi ;;
     esac
 done

@@ -3,13 +3,15 @@
     python dist_worker.py SPEC.json RANK WORLD      writes result_RANK.pt beside SPEC.json
 
 Also the shared fixtures of those tests: the tiny model, the example sets and the configs, so that
-the single-process reference in the test process is built from exactly the same inputs.
+the single-process reference in the test process is built from exactly the same inputs; and Launch,
+which starts the ranks (tests/test_distributed.py, tests/test_isa.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -184,6 +186,42 @@ def scenario_train_and_save(rank, world, spec):
 def run_batch(step, n=5):
     """The global batch of step `step` of the checkpoint tests' run (LM, so token-weighted)."""
     return batch_of(make_examples("lm", 12, seed=5), step, n)
+
+
+class Launch:
+    """`world` ranks of dist_worker.py running one scenario, started now, each on one intra-op thread
+    (env: their environment, default this process's)."""
+
+    def __init__(self, tmp_path, scenario, *, world=2, timeout_s=60.0, env=None, **spec):
+        self.dir, self.world = tmp_path / scenario, world
+        self.dir.mkdir()
+        spec = dict(spec, scenario=scenario, timeout_s=timeout_s, init_method=f"file://{self.dir / 'store'}")
+        (self.dir / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+        self.logs = [open(self.dir / f"log_{r}.txt", "w") for r in range(world)]
+        self.procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.dir / "spec.json"), str(r),
+                                        str(world)], cwd=self.dir, env=env, stdout=self.logs[r],
+                                       stderr=subprocess.STDOUT)
+                      for r in range(world)]
+
+    def results(self, *, wait_s=90.0, wait_for=None):
+        """Wait for the ranks `wait_for` (default all) up to wait_s, kill the others (ours, by handle).
+        Returns (per-rank results or None, per-rank logs)."""
+        deadline = time.monotonic() + wait_s
+        for r in (wait_for if wait_for is not None else range(self.world)):
+            try:
+                self.procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        results = []
+        for r, p in enumerate(self.procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            self.logs[r].close()
+            f = self.dir / f"result_{r}.pt"
+            results.append(torch.load(f) if f.exists() else None)
+        return results, [(self.dir / f"log_{r}.txt").read_text() for r in range(self.world)]
 
 
 SCENARIOS = {"equivalence": scenario_equivalence, "invariant": scenario_invariant, "fault": scenario_fault,

@@ -9,7 +9,7 @@ every row written once, page tables) are checked directly.
 import pytest
 import torch
 
-from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch
+from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch, invariant
 
 VOCAB = 97
 CFG = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
@@ -188,19 +188,22 @@ def _distinct_prefixes(seqs):
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
 @pytest.mark.parametrize("sharing", ["all", "candidates", "none"])
-def test_layout_invariants(name, sharing):
+@pytest.mark.parametrize("mode", [False, True], ids=["plain", "batch-invariant"])
+def test_layout_invariants(name, sharing, mode):
     exs = EXAMPLES[name]
     seqs = _all_sequences(exs)
-    batch = _build(exs, [Copy(), Copy()], sharing=sharing, fork=False)
+    with invariant.batch_invariant_mode(mode):
+        batch = _build(exs, [Copy(), Copy()], sharing=sharing, fork=False)
     meta = batch.inputs.meta
     T = meta.num_tokens
     qo, kv = meta.qo_indptr.tolist(), meta.kv_indptr.tolist()
     # No padding: the rows are exactly the nodes' tokens, and what each mode should compute.
     assert T == qo[-1] == sum(b - a for a, b in zip(qo, qo[1:])) == batch.inputs.input_ids.numel()
+    radix = sum(_distinct_prefixes(_all_sequences([ex])) for ex in exs) if mode else _distinct_prefixes(seqs)
     expected = {"none": sum(map(len, seqs)),
                 "candidates": sum(len(ex.prompt) + sum(len(t) - len(ex.prompt) for t, _ in ex.sequences())
                                   for ex in exs),
-                "all": _distinct_prefixes(seqs)}[sharing]
+                "all": radix}[sharing]
     assert batch.stats.tokens_per_copy == expected and T == 2 * expected
     assert batch.stats.tokens_unshared == sum(map(len, seqs))
     # Every row is written exactly once, and page tables only list written rows.
@@ -232,6 +235,26 @@ def test_layout_invariants(name, sharing):
         assert p >= scored_from and toks[p] == batch.readout.req_target[k].item() and toks[p - 1] == row_tok[rows[k]]
 
 
+def _attention_shapes(batch):
+    meta = batch.inputs.meta
+    qo, kv = meta.qo_indptr_host, meta.kv_indptr_host
+    return [(qo[s + 1] - qo[s], kv[s + 1] - kv[s]) for s in range(meta.num_seqs)]
+
+
+@pytest.mark.parametrize("name", ["few_shot", "duplicates", "lm", "mixed"])
+def test_in_the_mode_an_example_is_laid_out_as_alone(name):
+    """Batch-invariant mode (engine/invariant.py): sharing="all" shares runs only inside an example, so
+    every example's attention sequences (new tokens, page-table length) are the ones it has alone, in
+    any batch; out of the mode a run common to two examples is computed once, a sequence of its own."""
+    exs = EXAMPLES[name]
+    for order in (exs, exs[::-1]):
+        with invariant.batch_invariant_mode(True):
+            alone = [s for ex in order for s in _attention_shapes(_build([ex]))]
+            assert _attention_shapes(_build(order)) == alone
+            assert _attention_shapes(_build(order, batch_invariant=False)) != alone  # the argument overrides
+        assert _attention_shapes(_build(order)) != alone  # out of the mode: runs shared across examples
+
+
 def test_token_counts_hand_example():
     # Two prompts of 10 tokens sharing their first 6, each with two one-token candidates.
     common = [3, 4, 5, 6, 7, 8]
@@ -243,6 +266,8 @@ def test_token_counts_hand_example():
     assert none.stats.tokens_per_copy == 2 * 2 * 11 == 44
     assert cands.stats.tokens_per_copy == 2 * (10 + 2) == 24
     assert radix.stats.tokens_per_copy == 6 + 2 * (4 + 2) == 18
+    with invariant.batch_invariant_mode(True):  # the common run is each example's own
+        assert _build(exs, sharing="all").stats.tokens_per_copy == 2 * (10 + 2) == 24
     assert none.stats.num_tokens - radix.stats.num_tokens == 26
     # Two signed copies, the adapter's lowest layer 2 of 4: layers 0-1 run once on the trunk.
     ad = _adapter(layers=(2, 3))

@@ -18,7 +18,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import dist_worker as W
 import pytest
@@ -27,47 +26,12 @@ import torch
 from flashzo import MeZOConfig, MeZOTrainer
 from flashzo.engine import distributed
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 LOSS_RTOL = 1e-6
 ADAPTER_ATOL = 1e-6
 
 
-class Launch:
-    """`world` ranks of dist_worker.py running one scenario, started now."""
-
-    def __init__(self, tmp_path, scenario, *, world=2, timeout_s=60.0, **spec):
-        self.dir, self.world = tmp_path / scenario, world
-        self.dir.mkdir()
-        spec = dict(spec, scenario=scenario, timeout_s=timeout_s, init_method=f"file://{self.dir / 'store'}")
-        (self.dir / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.logs = [open(self.dir / f"log_{r}.txt", "w") for r in range(world)]
-        self.procs = [subprocess.Popen([sys.executable, WORKER, str(self.dir / "spec.json"), str(r), str(world)],
-                                       cwd=self.dir, env=env, stdout=self.logs[r], stderr=subprocess.STDOUT)
-                      for r in range(world)]
-
-    def results(self, *, wait_s=90.0, wait_for=None):
-        """Wait for the ranks `wait_for` (default all) up to wait_s, kill the others (ours, by handle).
-        Returns (per-rank results or None, per-rank logs)."""
-        deadline = time.monotonic() + wait_s
-        for r in (wait_for if wait_for is not None else range(self.world)):
-            try:
-                self.procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        results = []
-        for r, p in enumerate(self.procs):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            self.logs[r].close()
-            f = self.dir / f"result_{r}.pt"
-            results.append(torch.load(f) if f.exists() else None)
-        return results, [(self.dir / f"log_{r}.txt").read_text() for r in range(self.world)]
-
-
 def launch(tmp_path, scenario, *, wait_s=90.0, wait_for=None, **spec):
-    return Launch(tmp_path, scenario, **spec).results(wait_s=wait_s, wait_for=wait_for)
+    return W.Launch(tmp_path, scenario, **spec).results(wait_s=wait_s, wait_for=wait_for)
 
 
 def check_close_run(got, ref, eps):
@@ -86,7 +50,7 @@ def check_close_run(got, ref, eps):
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
     """All CASES on 2 ranks in one launch, and the same runs in this (single) process."""
-    run = Launch(tmp_path_factory.mktemp("dist"), "equivalence")  # the ranks start while the reference runs
+    run = W.Launch(tmp_path_factory.mktemp("dist"), "equivalence")  # the ranks start while the reference runs
     models = {f: W.make_model(f) for f in ("opt", "llama")}
     ref = {name: W.run_case(models[W.family_of_case(name)], par, task, q, n) for name, par, task, q, n in W.CASES}
     results, logs = run.results()
@@ -117,7 +81,7 @@ def test_batch_invariant_runs_equal_the_single_process_bit_for_bit(tmp_path):
     """In the batch-invariant mode (engine/invariant.py) a rank's share of the batch or of the
     perturbations gives every loss the single process's bits, so the trajectory is the same bits too,
     whatever the number of ranks (here 2 single-threaded ranks against this process)."""
-    run = Launch(tmp_path, "invariant")
+    run = W.Launch(tmp_path, "invariant")
     models = {f: W.make_model(f) for f in ("opt", "llama")}
     ref = {name: W.run_case(models[W.family_of_case(name)], par, task, q, n, batch_invariant=True)
            for name, par, task, q, n in W.INVARIANT_CASES}
@@ -153,21 +117,21 @@ def test_bytes_per_step_are_o_of_q(equivalence, case):
 @pytest.mark.parametrize("fault,parallel", [("raise", "batch"), ("hang", "perturbations")])
 def test_a_failing_rank_stops_the_others(tmp_path, fault, parallel):
     timeout = 6.0
-    t0 = time.monotonic()
+    # wait_s bounds the whole run: a rank 0 that never reports is killed, and r0 is None
     results, logs = launch(tmp_path, "fault", fault=fault, parallel=parallel, timeout_s=timeout, wait_s=45,
                            wait_for=[0])
     r0 = results[0]
     assert r0 is not None, logs[0][-3000:]
     assert r0["error_type"] == "DistributedError", r0
     if fault == "raise":
+        # told by rank 1 (its error in the message), not by the timeout ("got no answer")
         assert "rank 1: RuntimeError: injected fault in the forward" in r0["error"]
-        assert r0["step_seconds"] < timeout  # told at once, not by the timeout
+        assert "got no answer" not in r0["error"]
         assert results[1]["error"] == "RuntimeError: injected fault in the forward"  # its own error, re-raised
     else:
         assert "got no answer from the other ranks" in r0["error"] and f"timeout {timeout:g} s" in r0["error"]
-        assert timeout - 0.5 < r0["step_seconds"] < timeout + 15
+        assert r0["step_seconds"] > timeout - 0.5  # it waited for the timeout
         assert results[1] is None  # still asleep: the test killed it
-    assert time.monotonic() - t0 < 50
 
 
 def test_rank0_writes_and_checkpoints_resume_under_another_world_size(tmp_path):

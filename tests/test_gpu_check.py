@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -12,8 +13,17 @@ PARTS = ["env", "install", "pytest_gpu", "kernels", "attention", "step"]
 
 
 def _run(out, **env):
+    """The dry run with this interpreter as $PYTHON, and a PATH whose python and python3 fail: the script
+    must run the Python it is given, never one it finds on the PATH."""
+    poisoned = os.path.join(out, "poisoned-bin")
+    os.makedirs(poisoned, exist_ok=True)
+    for name in ("python", "python3"):
+        with open(os.path.join(poisoned, name), "w") as f:
+            f.write("#!/bin/sh\necho \"$0 from the PATH was run\" >&2\nexit 97\n")
+        os.chmod(os.path.join(poisoned, name), 0o755)
+    path = poisoned + os.pathsep + os.environ.get("PATH", "")
     return subprocess.run(["bash", SCRIPT, "--dry-run", str(out)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **env})
+                          env={**os.environ, "PYTHON": sys.executable, "PATH": path, **env})
 
 
 def _status(out):

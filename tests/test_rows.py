@@ -15,6 +15,7 @@ from flashzo.kernels import (
     perturbed_lora_linear_parts,
     row_chunk,
 )
+from flashzo.kernels.rows import NARROW
 
 SHAPES = [(32, 96), (64, 32), (37, 130), (8, 200)]  # (K, N): tiny model widths, odd sizes, a LoRA-like K
 
@@ -50,21 +51,39 @@ def test_mm_rows_row_bits_never_depend_on_the_batch(K, N, threads):
     assert torch.allclose(ref, W @ row, rtol=1e-5, atol=1e-5)  # and it is the product
 
 
-@pytest.mark.parametrize("K,N", SHAPES)
-def test_plain_gemm_rows_do_depend_on_the_batch(K, N):
-    """Why mm_rows exists: the same row through one torch.mm of all rows rounds differently by T
-    (measured on MKL: T = 1, 2-3 and >= 4 are three ways); if this ever passes, the chunking is moot
-    on this BLAS, never wrong."""
-    g = torch.Generator().manual_seed(K * N)
-    W, row = torch.randn(N, K, generator=g), torch.randn(K, generator=g)
-    ref, out = _rows_alone_vs_in_batches(lambda x: x @ W.T, K, row, [2, 3, 5, 64, 200], 1)
-    assert any(not torch.equal(got, ref) for _, got in out)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("K,N", SHAPES + [(32, 8), (24, 1)])
+def test_mm_rows_runs_one_single_threaded_gemm_shape_per_chunk(K, N, threads, monkeypatch):
+    """What makes a row's bits independent of the batch and of the thread count, seen in the calls
+    mm_rows makes: every GEMM has the shape [C, K] x [K, max(N, NARROW)] whatever T is, and runs where
+    torch (hence MKL and oneDNN) uses one thread (kernels/serial.py), whatever the caller's count."""
+    calls = []
+    mm = torch.mm
+
+    def spy(a, b, *, out=None):
+        calls.append((tuple(a.shape), tuple(b.shape), torch.get_num_threads()))
+        return mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    W = torch.randn(N, K)
+    C = row_chunk("cpu", N)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T in (1, C - 1, C, 2 * C + 3):
+            calls.clear()
+            y = mm_rows(torch.randn(T, K), W.T)
+            assert y.shape == (T, N) and y.is_contiguous()
+            assert calls == [((C, K), (K, max(N, NARROW)), 1)] * -(-T // C), T
+        assert torch.get_num_threads() == threads  # the caller's count is untouched
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_apply_rows_is_row_invariant(threads):
-    """A long-row reduction: torch's sum splits a row by the number of rows beside it with two threads;
-    through apply_rows it cannot (every call [C, V])."""
+    """A long-row reduction (torch's sum splits a lone row between two threads, not a row among
+    others): through apply_rows every call is [C, V], single-threaded."""
     V = 50272
     g = torch.Generator().manual_seed(1)
     row = torch.randn(V, generator=g)
