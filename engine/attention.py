@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 from . import invariant
 

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 from .family import FAMILIES
 from .llama import LlamaModel

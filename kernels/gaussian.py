@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import MAX_INDEX, check_block, check_index_range, check_int, check_seed, check_triton_device, resolve_impl
+from .errors import InputError
 
 # Philox-4x32 constants, as in triton/language/random.py.
 _PHILOX_KEY_A = 0x9E3779B9

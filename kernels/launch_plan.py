@@ -3,9 +3,9 @@
 ``lora_plan`` picks every tile, the K split, warps and stages of the shrink, reduction and expand
 kernels from (K, N, the parts' ranks, dtype, device) only, never from T or from how the rows fall
 into segments: a row's result then never depends on which other rows share the call. The launchers
-in perturbed_lora.py launch exactly what the plan says; ``lora_launches`` describes the same launches
-(grid, tiles, bytes, FLOPs, z draws) for the benchmark and the tests, from the same plan and the
-same grid functions, so the two cannot drift apart.
+in perturbed_lora.py launch exactly what the plan says; the traffic model (bench/traffic.py:
+``lora_launches``) describes the same launches (grid, tiles, bytes, FLOPs, z draws) for the benchmark
+and the tests, from the same plan and the same grid functions, so the two cannot drift apart.
 
 The stacked projection (several adapted parts side by side in one weight, e.g. q, k and v) is laid
 out by ``PartLayout``: part p owns output columns [start, stop) of y, u columns [u_col, u_col + rank)
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from flashzo.errors import InputError
+from .errors import InputError
 
 # The expand's column table: one int32 row per BLOCK_N-wide column block, never straddling two parts:
 # the block's y columns [start, stop), its part's first y column, first u column, rank, Z_B offset
@@ -236,20 +236,6 @@ def min_dot_inner() -> int:
         return 16
 
 
-def parts_layouts(parts) -> tuple[PartLayout, ...]:
-    """PartLayouts from (start, stop, rank) triples (u columns and B rows packed in order, zero
-    offsets: what the traffic model needs); PartLayouts pass through."""
-    layouts, u_col, b_row = [], 0, 0
-    for p in parts:
-        if isinstance(p, PartLayout):
-            layouts.append(p)
-            continue
-        start, stop, rank = p
-        layouts.append(PartLayout(start, stop, rank, u_col, b_row, 0, 0))
-        u_col, b_row = u_col + rank, b_row + stop - start
-    return tuple(layouts)
-
-
 def column_blocks(layouts: tuple[PartLayout, ...], block_n: int) -> list[tuple[int, ...]]:
     """The expand's column table rows (fields at the COL_* positions), part by part."""
     rows = []
@@ -271,181 +257,3 @@ def z_rows(layouts: tuple[PartLayout, ...], K: int, u_cols: int) -> list[int]:
         for i in range(p.rank):
             rows[p.u_col + i] = p.a_offset + i * K
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# The traffic model
-
-
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One launch of a call, as the launcher makes it: what it reads and writes in global memory
-    per operand (every request counted, cache hits included), its FLOPs (as executed, padding
-    included) and its Philox+Box-Muller draws. ``math`` names the units its FLOPs run on."""
-
-    name: str
-    grid: tuple
-    tiles: dict
-    reads: dict  # operand -> bytes
-    writes: dict  # operand -> bytes
-    flops: int
-    z_draws: int
-    math: str  # "bf16", "fp16", "fp32" (a GEMM in x's dtype), "tf32" or "ieee" (LoRA dots), "none"
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(self.reads.values())
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(self.writes.values())
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-
-def lora_launches(
-    segments,
-    K: int,
-    N: int,
-    parts,
-    dtype: torch.dtype,
-    *,
-    device: DeviceInfo,
-    config: LoRAKernelConfig | None = None,
-    bias: bool = True,
-    base: bool = True,
-) -> list[KernelLaunch]:
-    """Every launch of one ``perturbed_lora_linear_parts`` call (``base=False``: of
-    ``perturbed_lora_add_``) on x: [T, K] of ``dtype`` with T = segments.num_rows, y: [T, N].
-
-    parts: the adapted parts as (start, stop, rank) in column order, or their ``PartLayout``s;
-    ``perturbed_lora_linear`` is the one part (0, N, r). device: e.g. DeviceInfo("cuda", 132)."""
-    T = segments.num_rows
-    layouts = parts_layouts(parts)
-    e = torch.empty((), dtype=dtype).element_size()
-    plan = lora_plan(K, N, [p.rank for p in layouts], dtype, device, config)
-    launches = []
-    if base:
-        launches.append(
-            KernelLaunch(
-                name="base GEMM",
-                grid=(),
-                tiles={},
-                reads=dict(x=T * K * e, W=N * K * e, bias=N * e if bias else 0),
-                writes=dict(y=T * N * e),
-                flops=2 * T * N * K,
-                z_draws=0,
-                math={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-            )
-        )
-    if T == 0 or K == 0 or not layouts:
-        return launches
-    r_total = sum(p.rank for p in layouts)
-    n_adapted = sum(p.stop - p.start for p in layouts)
-    tiles = segments.tile_rows(plan.shrink_block_m)
-    signed = sum(1 for *_, sign in tiles if sign != 0)
-    # every lane of a K step draws, masked or not: whole BLOCK_K steps over each split's range
-    k_drawn = sum(
-        triton.cdiv(min(plan.k_per_split, K - k0), plan.shrink_block_k) * plan.shrink_block_k
-        for k0 in range(0, K, plan.k_per_split)
-    )
-    u_part = plan.split_k * T * plan.u_cols * 4
-    launches.append(
-        KernelLaunch(
-            name="shrink",
-            grid=plan.shrink_grid(len(tiles)),
-            tiles=dict(BLOCK_M=plan.shrink_block_m, BLOCK_K=plan.shrink_block_k, U_COLS=plan.u_cols),
-            reads=dict(x=T * K * e, A=len(tiles) * r_total * K * 4),
-            writes=dict(u_part=u_part),
-            flops=2 * T * K * plan.u_cols,
-            z_draws=signed * plan.u_cols * k_drawn,
-            math=plan.precision,
-        )
-    )
-    if plan.split_k > 1:
-        launches.append(
-            KernelLaunch(
-                name="reduce",
-                grid=plan.reduce_grid(T),
-                tiles=dict(BLOCK=plan.reduce_block, SPLIT=plan.split_k),
-                reads=dict(u_part=u_part),
-                writes=dict(u=T * plan.u_cols * 4),
-                flops=(plan.split_k - 1) * T * plan.u_cols,
-                z_draws=0,
-                math="none",
-            )
-        )
-    blocks = column_blocks(layouts, plan.expand_block_n)
-    rows = plan.expand_rows_for(T, len(blocks))
-    chunks = segments.tile_rows(rows)
-    signed = sum(1 for *_, sign in chunks if sign != 0)
-    u_read = sum(T * b[COL_RANK.value] * 4 for b in blocks)  # each column block reads its part's u
-    b_read = len(chunks) * sum((b[COL_STOP.value] - b[COL_START.value]) * b[COL_RANK.value] * 4 for b in blocks)
-    launches.append(
-        KernelLaunch(
-            name="expand",
-            grid=(len(chunks), len(blocks)),
-            tiles=dict(BLOCK_M=plan.expand_block_m, BLOCK_N=plan.expand_block_n, R_PAD=plan.r_pad, ROWS=rows),
-            reads=dict(y=T * n_adapted * e, u=u_read, B=b_read),
-            writes=dict(y=T * n_adapted * e),
-            flops=2 * T * n_adapted * plan.r_pad,
-            z_draws=signed * len(blocks) * plan.expand_block_n * plan.r_pad,
-            math=plan.precision,
-        )
-    )
-    return launches
-    r_total = sum(p.rank for p in layouts)
-    n_adapted = sum(p.stop - p.start for p in layouts)
-    tiles = segments.tile_rows(plan.shrink_block_m)
-    signed = sum(1 for *_, sign in tiles if sign != 0)
-    # every lane of a K step draws, masked or not: whole BLOCK_K steps over each split's range
-    k_drawn = sum(
-        triton.cdiv(min(plan.k_per_split, K - k0), plan.shrink_block_k) * plan.shrink_block_k
-        for k0 in range(0, K, plan.k_per_split)
-    )
-    launches.append(
-        KernelLaunch(
-            "shrink",
-            plan.shrink_grid(len(tiles)),
-            dict(BLOCK_M=plan.shrink_block_m, BLOCK_K=plan.shrink_block_k, U_COLS=plan.u_cols, KSPLIT=plan.k_per_split),
-            T * K * e + len(tiles) * r_total * K * 4,
-            plan.split_k * T * plan.u_cols * 4,
-            2 * T * K * plan.u_cols,
-            signed * plan.u_cols * k_drawn,
-            plan.precision,
-        )
-    )
-    if plan.split_k > 1:
-        launches.append(
-            KernelLaunch(
-                "reduce",
-                plan.reduce_grid(T),
-                dict(BLOCK=plan.reduce_block, SPLIT=plan.split_k),
-                plan.split_k * T * plan.u_cols * 4,
-                T * plan.u_cols * 4,
-                (plan.split_k - 1) * T * plan.u_cols,
-                0,
-                "none",
-            )
-        )
-    blocks = column_blocks(layouts, plan.expand_block_n)
-    rows = plan.expand_rows_for(T, len(blocks))
-    chunks = segments.tile_rows(rows)
-    signed = sum(1 for *_, sign in chunks if sign != 0)
-    u_read = sum(T * b[COL_RANK.value] * 4 for b in blocks)
-    b_read = len(chunks) * sum((b[COL_STOP.value] - b[COL_START.value]) * b[COL_RANK.value] * 4 for b in blocks)
-    launches.append(
-        KernelLaunch(
-            "expand",
-            (len(chunks), len(blocks)),
-            dict(BLOCK_M=plan.expand_block_m, BLOCK_N=plan.expand_block_n, R_PAD=plan.r_pad, ROWS=rows),
-            T * n_adapted * e + u_read + b_read,
-            T * n_adapted * e,
-            2 * T * n_adapted * plan.r_pad,
-            signed * len(blocks) * plan.expand_block_n * plan.r_pad,
-            plan.precision,
-        )
-    )
-    return launches

@@ -44,9 +44,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import check_triton_device, check_z_offset, interpreting, resolve_impl
+from .errors import InputError
 from .gaussian import gaussian
 from .launch_plan import (
     COL_B_OFFSET,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch
+from flashzo.engine.batch import plan_batch
 
 VOCAB = 97
 CFG = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
@@ -175,7 +176,7 @@ def test_token_logprobs_match_across_sharing(model):
 
 def _build(exs, copies=None, **kw):
     kw.setdefault("num_layers", 4)
-    return build_batch(exs, list(copies or [Copy()]), max_positions=256, device="cpu", **kw)
+    return plan_batch(exs, list(copies or [Copy()]), device="cpu", **kw)
 
 
 def _all_sequences(exs):
@@ -276,9 +277,10 @@ def test_build_batch_errors():
     exs = [Example([1, 2], candidates=[[3]])]
     with pytest.raises(ValueError, match="sharing"):
         _build(exs, sharing="some")
-    with pytest.raises(ValueError, match="copies"):
+    # flashzo.engine.build_batch, the deprecated model-less entry point, still checks and builds
+    with pytest.raises(ValueError, match="copies"), pytest.warns(DeprecationWarning):
         build_batch(exs, [], num_layers=2, max_positions=8, device="cpu")
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="positions"), pytest.warns(DeprecationWarning):
         build_batch([Example(list(range(8)), target=[1])], [Copy()], num_layers=2, max_positions=8,
                     device="cpu")
     with pytest.raises(ValueError, match="examples_per_copy"):
