@@ -103,10 +103,10 @@ class SGLangContext(BlockContext):
     def positions(self, layer_id: int) -> torch.Tensor:
         return self._positions  # every layer computes the batch's rows
 
-    def project(self, module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, proj: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """Every part's output of an SGLangProjection, or of SGLang's LoRA wrapper around one: [T, n] each."""
-        base = getattr(module, "base_layer", module)
-        pool = (module.A_buffer, module.B_buffer) if getattr(module, "set_lora", False) else None
+        base = getattr(proj, "base_layer", proj)
+        pool = (proj.A_buffer, proj.B_buffer) if getattr(proj, "set_lora", False) else None
         outs = []
         for i, (name, o0, o1) in enumerate(base.parts):
             bias = base.bias[o0:o1] if base.bias is not None else None
