@@ -47,8 +47,8 @@ class LoRAKernelConfig:
     grid shape (``expand_rows``) does not.
 
     NOTE: the defaults are ``lora_plan``'s, and its NOTEs say what they are and why: starting
-    points that compile without spills for sm_80 and sm_90, not the largest spill-free tiles, and
-    not timed yet (they get re-chosen when a GPU times them).
+    points that compile without spills for sm_80 and sm_90, chosen before any timing (what has been
+    timed on a GPU: docs/benchmarks.md).
     """
 
     shrink_block_m: int | None = None  # rows per shrink program
@@ -158,31 +158,28 @@ def lora_plan(
     """The plan for x: [T, K] of ``dtype`` times parts of output widths summing to N and ranks
     ``ranks`` (one per part), on ``device``. T does not enter (see the module docstring).
 
-    NOTE (the K split and the traffic it costs; bytes from ``lora_launches``, not yet timed on a
-    GPU): the shrink splits K into chunks of ``k_per_split`` (256 up to 32 u columns, 512 at 64,
-    1024 beyond) so that the few row tiles of a small T still spread over many SMs; a reduction
-    kernel then sums the splits once, in a fixed order, and the expand reads one u. Before, every
-    expand column block re-read and summed all splits itself (a runtime loop, so no software
-    pipelining), and the split (up to 32) was chosen from the number of row tiles: at T=2048,
-    K=N=2048, r=8, bf16 on 132 SMs (32 splits, 32 column blocks) the expand read 134 MB of u
-    partials against y's 16.8 MB read-modify-write. With this plan the same call moves 0.5 MB of
-    partials out of the shrink, 0.6 MB through the reduction (8 splits), and the expand reads
-    2.1 MB of u and 0.8 MB of B next to y's 16.8 MB (19.7 MB in all, 1.17x y's own traffic).
-    Written and read back, the partials cost 4*u_cols/k_per_split of x's bf16 read whatever T is:
-    1/8 at r=8, 1/2 up to 128 u columns, 1 at 256 (three parts of r=64); the split is a function
-    of K and the u width only.
+    NOTE (the K split and the traffic it costs, from the traffic model: bench/traffic.py): the
+    shrink splits K into chunks of ``k_per_split`` (256 up to 32 u columns, 512 at 64, 1024 beyond)
+    so that the few row tiles of a small T still spread over many SMs; a reduction kernel then sums
+    the splits once, in a fixed order, and the expand reads one u. Had every expand column block
+    re-read and summed all splits itself (a runtime loop, so no software pipelining), with the split
+    chosen from the number of row tiles, the expand of one bf16 call at T=2048, K=N=2048, r=8 on 132
+    SMs would read 32 splits x 32 column blocks x 2048 rows x 16 u columns x 4 B = 134 MB of
+    partials against y's 16.8 MB read-modify-write; with this plan its traffic is a small multiple
+    of y's own (bench/results/code_notes_cpu.md, "kernels/launch_plan.py lora_plan"). Written and
+    read back, the partials cost 4*u_cols/k_per_split of x's bf16 read whatever T is: 1/8 at r=8,
+    1/2 up to 128 u columns, 1 at 256 (three parts of r=64); the split is a function of K and the u
+    width only.
 
-    NOTE (tiles; starting points, to be re-chosen when a GPU times them): every row tile of the
-    shrink regenerates Z_A for its K range (u_cols * K draws per tile, ~100 instructions each), so
-    its row tiles are large for bf16/fp16: 256 rows up to 32 u columns, 128 at 64, 64 beyond (with
-    a K step of 16); fp32 ("ieee" dots on the FMA units hold their operands in registers) 64 rows
-    up to 16 columns, 32 up to 64, 16 beyond. K step 32 otherwise, 8 warps, 3 stages. Expand
-    64x64 (bf16/fp16 at r_pad 64: 32x128, so that u, re-read once per column block, stays at half
-    of y's traffic; fp32 from r_pad 32 on: 32x64), 8 warps, 2 stages. Every choice compiles for
-    sm_80 and sm_90 with triton 3.9 without register spills (tests/test_compile.py checks them all,
-    e.g. the bf16 shrink at r=8 uses 90/108 registers on sm_80/sm_90). They are not the largest
-    spill-free tiles: a 512-row bf16 shrink tile at r <= 16 also compiles without spills
-    (206/196 registers); none has been timed yet.
+    NOTE (tiles; starting points chosen before any timing): every row tile of the shrink
+    regenerates Z_A for its K range (u_cols * K draws per tile, ~100 instructions each), so its row
+    tiles are large for bf16/fp16: 256 rows up to 32 u columns, 128 at 64, 64 beyond (with a K step
+    of 16); fp32 ("ieee" dots on the FMA units hold their operands in registers) 64 rows up to 16
+    columns, 32 up to 64, 16 beyond. K step 32 otherwise, 8 warps, 3 stages. Expand 64x64
+    (bf16/fp16 at r_pad 64: 32x128, so that u, re-read once per column block, stays at half of y's
+    traffic; fp32 from r_pad 32 on: 32x64), 8 warps, 2 stages. Every choice compiles for sm_80 and
+    sm_90 without register spills (tests/test_compile.py checks them all; the registers of each
+    build: bench/results/code_notes_cpu.md, "kernels/launch_plan.py lora_plan (triton ...)").
     """
     cfg = config if config is not None else DEFAULT_CONFIG
     ranks = tuple(int(r) for r in ranks)

@@ -1,4 +1,5 @@
-"""The microbenchmark and the sharing report run in their seconds-long smoke modes (never timed here)."""
+"""The microbenchmark, the sharing report, the service benchmark and the code notes' measurements run in
+their seconds-long smoke modes (never timed here)."""
 
 import os
 import subprocess
@@ -35,3 +36,11 @@ def test_serve_benchmark_smoke(tmp_path):
     names = os.listdir(tmp_path)
     assert {"serve_cpu_smoke.json", "serve_cpu_smoke.md", "serve_cpu_smoke.png"} <= set(names), names
     assert "serve K=2" in out and "train K=2" in out
+
+
+def test_code_notes_smoke(tmp_path):
+    out = run("code_notes.py", "--smoke", "--out", str(tmp_path))
+    names = os.listdir(tmp_path)
+    assert {"code_notes_cpu_smoke.json", "code_notes_cpu_smoke.md", "code_notes_cpu_smoke.png"} <= set(names), names
+    assert "kernels/gaussian.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
+    assert "python bench/code_notes.py --smoke" in out  # the command that made the figures
