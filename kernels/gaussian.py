@@ -42,10 +42,10 @@ _MINUS_TWO = np.float32(-2.0)
 # Elements per Triton program of the elementwise z kernels (this one and zo_update's); z and the
 # update never depend on it.
 DEFAULT_BLOCK = 1024
-# NOTE: elements per chunk in the torch paths (here and in zo_update.py): large enough that each op's
-# overhead is amortised, small enough that the int64 temporaries (48 bytes an element: 12 MB at
-# 2**18) stay in cache; the throughput at 2**16 to 2**22: bench/results/code_notes_cpu.md,
-# "kernels/gaussian.py TORCH_CHUNK" (python bench/code_notes.py --only chunk).
+# NOTE: elements per chunk in the torch paths (here and in zo_update.py): it bounds the int64
+# temporaries (48 bytes an element: 12 MB at 2**18) and the number of ops per call; z does not depend
+# on it. Its throughput against 2**16 to 2**22: bench/results/code_notes_cpu.md, "kernels/gaussian.py
+# TORCH_CHUNK" (python bench/code_notes.py --only chunk; time it on an idle machine before changing it).
 TORCH_CHUNK = 2**18
 
 
