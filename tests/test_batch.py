@@ -9,6 +9,7 @@ every row written once, page tables) are checked directly.
 import pytest
 import torch
 
+import flashzo
 from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch
 from flashzo.engine.batch import plan_batch
 
@@ -285,3 +286,24 @@ def test_build_batch_errors():
                     device="cpu")
     with pytest.raises(ValueError, match="examples_per_copy"):
         _build(exs, [Copy(), Copy()], examples_per_copy=[(0,)])
+
+
+def test_build_batch_is_the_one_entry_point(model):
+    """CausalLM.build_batch checks the examples unless told they are checked; the older names still
+    build the same batch, with a DeprecationWarning."""
+    exs = [Example([1, 2, 3], candidates=[[4], [5, 6]], label=1), Example([1, 2, 7], candidates=[[4], [8]], label=0)]
+    copies, ad = [Copy(0, 3, 1), Copy(0, 3, -1)], _adapter()
+    kw = dict(adapters=[ad], eps=1e-2, sharing="candidates")
+    ref = model.build_batch(exs, copies, **kw)
+    with pytest.warns(DeprecationWarning, match="build_batch"):
+        old = model.plan_batch(exs, copies, **kw)
+    with pytest.warns(DeprecationWarning, match="build_batch"):
+        free = build_batch(exs, copies, num_layers=CFG.num_hidden_layers, max_positions=256, device="cpu", **kw)
+    for other in (old, free):
+        assert torch.equal(other.inputs.input_ids, ref.inputs.input_ids) and other.stats == ref.stats
+        assert torch.equal(other.readout.req_target, ref.readout.req_target)
+    assert torch.equal(model.score(old), model.score(ref)) and torch.equal(model.score(free), model.score(ref))
+    too_long = [Example([3 + i % 90 for i in range(299)], target=[1])]
+    with pytest.raises(flashzo.InputError, match="positions"):
+        model.build_batch(too_long)
+    assert model.build_batch(too_long, checked=True).stats.num_tokens == 300  # the caller vouched for them
