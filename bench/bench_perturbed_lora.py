@@ -29,8 +29,9 @@ import harness
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from traffic import lora_launches
 
-from flashzo.kernels import DeviceInfo, LoRAKernelConfig, Segments, lora_launches, perturbed_lora_linear
+from flashzo.kernels import DeviceInfo, LoRAKernelConfig, Segments, perturbed_lora_linear
 
 MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096, "opt-13b": 5120}  # hidden size = q_proj's K and N
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -227,14 +228,14 @@ MATH_RATE = {"bf16": 1.0, "fp16": 1.0, "tf32": 0.5, "fp32": 1 / 15, "ieee": 1 / 
 
 
 def model_table(shapes, dtype, device_name, num_sms, config, measured) -> str:
-    """flashzo.kernels.lora_launches for each (model, K=N, T, r) shape, MeZO's layout (half the rows
+    """bench/traffic.py's lora_launches for each (model, K=N, T, r) shape, MeZO's layout (half the rows
     at +eps, half at -eps): per launch its grid, bytes, FLOPs and z draws, and the time they imply
     at the device's bandwidth and peak (the larger of the two); per shape the sum next to the
     measured fused time (``measured``: {(model, T, r): ms}, GPU only)."""
     peak = harness.peak_for(device_name) or harness.PEAKS["H100 SXM"]  # the implied times need a device's peaks
     tflops, tbs = peak.bf16_tflops, peak.hbm_tbps
     lines = [
-        f"\ntraffic model (flashzo.kernels.lora_launches) at {tbs} TB/s, {tflops} TFLOP/s bf16 dense "
+        f"\ntraffic model (bench/traffic.py's lora_launches) at {tbs} TB/s, {tflops} TFLOP/s bf16 dense "
         f"({device_name}, {num_sms} SMs)",
         f"{'model':>9} {'T':>5} {'r':>3} {'launch':>9} {'grid':>10} {'MB read':>8} {'MB writ':>8} "
         f"{'GFLOP':>8} {'M draws':>7} {'us@BW':>7} {'us@peak':>7} {'us':>7} {'meas us':>8}",

@@ -16,7 +16,7 @@ shape of SmolLM2-135M and of opt-1.3b / llama-3.2-1b (hidden 2048, intermediate 
 Each row records whether the variant's y equals quantized_linear_ref bit for bit, and its largest
 difference. Formats: int8 per channel (fp16 scales), int4 g32 asymmetric (Q4_1's format), int4 g128
 symmetric. Also printed and written: the bytes per parameter of every format, and the GPU kernel's
-traffic model (quant_plan.quant_launches) for the 1b shapes in bf16 at an H100's bandwidth and
+traffic model (bench/traffic.py: quant_launches) for the 1b shapes in bf16 at an H100's bandwidth and
 peak. On CUDA it times instead, in bf16: the fused Triton kernel, the unfused dequantize + F.linear
 (impl="torch") and the dense bf16 F.linear.
 
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from traffic import quant_launches  # noqa: E402
 
 from flashzo.kernels import quantize, quantized_linear, quantized_linear_ref  # noqa: E402
 from flashzo.kernels.launch_plan import DeviceInfo  # noqa: E402
 from flashzo.kernels.quant import bytes_per_param, dequantize_into, unpack_int4  # noqa: E402
-from flashzo.kernels.quant_plan import quant_launches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # model -> (layer, N, K)
@@ -158,7 +158,7 @@ def traffic_table(dtype=torch.bfloat16, device_name="H100 SXM", num_sms=132) -> 
     """quant_launches for the 1b shapes: per path its compulsory bytes (the fused kernel's requests
     beside), FLOPs, and the time they imply at the device's bandwidth and peak."""
     peak = harness.PEAKS[device_name]
-    lines = [f"traffic model (flashzo.kernels.quant_plan.quant_launches), {str(dtype)[6:]} x, at {peak.hbm_tbps} TB/s "
+    lines = [f"traffic model (bench/traffic.py quant_launches), {str(dtype)[6:]} x, at {peak.hbm_tbps} TB/s "
              f"and {peak.bf16_tflops} TFLOP/s ({device_name}); MB = 10**6 bytes, each operand once "
              "(fused: its requests, tiles re-read, in brackets)",
              f"{'N x K':>12} {'T':>5} {'format':>14} {'path':>8} {'MB read':>9} {'[requests]':>11} {'MB writ':>8} "

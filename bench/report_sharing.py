@@ -9,7 +9,7 @@ and q=1 (one perturbation: a +eps and a -eps copy), on an opt-125m-shaped model 
 (fp32, CPU) and a LoRA adapter on q_proj, v_proj with r=8.
 
 Tokens per step:
-    flashzo, sharing    build_batch(sharing="all", fork=True): each prompt once per copy, the
+    flashzo, sharing    plan_batch(sharing="all", fork=True): each prompt once per copy, the
                         candidates read its KV; layers below the lowest adapted layer run once
                         (reported as token-layers / num_layers, "token-equivalents")
     flashzo, none       sharing="none", fork=False: every candidate a separate sequence, no padding
@@ -120,7 +120,9 @@ def hf_padded_batch(examples, pad_id: int):
 
 def token_counts(args, shape: str) -> dict:
     """Tokens one step computes on each path (no model needed): the shape's row without memory."""
-    from flashzo.engine import LoRAAdapter, build_batch
+    from flashzo.engine import LoRAAdapter
+    from flashzo.engine.batch import plan_batch
+    from flashzo.engine.example import Limits, check_examples
 
     cfg = model_config(args)
     L = cfg.num_hidden_layers
@@ -128,10 +130,11 @@ def token_counts(args, shape: str) -> dict:
     copies = signed_copies(args.q)
     lcfg = lora_config(args, L)
     ad = LoRAAdapter.empty(lcfg, cfg)
-    kw = dict(adapters=[ad], eps=1e-3, num_layers=L, max_positions=cfg.max_position_embeddings, device="cpu")
-    shared = build_batch(examples, copies, sharing="all", fork=True, **kw)
-    cands = build_batch(examples, copies, sharing="candidates", fork=True, **kw)
-    none = build_batch(examples, copies, sharing="none", fork=False, **kw)
+    check_examples(examples, Limits.of(cfg), what="examples", training=False)  # what a model's build_batch checks
+    kw = dict(adapters=[ad], eps=1e-3, num_layers=L, device="cpu")
+    shared = plan_batch(examples, copies, sharing="all", fork=True, **kw)
+    cands = plan_batch(examples, copies, sharing="candidates", fork=True, **kw)
+    none = plan_batch(examples, copies, sharing="none", fork=False, **kw)
     shared, cands, none = (engine_batch.batch_counts(b, ad, L) for b in (shared, cands, none))
     ids, _, seqs, _ = hf_padded_batch(examples, cfg.pad_token_id)
     prompt_lens = [len(ex.prompt) for ex in examples]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 from flashzo.kernels.serial import run_serial
 
 from . import invariant

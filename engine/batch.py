@@ -9,8 +9,10 @@ and the losses need is three explicit things (docs/design.md, "A step's data"):
   its target and its group: a (copy, example, candidate) record);
 - BatchStats: what the batch costs (tokens per copy, what sharing saved), for reports.
 
-The runtime state a forward needs besides these (the KV pool, the attention backend and its plans)
-belongs to the model (engine/model.py: CausalLM.prepare), never to the batch.
+A batch is built by `CausalLM.build_batch` (engine/model.py), the one entry point: it checks the
+examples against the model once and calls `plan_batch` here with the model's shape. The runtime
+state a forward needs besides the batch (the KV pool, the attention backend and its plans) belongs
+to the model (engine/model.py: CausalLM.prepare), never to the batch.
 
 Every sequence a step needs (prompt + candidate for classification, prompt + target for LM) goes
 into a radix tree of token runs, so a run shared by several sequences (a classification prompt
@@ -27,13 +29,14 @@ and attention rounds a query row differently with another number of query rows i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
 
-from flashzo.errors import InputError
 from flashzo.kernels import LoRAPart, LoRAStack, Segments, stack_lora_parts
+from flashzo.kernels.errors import InputError
 
 from . import invariant
 from .attention import AttentionMetadata
@@ -301,39 +304,31 @@ class _Layout:
         return table
 
 
-def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *,
-                adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, num_layers: int,
-                max_positions: int, vocab_size: int | None = None, device, sharing: str = "all",
-                fork: bool = True, examples_per_copy: Sequence[Sequence[int]] | None = None,
-                projections: Sequence[Projection] = (), batch_invariant: bool | None = None) -> StepBatch:
-    """One forward batch scoring `examples` under every copy (the examples are checked first).
-
-    examples_per_copy: which examples each copy scores (default: all of them in every copy); used
-    when several jobs with different batches share one forward.
-    sharing: "all" (radix tree over every sequence: prompts under their candidates, common prefixes,
-    duplicates), "candidates" (a prompt per example, shared by its candidates only) or "none" (every
-    sequence computed on its own: the reference the sharing paths are tested against).
-    fork: run the layers below the lowest adapted layer, and that layer's projections without an
-    adapter, once on an unsigned trunk (needs every copy to score the same examples).
-    batch_invariant: lay the batch out for the batch-invariant mode (sharing="all" shares runs only
-    inside an example); None: the calling thread's mode (engine/invariant.py).
-    """
+def build_batch(examples: Sequence[Example], copies: Sequence[Copy], *, num_layers: int, max_positions: int,
+                vocab_size: int | None = None, device, **options) -> StepBatch:
+    """Deprecated: use `CausalLM.build_batch` (model.build_batch(examples, copies, ...)), which knows the
+    model's layers, limits, device and projections. This checks `examples` against `vocab_size` and
+    `max_positions`, then builds the batch as plan_batch does; options: as CausalLM.build_batch's."""
+    warnings.warn("flashzo.engine.build_batch is deprecated: use model.build_batch(examples, copies, ...)",
+                  DeprecationWarning, stacklevel=2)
     limits = Limits(vocab_size if vocab_size is not None else 2**63, max_positions)
     check_examples(examples, limits, what="examples", training=False)
-    return plan_batch(examples, copies, adapters=adapters, eps=eps, num_layers=num_layers, device=device,
-                      sharing=sharing, fork=fork, examples_per_copy=examples_per_copy, projections=projections,
-                      batch_invariant=batch_invariant)
+    return plan_batch(examples, copies, num_layers=num_layers, device=device, **options)
 
 
-def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, adapters: Sequence[LoRAAdapter] = (),
-               eps: float = 0.0, num_layers: int, device, sharing: str = "all", fork: bool = True,
+def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, num_layers: int, device,
+               adapters: Sequence[LoRAAdapter] = (), eps: float = 0.0, sharing: str = "all", fork: bool = True,
                examples_per_copy: Sequence[Sequence[int]] | None = None,
                projections: Sequence[Projection] = (), batch_invariant: bool | None = None) -> StepBatch:
-    """build_batch for examples an entry point has already checked (engine/example.py).
+    """The batch of examples an entry point has already checked (engine/example.py), for a model of
+    `num_layers` layers on `device`: what CausalLM.build_batch returns (the arguments are its).
 
     projections: the model's stacked projections (CausalLM.projections); their adapted parts are
-    packed for the kernel once here, not in every forward.
-    batch_invariant: as in build_batch.
+    packed for the kernel once here, not in every forward. Nothing here needs the model itself, so a
+    batch's layout and cost can be planned for a shape without building its weights
+    (bench/report_sharing.py does).
+    batch_invariant: lay the batch out for the batch-invariant mode (sharing="all" shares runs only
+    inside an example); None: the calling thread's mode (engine/invariant.py).
     """
     per_example = invariant.is_batch_invariant() if batch_invariant is None else batch_invariant
     if sharing not in SHARING:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 # OPT's learned positional embedding is indexed by position + 2 (a fairseq leftover).
 POSITION_OFFSET = 2

@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 from . import invariant
 from .invariant import LIMBS, add_exact, exact_float, from_limbs, to_limbs

@@ -19,7 +19,7 @@ import operator
 from dataclasses import dataclass
 from typing import Sequence
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 
 @dataclass

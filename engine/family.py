@@ -1,29 +1,48 @@
 """The model families flashzo runs, and how a Hugging Face config picks one.
 
-A family is a config class (the Hugging Face fields, presets, and what engine/lora.py and
-engine/model.py ask of any model) and a model class (a CausalLM subclass, engine/model.py), plus how
-its checkpoints name their tensors. Adding a family is adding its module and one `register` call
-here; the trainer, batcher, losses and CLI do not change (docs/design.md, "Model families").
+A family is a model class (a CausalLM subclass, engine/model.py: its config class, how its
+checkpoints name their tensors, its block written against engine/model.py's LayerOps and
+BlockContext) and the Hugging Face configs it reads. Adding a family is adding its module and one
+`register` call here; the trainer, batcher, losses and CLI do not change (docs/design.md, "Model
+families"). tests/test_family_ops.py checks every registered family's module for raw torch ops.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str
+    """A registered model family: its model class and the Hugging Face configs it reads."""
+
     architectures: tuple[str, ...]  # config.json's `architectures` entries this family reads
     model_types: tuple[str, ...]  # config.json's `model_type` values
-    config_cls: type  # from_hf(dict), from_name(preset), to_hf()
     model_cls: type  # a CausalLM subclass: Model(config, dtype=, device=), Model.from_config(...)
-    checkpoint_key: Callable[[str], str]  # a checkpoint tensor name -> the model's naming
-    hf_key: Callable[[str], str]  # the model's naming -> the name transformers writes
-    tied_head: str | None  # a checkpoint tensor that is tied to another (only its shape is checked)
+
+    @property
+    def name(self) -> str:
+        return self.model_cls.family
+
+    @property
+    def config_cls(self) -> type:
+        """from_hf(dict), from_name(preset), to_hf()."""
+        return self.model_cls.config_class
+
+    def checkpoint_key(self, key: str) -> str:
+        """A checkpoint tensor name -> the model's naming."""
+        return self.model_cls.checkpoint_key(key)
+
+    def hf_key(self, name: str) -> str:
+        """The model's naming -> the name transformers writes."""
+        return self.model_cls.hf_key(name)
+
+    @property
+    def tied_head(self) -> str | None:
+        """A checkpoint tensor that is tied to another (only its shape is checked)."""
+        return self.model_cls.tied_head
 
 
 FAMILIES: dict[str, Family] = {}
@@ -54,16 +73,12 @@ def family_of(model) -> Family:
 
 
 def _register_builtin() -> None:
-    from .config import OPTConfig
-    from .opt import TIED_HEAD, OPTModel, checkpoint_key, hf_key
+    from .llama import LlamaModel
+    from .llama_config import MODEL_TYPES
+    from .opt import OPTModel
 
-    register(Family("opt", ("OPTForCausalLM",), ("opt",), OPTConfig, OPTModel, checkpoint_key, hf_key, TIED_HEAD))
-
-    from . import llama
-    from .llama_config import MODEL_TYPES, LlamaConfig
-
-    register(Family("llama", tuple(MODEL_TYPES.values()), tuple(MODEL_TYPES), LlamaConfig, llama.LlamaModel,
-                    llama.checkpoint_key, llama.hf_key, llama.TIED_HEAD))
+    register(Family(("OPTForCausalLM",), ("opt",), OPTModel))
+    register(Family(tuple(MODEL_TYPES.values()), tuple(MODEL_TYPES), LlamaModel))
 
 
 _register_builtin()

@@ -5,7 +5,7 @@ decoding keeps every layer's K/V for the next step, so it runs on a pool of its 
 per layer. Sequence s owns the slots [start_s, start_s + prompt_s + max_tokens): the prefill writes
 the prompt's slots, and each decode step feeds one new token per sequence whose page table lists all
 of the sequence's earlier slots and then its own (AttentionMetadata's bottom-right causal mask with
-qo_len 1). Only CausalLM's public pieces are used (prepare, forward, head, plan_batch), so every
+qo_len 1). Only CausalLM's public pieces are used (prepare, forward, head, build_batch), so every
 model family decodes the same way.
 
     prompt_logprobs(model, sequences, adapter, top=N)   what model.token_logprobs computes, bit for
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from flashzo.errors import InputError
 from flashzo.kernels import Segments
+from flashzo.kernels.errors import InputError
 
 from .attention import AttentionMetadata, KVPool
 from .batch import Copy, LoRABatch, ModelInputs, stack_weights
@@ -67,7 +67,8 @@ def prompt_logprobs(model: CausalLM, sequences: Sequence[Sequence[int]], adapter
     check_sequences(sequences, model.limits)
     top = _check_top(top)
     examples = [Example(prompt=list(seq[:1]), target=list(seq[1:])) for seq in sequences]
-    batch = model.plan_batch(examples, [Copy()], adapters=[adapter] if adapter is not None else [], sharing=sharing)
+    batch = model.build_batch(examples, [Copy()], adapters=[adapter] if adapter is not None else [], sharing=sharing,
+                              checked=True)
     ctx = model.prepare(batch.inputs)
     x = model.forward(batch.inputs.input_ids, batch.inputs.positions, ctx)
     readout = batch.readout

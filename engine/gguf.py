@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 from .family import FAMILIES
 from .llama import LlamaModel
@@ -59,10 +59,10 @@ def _reader(path: str):
     """gguf.GGUFReader over `path`, parsing from a plain view of its memory map.
 
     NOTE: GGUFReader slices a numpy memmap for every field; the memmap subclass's slicing costs most
-    of the time (3.1 s instead of 8.9 s to open SmolLM2-135M's file, whose metadata holds 98k
-    tokenizer strings, on the development machine), and its tensors' data come out as memmaps too,
-    which makes gguf.quants.dequantize ~5x slower. The same bytes are read either way
-    (tests/test_gguf.py compares the two readers).
+    of the time of opening a file whose metadata holds many strings (SmolLM2-135M's: 98k tokenizer
+    strings), and its tensors' data come out as memmaps too, which slows gguf.quants.dequantize
+    (both timed: bench/results/code_notes_cpu.md, "engine/gguf.py _reader"). The same bytes are read
+    either way (tests/test_gguf.py compares the two readers).
     """
     try:
         from gguf import GGUFReader

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashzo.errors import InputError
 from flashzo.kernels import apply_rows, mm_rows
+from flashzo.kernels.errors import InputError
 
 DEFAULT = False  # the process's mode until set_batch_invariant() changes it
 

@@ -3,16 +3,18 @@
     x = r + o_proj(attend(rope(q), rope(k), v))      q, k, v = qkv_proj(rmsnorm(x)); GQA: KV <= H heads
     x = x + down_proj(silu(gate) * up)               gate, up = gate_up_proj(rmsnorm(x))
 
-As in engine/opt.py, the block classes take an `ops` factory and run through a forward context
-(engine/model.py): flashzo's own model over its paged KV pool (LlamaModel, below) and the SGLang
-plugin (sglang_plugin/model.py) run the same classes. q, k and v are one stacked `qkv_proj` (parts
+As in engine/opt.py, the block classes hold layers made by a `LayerOps` and run through a
+`BlockContext` (engine/model.py): flashzo's own model over its paged KV pool (LlamaModel, below) and
+the SGLang plugin (sglang_plugin/model.py) run the same classes. q, k and v are one stacked `qkv_proj` (parts
 of different widths under grouped-query attention), gate and up one `gate_up_proj`, as SGLang
 writes them; each part keeps its own adapter and z indices. Rotary embeddings rotate the rows a
 layer computes, at the positions `ctx.positions(layer_id)` gives: the trunk's below the fork, the
 signed copies' from the fork layer on (docs/design.md, "Sharing").
 
 Parameter names are Hugging Face's (`model.layers.0.mlp.down_proj.weight`, `lm_head.weight`) except
-the stacked projections, whose rows hold the checkpoint's separate tensors (checkpoint_names).
+the stacked projections, whose rows hold the checkpoint's separate tensors (checkpoint_names). Norms,
+linears and activations are the row-invariant ones (engine/invariant.py; tests/test_family_ops.py
+checks this file calls no other).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from . import invariant
 from .invariant import Linear, RMSNorm
 from .llama_config import LlamaConfig
-from .model import CausalLM, EngineOps
+from .model import BlockContext, CausalLM, EngineOps, LayerOps
 
 # --------------------------------------------------------------------------------------------------
 # Rotary embeddings
@@ -99,7 +101,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_id: int, ops, prefix: str, rotary: Rotary):
+    def __init__(self, cfg: LlamaConfig, layer_id: int, ops: LayerOps, prefix: str, rotary: Rotary):
         super().__init__()
         H, KV, D, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.layer_id, self.head_dim, self.rotary = layer_id, D, rotary
@@ -108,7 +110,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = ops.projection(H * D, (("o_proj", h),), cfg.o_bias, layer_id, prefix=f"{prefix}.o_proj")
         self.attn = ops.attention(H, KV, D, D ** -0.5, layer_id, prefix=f"{prefix}.attn")
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         # x: [T_in, h] -> [T, h] (T_in: the trunk's rows at the fork layer)
         q, k, v = ctx.project(self.qkv_proj, x)
         q, k = self.rotary(ctx.positions(self.layer_id), q, k, self.head_dim)
@@ -116,20 +118,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_id: int, ops, prefix: str):
+    def __init__(self, cfg: LlamaConfig, layer_id: int, ops: LayerOps, prefix: str):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = ops.projection(h, (("gate_proj", i), ("up_proj", i)), cfg.mlp_bias, layer_id,
                                            prefix=f"{prefix}.gate_up_proj")
         self.down_proj = ops.projection(i, (("down_proj", h),), cfg.mlp_bias, layer_id, prefix=f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         gate, up = ctx.project(self.gate_up_proj, x)
         return ctx.project(self.down_proj, invariant.rowwise(F.silu, gate) * up)[0]  # see Rotary on rowwise
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_id: int, ops, prefix: str, rotary: Rotary):
+    def __init__(self, cfg: LlamaConfig, layer_id: int, ops: LayerOps, prefix: str, rotary: Rotary):
         super().__init__()
         self.layer_id = layer_id
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=ops.dtype)
@@ -137,7 +139,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=ops.dtype)
         self.mlp = LlamaMLP(cfg, layer_id, ops, f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         # x: [T_in, h] -> [T, h] (pre-norm residual blocks)
         r = ctx.residual(x, self.layer_id)
         x = r + self.self_attn(self.input_layernorm(x), ctx)
@@ -147,7 +149,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaDecoder(nn.Module):
     """Token embedding, layers and the final norm (Hugging Face's LlamaModel; the LM head is outside)."""
 
-    def __init__(self, cfg: LlamaConfig, ops, prefix: str = "model"):
+    def __init__(self, cfg: LlamaConfig, ops: LayerOps, prefix: str = "model"):
         super().__init__()
         self.rotary = Rotary(cfg)
         self.embed_tokens = ops.embedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
@@ -164,27 +166,18 @@ class LlamaDecoder(nn.Module):
         return self.norm(x)
 
 
-def checkpoint_key(key: str) -> str:
-    """Hugging Face's names are the model's (`model.layers.0...`, `lm_head.weight`)."""
-    return key
-
-
-def hf_key(name: str) -> str:
-    return name
-
-
-TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings a checkpoint may still list it: only its shape is checked
-
-
 class LlamaModel(CausalLM):
     """A Llama-family model for causal-LM scoring on flashzo's paged KV cache (tied or untied LM head)."""
 
     family = "llama"
+    config_class = LlamaConfig
+    hf_prefix = ""  # Hugging Face's names are the model's (`model.layers.0...`, `lm_head.weight`)
+    tied_head = "lm_head.weight"  # with tie_word_embeddings a checkpoint may still list it: only its shape is checked
 
     def __init__(self, config: LlamaConfig, *, dtype: torch.dtype | None = None, device=None):
         super().__init__(config)
         with torch.device(device or "cpu"):
-            self.model = LlamaDecoder(config, EngineOps)
+            self.model = LlamaDecoder(config, EngineOps())
             self.lm_head = None if config.tie_word_embeddings else \
                 Linear(config.hidden_size, config.vocab_size, bias=False)
         self._finish_init(dtype)
@@ -196,24 +189,3 @@ class LlamaModel(CausalLM):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    @classmethod
-    def from_config(cls, config, *, seed: int = 0, dtype: torch.dtype | None = None, device=None) -> "LlamaModel":
-        """Random weights (normal(0, 0.02) like HF's init, norms 1, biases 0) for a config, an HF config or a
-        preset name."""
-        if isinstance(config, str):
-            config = LlamaConfig.from_name(config)
-        elif not isinstance(config, LlamaConfig):
-            config = LlamaConfig.from_hf(config)
-        model = cls(config, dtype=torch.float32, device=device)
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            elif name.endswith("bias"):
-                p.data.zero_()
-            else:
-                p.data.normal_(0.0, 0.02, generator=gen)
-        if dtype is not None:
-            model.to(dtype)
-        return model

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("linear", "llama3")  # besides the default (unscaled) rotary embedding

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from flashzo.errors import InputError
+from flashzo.kernels.errors import InputError
 
 from .family import FAMILIES, Family, family_for, family_of
 from .gguf import find_gguf, load_gguf

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashzo.errors import InputError
 from flashzo.kernels import MAX_RANK
+from flashzo.kernels.errors import InputError
 
 # The adaptable linears of every family flashzo runs, in one canonical order: a LoRAConfig lists its
 # targets in this order whatever order it was given (PEFT saves a set), so equal sets are equal configs.

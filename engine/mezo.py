@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from flashzo.errors import InputError
 from flashzo.kernels import gaussian, zo_update_
+from flashzo.kernels.errors import InputError
 
 from . import distributed, invariant
 from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
@@ -202,23 +202,21 @@ class MeZOTrainer:
         return pair_copies(self.pairs(adapter_index))
 
     def step(self, examples: Sequence[Example]) -> StepResult:
-        """One step on the global batch `examples` (under torch.distributed every rank passes the same)."""
+        """One step on the global batch `examples` (under torch.distributed every rank passes the same),
+        in the run's batch-invariant mode."""
         with invariant.batch_invariant_mode(self.config.batch_invariant):
-            return self._step(examples)
-
-    def _step(self, examples: Sequence[Example]) -> StepResult:
-        check_examples(examples, self.model.limits)
-        ex = self.exchange
-        if ex is None:
-            scores, tokens = self._score_copies(examples, self.copies())
-            return self.apply(pair_losses(scores.loss), tokens=tokens)
-        before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
-        losses, tokens = distributed.step_losses(
-            ex, self.config.parallel, self._scores, examples, q=self.config.num_perturbations,
-            step=self.counters.step, checksum=float(self.adapter.buffer.sum(dtype=torch.float64)))
-        result = self.apply(losses, tokens=tokens)
-        result.bytes_exchanged = ex.traffic.bytes_sent["step"] + ex.traffic.bytes_received["step"] - before
-        return result
+            check_examples(examples, self.model.limits)
+            ex = self.exchange
+            if ex is None:
+                scores, tokens = self._score_copies(examples, self.copies())
+                return self.apply(pair_losses(scores.loss), tokens=tokens)
+            before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
+            losses, tokens = distributed.step_losses(
+                ex, self.config.parallel, self._scores, examples, q=self.config.num_perturbations,
+                step=self.counters.step, checksum=float(self.adapter.buffer.sum(dtype=torch.float64)))
+            result = self.apply(losses, tokens=tokens)
+            result.bytes_exchanged = ex.traffic.bytes_sent["step"] + ex.traffic.bytes_received["step"] - before
+            return result
 
     def _scores(self, examples: Sequence[Example], perturbations: Sequence[int]):
         """(loss_sum, loss_count, rows, loss_exact) of the copies (+, -) of some perturbations of the
@@ -229,8 +227,9 @@ class MeZOTrainer:
 
     def _score_copies(self, examples: Sequence[Example], copies: Sequence[Copy]):
         """(CopyScores, rows of the forward) of checked `examples` under `copies` of this trainer's adapter."""
-        batch = self.model.plan_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
-                                      sharing=self.config.sharing, batch_invariant=self.config.batch_invariant)
+        batch = self.model.build_batch(examples, copies, adapters=[self.adapter], eps=self.config.eps,
+                                       sharing=self.config.sharing, batch_invariant=self.config.batch_invariant,
+                                       checked=True)
         return copy_losses(batch.readout, self.model.score(batch), examples), batch.stats.num_tokens
 
     # torch.distributed ----------------------------------------------------------------------------
@@ -448,8 +447,8 @@ def _eval_sums(model, adapter, examples, batch_size, sharing) -> tuple[int | flo
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i:i + batch_size])
-        batch = model.plan_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
-                                 sharing=sharing)
+        batch = model.build_batch(chunk, [Copy()], adapters=[adapter] if adapter is not None else [],
+                                  sharing=sharing, checked=True)
         s = copy_losses(batch.readout, model.score(batch), chunk)
         loss_sum = invariant.add_exact(loss_sum, s.loss_exact[0])
         loss_cnt += s.loss_count[0]
@@ -470,8 +469,9 @@ def eval_result(kind: str, loss_sum: float, loss_cnt: float, correct: int, n: in
 def step_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[Example]]) -> list[StepResult]:
     """Step several independent jobs in one forward (one adapter per job, multi-adapter segments).
 
-    Every trainer must share one model, one eps, one batch-invariant mode and one adapter structure
-    (r, alpha, target modules, layers); each job keeps its own lr, seed, schedule and data. In the
+    Every trainer must share one model, one eps, one sharing mode, one batch-invariant mode and one
+    adapter structure (r, alpha, target modules, layers); each job keeps its own lr, seed, schedule
+    and data. In the
     batch-invariant mode its trajectory is bit-identical to training it alone (docs/design.md,
     "Batch invariance"); without it, equal up to the rounding of rows in a bigger forward.
     """
@@ -508,6 +508,9 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
         if tr.config.batch_invariant != trainers[0].config.batch_invariant:
             raise InputError(f"trainer {j} has batch_invariant={tr.config.batch_invariant}, trainer 0 has "
                              f"{trainers[0].config.batch_invariant}; one forward runs in one mode")
+        if tr.config.sharing != trainers[0].config.sharing:
+            raise InputError(f"trainer {j} has sharing={tr.config.sharing!r}, trainer 0 has "
+                             f"{trainers[0].config.sharing!r}; one forward is laid out one way")
         if tr.adapter.structure() != trainers[0].adapter.structure() or \
                 tr.adapter.config.scaling != trainers[0].adapter.config.scaling:
             raise InputError(f"trainer {j}'s adapter has another structure (r, alpha, modules, layers)")
@@ -521,9 +524,9 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
         copies.extend(job_copies)
         per_copy.extend([ids] * len(job_copies))
     with invariant.batch_invariant_mode(trainers[0].config.batch_invariant):  # the layout is the mode's too
-        batch = model.plan_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
-                                 eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
-                                 examples_per_copy=per_copy)
+        batch = model.build_batch(examples, copies, adapters=[tr.adapter for tr in trainers],
+                                  eps=trainers[0].config.eps, sharing=trainers[0].config.sharing,
+                                  examples_per_copy=per_copy, checked=True)
         scores = copy_losses(batch.readout, model.score(batch), examples)
     return TogetherScores(losses=[pair_losses(scores.loss[a:b]) for a, b in spans],
                           correct=[scores.correct[a:b] for a, b in spans],

@@ -1,27 +1,31 @@
-"""The model-family interface: what every family's engine model is, and the layers it is built from.
+"""The model-family interface, the engine's implementation of it, and CausalLM, every family's base.
 
 A family (OPT in engine/opt.py, Llama in engine/llama.py; docs/design.md, "Model families") writes
-its decoder block once, in terms of calls on a forward context and layers made by an `ops` factory:
+its decoder block once, against two protocols: the layers it holds are made by a `LayerOps`
+(projections, attention, the token embedding), and its forward calls a `BlockContext`:
 
     ctx.residual(x, layer_id)         the block's residual stream (the signed rows at a fork)
     ctx.positions(layer_id)           the positions of the rows the block computes (rotary embeddings)
     ctx.project(proj, x) -> [parts]   a stacked projection (q, k, v ...), one output per part
     ctx.attend(attn, q, k, v) -> o    attention over the KV cache
 
-The engine's front end here (EngineOps, ForwardContext, ZOProjection, PagedAttention) runs the
-block over flashzo's paged KV pool with the perturbed LoRA kernel; the SGLang front end
-(sglang_plugin/model.py) runs the same block classes with SGLang's layers and RadixAttention.
+Two front ends implement them: the engine's here (EngineOps makes ZOProjection and PagedAttention,
+which hold parameters and shapes; ForwardContext runs them over flashzo's paged KV pool with the
+perturbed LoRA kernels), and the SGLang plugin's (sglang_plugin/model.py: SGLangOps, SGLangContext).
 
-`CausalLM` is what MeZOTrainer, the batcher, the losses and the CLI see of any family:
-`config` (vocab_size, num_hidden_layers, max_position_embeddings, the adaptable modules: see
-engine/lora.py), `build_batch`, `score`, `token_logprobs`, `device`, `dtype`. A family subclass
-supplies the decoder (`self.decoder` with `embed`, `layers`, `final`) and its checkpoint mapping.
-The model owns its runtime state (the KV pool, the attention backend), never the batch.
+`CausalLM` is what MeZOTrainer, the batcher, the losses and the CLI see of any family: `config`
+(vocab_size, num_hidden_layers, max_position_embeddings, the adaptable modules: see engine/lora.py),
+`build_batch`, `score`, `token_logprobs`, `device`, `dtype`; and what every family shares: random
+weights (`from_config`) and the map between its parameter names and its checkpoints'. A family
+subclass sets its config class and naming, builds `self.decoder` (with `embed`, `layers`, `final`)
+and names its LM head. The model owns its runtime state (the KV pool, the attention backend), never
+the batch.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import ClassVar, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -33,9 +37,123 @@ from .attention import KVPool, resolve_backend
 from .batch import Copy, ModelInputs, Readout, StepBatch, plan_batch
 from .example import Example, Limits, check_examples, check_sequences
 
+# --------------------------------------------------------------------------------------------------
+# The interface a family's block is written against
+# --------------------------------------------------------------------------------------------------
 
-class ForwardContext:
-    """One engine forward: the batch's inputs plus the model's runtime (pool, backend, per-stage plans).
+
+class LayerOps(Protocol):
+    """Makes the layers a family's block holds (the engine: EngineOps; SGLang: SGLangOps).
+
+    `prefix` is the layer's name in the model (`decoder.layers.0.self_attn.qkv_proj`): SGLang's
+    layers take it, and the engine checks that it is the layer's path (CausalLM._finish_init).
+    """
+
+    dtype: torch.dtype | None  # the parameters' dtype (None: fp32, cast by the model afterwards)
+
+    def projection(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool, layer_id: int, *,
+                   prefix: str, fork_input: bool = False) -> nn.Module:
+        """A linear whose output rows are `parts` ((module name, width), ...) stacked; `fork_input` marks
+        the block's first projection (its input is the trunk at the fork layer)."""
+
+    def attention(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int, *,
+                  prefix: str) -> nn.Module:
+        """Attention over the KV cache: query head h reads KV head h // (num_heads / num_kv_heads)."""
+
+    def embedding(self, num: int, dim: int, *, prefix: str) -> nn.Module:
+        """The token embedding: ids [T] -> [T, dim]."""
+
+
+class BlockContext(Protocol):
+    """What a family's block calls in a forward (the engine: ForwardContext; SGLang: SGLangContext)."""
+
+    def residual(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """The block's residual stream: x, or at the fork layer the trunk's row of every signed row."""
+
+    def positions(self, layer_id: int) -> torch.Tensor:
+        """[T] positions of the rows layer `layer_id` computes."""
+
+    def project(self, proj: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [T_in, in] -> one [T, width] per part of `proj` (a LayerOps.projection)."""
+
+    def attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H*D], k, v: [T, KV*D] -> [T, H*D], through `attn` (a LayerOps.attention)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine's front end
+# --------------------------------------------------------------------------------------------------
+
+
+class ZOProjection(nn.Module):
+    """A linear layer whose output rows are the model's adaptable matrices ("parts") stacked.
+
+    weight: [sum of the parts' widths, in_features]; part i is rows parts[i] of the weight and of
+    the output, named as its module is (q_proj, k_proj, v_proj of one qkv_proj ...). It holds the
+    parameters; ForwardContext.project runs it: a part that the batch's adapter targets runs
+    flashzo's perturbed LoRA linear (docs/design.md, "The kernels") with the z indices of its own
+    matrices, the others a plain linear. `fork_input` marks the block's first projection: at the
+    fork layer its input is the trunk (shared by every copy), so its unadapted parts run once on
+    the trunk and only the adapted ones on the signed rows.
+    """
+
+    def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool, layer_id: int, *,
+                 prefix: str = "", fork_input: bool = False):
+        super().__init__()
+        out = sum(n for _, n in parts)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.layer_id, self.prefix, self.fork_input = layer_id, prefix, fork_input
+        self.parts: list[tuple[str, int, int]] = []  # (module name, first row, end row)
+        start = 0
+        for name, n in parts:
+            self.parts.append((name, start, start + n))
+            start += n
+
+    @property
+    def projection(self) -> tuple:
+        """This projection as the batcher knows it (engine/batch.py's Projection)."""
+        return (self.layer_id, tuple(self.parts))
+
+    def part_rows(self, name: str) -> tuple[int, int]:
+        for part, start, stop in self.parts:
+            if part == name:
+                return start, stop
+        raise KeyError(name)
+
+
+class PagedAttention(nn.Module):
+    """RadixAttention's role over flashzo's KV pool: its shape; ForwardContext.attend runs it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int, *,
+                 prefix: str = ""):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling, self.layer_id, self.prefix = scaling, layer_id, prefix
+
+
+class EngineOps(LayerOps):
+    """The engine's LayerOps: parameters in fp32 (the model casts them), named by their prefix."""
+
+    dtype = None
+
+    def projection(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool, layer_id: int, *,
+                   prefix: str, fork_input: bool = False) -> ZOProjection:
+        return ZOProjection(in_features, parts, bias, layer_id, prefix=prefix, fork_input=fork_input)
+
+    def attention(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int, *,
+                  prefix: str) -> PagedAttention:
+        return PagedAttention(num_heads, num_kv_heads, head_dim, scaling, layer_id, prefix=prefix)
+
+    def embedding(self, num: int, dim: int, *, prefix: str) -> nn.Embedding:
+        emb = nn.Embedding(num, dim)
+        emb.prefix = prefix
+        return emb
+
+
+class ForwardContext(BlockContext):
+    """The engine's BlockContext for one forward: the batch's inputs plus the model's runtime (pool,
+    backend, per-stage plans); `project` and `attend` run the engine's layers.
 
     `trace`, when a list, receives (layer_id, module name, rows) for every part of every projection
     the forward computes, with the rows it was computed on (tests and benchmarks count work with it).
@@ -69,129 +187,72 @@ class ForwardContext:
         return self._signed_positions
 
     def project(self, proj: ZOProjection, x: torch.Tensor) -> list[torch.Tensor]:
-        return proj(x, self)
-
-    def attend(self, attn: PagedAttention, q, k, v) -> torch.Tensor:
-        return attn(q, k, v, self)
-
-
-class ZOProjection(nn.Module):
-    """A linear layer whose output rows are the model's adaptable matrices ("parts") stacked.
-
-    weight: [sum of the parts' widths, in_features]; part i is rows parts[i] of the weight and of
-    the output, named as its module is (q_proj, k_proj, v_proj of one qkv_proj ...). A part that the
-    batch's adapter targets runs flashzo's perturbed LoRA linear (docs/design.md, "The kernels"),
-    with the z indices of its own matrices; the others are a plain linear. `fork_input` marks the
-    block's first projection: at the fork layer its input is the trunk (shared by every copy), so
-    its unadapted parts run once on the trunk and only the adapted ones on the signed rows.
-    """
-
-    def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool, layer_id: int, *,
-                 fork_input: bool = False):
-        super().__init__()
-        out = sum(n for _, n in parts)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.layer_id, self.fork_input = layer_id, fork_input
-        self.parts: list[tuple[str, int, int]] = []  # (module name, first row, end row)
-        start = 0
-        for name, n in parts:
-            self.parts.append((name, start, start + n))
-            start += n
-
-    @property
-    def projection(self) -> tuple:
-        """This projection as the batcher knows it (engine/batch.py's Projection)."""
-        return (self.layer_id, tuple(self.parts))
-
-    def part_rows(self, name: str) -> tuple[int, int]:
-        for part, start, stop in self.parts:
-            if part == name:
-                return start, stop
-        raise KeyError(name)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
         # x: [T_in, in] -> one [T, n_i] per part (T = T_in, or the signed rows at a fork)
-        lora = ctx.lora
-        stack = lora.stack(self.projection) if lora is not None else None
-        fork = ctx.inputs.fork_index if self.fork_input and ctx.inputs.forks_at(self.layer_id) else None
-        names = [name for name, _, _ in self.parts]
+        lora = self.lora
+        stack = lora.stack(proj.projection) if lora is not None else None
+        fork = self.inputs.fork_index if proj.fork_input and self.inputs.forks_at(proj.layer_id) else None
         inv = invariant.is_batch_invariant()  # docs/design.md, "Batch invariance"
         if stack is None:  # every copy computes the same: one GEMM, on the trunk at a fork
-            y = invariant.linear(x, self.weight, self.bias)
-            self._trace(ctx, names, x.shape[0])
+            y = invariant.linear(x, proj.weight, proj.bias)
+            self._trace(proj, None, x.shape[0])
             if fork is not None:
                 y = y[fork]
         elif fork is None:  # one base GEMM, one shrink and one expand for every adapted part
-            y = perturbed_lora_linear_parts(x, self.weight, self.bias, stack, lora.segments, scaling=lora.scaling,
+            y = perturbed_lora_linear_parts(x, proj.weight, proj.bias, stack, lora.segments, scaling=lora.scaling,
                                             eps=lora.eps, batch_invariant=inv)
-            self._trace(ctx, names, x.shape[0])
+            self._trace(proj, None, x.shape[0])
         else:
             # At the fork every copy's input is the trunk's: the base GEMM runs once on the trunk's
             # rows, and only the LoRA term of the adapted parts on every copy's rows; base_linear is
             # the base perturbed_lora_linear_parts computes, so a row gets the same bits either way.
-            y = base_linear(x, self.weight, self.bias, batch_invariant=inv)[fork]
+            y = base_linear(x, proj.weight, proj.bias, batch_invariant=inv)[fork]
             signed = x[fork]
             perturbed_lora_add_(y, signed.to(y.dtype), stack, lora.segments, scaling=lora.scaling, eps=lora.eps,
                                 batch_invariant=inv)
             y = y.to(x.dtype)
-            adapted = {(p.start, p.stop) for p in stack.parts}
-            for name, start, stop in self.parts:
-                self._trace(ctx, [name], signed.shape[0] if (start, stop) in adapted else x.shape[0])
-        return [y[:, start:stop] for _, start, stop in self.parts]
+            self._trace(proj, {(p.start, p.stop) for p in stack.parts}, x.shape[0], signed.shape[0])
+        return [y[:, start:stop] for _, start, stop in proj.parts]
 
-    def _trace(self, ctx: ForwardContext, names: list[str], rows: int) -> None:
-        if ctx.trace is not None:
-            ctx.trace.extend((self.layer_id, name, rows) for name in names)
-
-
-class PagedAttention(nn.Module):
-    """RadixAttention's role: store this layer's K/V in the pool, attend over the batch's page tables."""
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scaling, self.layer_id = scaling, layer_id
-
-    def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
-        # q: [T, H*D], k, v: [T, KV*D] -> [T, H*D]
+    def attend(self, attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H*D], k, v: [T, KV*D] -> [T, H*D]: store this layer's K/V, attend over the page tables
         T = q.shape[0]
-        meta, plan = ctx.stage(self.layer_id)
-        kv_shape = (T, self.num_kv_heads, self.head_dim)
-        ctx.pool.write(self.layer_id, meta.out_cache_loc, k.reshape(kv_shape), v.reshape(kv_shape))
-        o = ctx.backend.forward(q.reshape(T, self.num_heads, self.head_dim), meta, plan, ctx.pool, self.layer_id,
-                                self.scaling)
+        meta, plan = self.stage(attn.layer_id)
+        kv_shape = (T, attn.num_kv_heads, attn.head_dim)
+        self.pool.write(attn.layer_id, meta.out_cache_loc, k.reshape(kv_shape), v.reshape(kv_shape))
+        o = self.backend.forward(q.reshape(T, attn.num_heads, attn.head_dim), meta, plan, self.pool, attn.layer_id,
+                                 attn.scaling)
         return o.reshape(T, -1)
 
+    def _trace(self, proj: ZOProjection, adapted: set | None, rows: int, signed_rows: int = 0) -> None:
+        """Record every part's rows: `rows`, or `signed_rows` for the parts in `adapted` (at a fork)."""
+        if self.trace is not None:
+            self.trace.extend((proj.layer_id, name, signed_rows if adapted and (start, stop) in adapted else rows)
+                              for name, start, stop in proj.parts)
 
-class EngineOps:
-    """Makes the engine's layers for a family's block code (the SGLang front end has its own)."""
 
-    dtype = None  # parameters are built in fp32 and cast by the model
-
-    @staticmethod
-    def projection(in_features: int, parts, bias: bool, layer_id: int, *, prefix: str = "",
-                   fork_input: bool = False) -> ZOProjection:
-        return ZOProjection(in_features, parts, bias, layer_id, fork_input=fork_input)
-
-    @staticmethod
-    def attention(num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int, *,
-                  prefix: str = "") -> PagedAttention:
-        return PagedAttention(num_heads, num_kv_heads, head_dim, scaling, layer_id)
-
-    @staticmethod
-    def embedding(num: int, dim: int, *, prefix: str = "") -> nn.Embedding:
-        return nn.Embedding(num, dim)
+# --------------------------------------------------------------------------------------------------
+# Every family's base
+# --------------------------------------------------------------------------------------------------
 
 
 class CausalLM(nn.Module):
-    """Base of every family's engine model: batching, runtime, scoring; the family adds its decoder.
+    """Base of every family's engine model: batching, runtime, scoring, random weights, checkpoint names;
+    the family adds its decoder.
 
-    A subclass sets `family` (its name in engine/family.py), builds `self.decoder` in __init__
-    (with `embed(input_ids, positions)`, `layers`, `final(x)`), and implements `lm_head_weight`.
+    A subclass sets `family` (its name in engine/family.py), `config_class`, `hf_prefix` and
+    `tied_head` (how its checkpoints name tensors), builds `self.decoder` in __init__ (with
+    `embed(input_ids, positions)`, `layers`, `final(x)`) with EngineOps, calls `_finish_init`, and
+    implements `lm_head_weight`.
     """
 
-    family: str = ""
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type]  # from_hf(dict), from_name(preset), to_hf()
+    # What Hugging Face's checkpoints put before this model's parameter names: OPTForCausalLM stores
+    # the model's `decoder.x` as `model.decoder.x` (facebook's original files as `decoder.x`).
+    hf_prefix: ClassVar[str] = ""
+    # A checkpoint tensor tied to another (the LM head of a tied model): a checkpoint may list it,
+    # only its shape is checked; a model with a head of its own has it among its parameters.
+    tied_head: ClassVar[str | None] = "lm_head.weight"
 
     def __init__(self, config):
         super().__init__()
@@ -203,10 +264,49 @@ class CausalLM(nn.Module):
         self._projections: list[tuple] | None = None
 
     def _finish_init(self, dtype: torch.dtype | None) -> None:
+        for name, module in self.named_modules():  # the name SGLang would give a layer is its path here
+            prefix = getattr(module, "prefix", None)
+            if prefix is not None and prefix != name:
+                raise RuntimeError(f"{type(self).__name__}: the layer at {name!r} was made with prefix {prefix!r} "
+                                   "(LayerOps, engine/model.py: a layer's prefix is its name in the model)")
         if dtype is not None:
             self.to(dtype)
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config, *, seed: int = 0, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+        """Random weights for a config, a Hugging Face config (dict or object) or a preset name: every
+        matrix normal(0, 0.02) (Hugging Face's init), norms' weights 1, biases 0."""
+        if isinstance(config, str):
+            config = cls.config_class.from_name(config)
+        elif not isinstance(config, cls.config_class):
+            config = cls.config_class.from_hf(config)
+        model = cls(config, dtype=torch.float32, device=device)
+        norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, invariant.RMSNorm))
+                 for p in m.parameters(recurse=False)}
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        for name, p in model.named_parameters():
+            if id(p) in norms:
+                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                p.data.normal_(0.0, 0.02, generator=gen)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    @classmethod
+    def checkpoint_key(cls, key: str) -> str:
+        """A checkpoint tensor's name in this model's naming (`model.decoder.x` -> `decoder.x` for OPT)."""
+        prefix = cls.hf_prefix
+        return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+    @classmethod
+    def hf_key(cls, name: str) -> str:
+        """A parameter name (as checkpoint_names gives it) -> the name transformers writes."""
+        return cls.hf_prefix + name
 
     @property
     def device(self) -> torch.device:
@@ -288,15 +388,37 @@ class CausalLM(nn.Module):
             out[sel] = logits[rows, readout.req_target[sel]] - lse[rows]
         return out
 
-    def build_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), **kw) -> StepBatch:
-        """One forward batch scoring `examples` under `copies` (checked against this model first)."""
-        check_examples(examples, self.limits, what="examples", training=False)
-        return self.plan_batch(examples, copies, **kw)
+    def build_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), *,
+                    adapters: Sequence = (), eps: float = 0.0, sharing: str = "all", fork: bool = True,
+                    examples_per_copy: Sequence[Sequence[int]] | None = None, checked: bool = False,
+                    batch_invariant: bool | None = None) -> StepBatch:
+        """The one forward batch scoring `examples` under `copies` (engine/batch.py, docs/design.md "A
+        step's data").
+
+        adapters: the LoRAAdapters the copies index (`Copy.adapter`); eps: the perturbation size.
+        sharing: "all" (radix tree over every sequence: prompts under their candidates, common
+        prefixes, duplicates), "candidates" (a prompt per example, shared by its candidates only) or
+        "none" (every sequence computed on its own: the reference the sharing paths are tested
+        against). fork: run the layers below the lowest adapted layer, and that layer's projections
+        without an adapter, once on an unsigned trunk (needs every copy to score the same
+        examples). examples_per_copy: which examples each copy scores (default: all of them in every
+        copy), when several jobs with different batches share one forward.
+        checked: the caller has already checked `examples` against this model (engine/example.py:
+        every public entry point checks once); otherwise they are checked here.
+        batch_invariant: lay the batch out for the batch-invariant mode (sharing="all" shares runs only
+        inside an example); None: the calling thread's mode (engine/invariant.py).
+        """
+        if not checked:
+            check_examples(examples, self.limits, what="examples", training=False)
+        return plan_batch(examples, copies, adapters=adapters, eps=eps, num_layers=self.config.num_hidden_layers,
+                          device=self.device, sharing=sharing, fork=fork, examples_per_copy=examples_per_copy,
+                          projections=self.projections, batch_invariant=batch_invariant)
 
     def plan_batch(self, examples: Sequence[Example], copies: Sequence[Copy] = (Copy(),), **kw) -> StepBatch:
-        """build_batch for examples an entry point has already checked."""
-        return plan_batch(examples, copies, num_layers=self.config.num_hidden_layers, device=self.device,
-                          projections=self.projections, **kw)
+        """Deprecated: `build_batch(examples, copies, checked=True, ...)`."""
+        warnings.warn("CausalLM.plan_batch is deprecated: use build_batch(..., checked=True)", DeprecationWarning,
+                      stacklevel=2)
+        return self.build_batch(examples, copies, checked=True, **kw)
 
     @property
     def projections(self) -> list[tuple]:
@@ -312,7 +434,7 @@ class CausalLM(nn.Module):
         check_sequences(sequences, self.limits)
         examples = [Example(prompt=list(seq[:1]), target=list(seq[1:])) for seq in sequences]
         adapters = [adapter] if adapter is not None else []
-        batch = self.plan_batch(examples, [Copy()], adapters=adapters, sharing=sharing)
+        batch = self.build_batch(examples, [Copy()], adapters=adapters, sharing=sharing, checked=True)
         lp = self.score(batch)
         counts = torch.bincount(batch.readout.req_group, minlength=batch.readout.num_groups).tolist()
         return [t.cpu() for t in torch.split(lp, counts)]

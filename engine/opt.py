@@ -1,14 +1,16 @@
 """OPT: its decoder block, embeddings and head, written once for both front ends.
 
-The block classes take an `ops` factory for their projections, attention and token embedding, and
-run through a forward context (engine/model.py): `EngineOps` + `ForwardContext` give flashzo's own
-model over its paged KV pool (OPTModel, below), the SGLang plugin's ops and context give the same
-block over SGLang's KV cache (sglang_plugin/model.py). q, k and v are one stacked projection,
-`qkv_proj` (its parts keep their own adapters and z indices), as SGLang and vLLM write them.
+The block classes hold layers made by a `LayerOps` and run through a `BlockContext` (the protocols
+of engine/model.py): `EngineOps` + `ForwardContext` give flashzo's own model over its paged KV pool
+(OPTModel, below), the SGLang plugin's ops and context give the same block over SGLang's KV cache
+(sglang_plugin/model.py). q, k and v are one stacked projection, `qkv_proj` (its parts keep their
+own adapters and z indices), as SGLang and vLLM write them. Norms, linears and activations are the
+row-invariant ones (engine/invariant.py; tests/test_family_ops.py checks this file calls no other).
 
 Parameter names follow Hugging Face's (`decoder.layers.0.fc1.weight` ...) except the stacked
 qkv_proj, whose rows hold q_proj, k_proj and v_proj; `checkpoint_names` (engine/model.py) maps
-every checkpoint tensor to its parameter and rows, for loading and saving alike.
+every checkpoint tensor to its parameter and rows, for loading and saving alike, and OPTModel's
+`hf_prefix` the `model.` Hugging Face puts before them.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from torch import nn
 
 from .config import POSITION_OFFSET, OPTConfig
 from .invariant import LayerNorm, Linear, rowwise
-from .model import CausalLM, EngineOps
+from .model import BlockContext, CausalLM, EngineOps, LayerOps
 
-ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                  "silu": F.silu}
+# config.json's activation_function -> the activation, over fixed row chunks in the batch-invariant
+# mode: torch's CPU loops round a tail of T * ffn_dim elements that is not a whole vector in scalar
+# code (gelu's erf/tanh), so the activation must not see how many rows share the call
+ACTIVATION_FNS = {"relu": lambda x: rowwise(F.relu, x), "gelu": lambda x: rowwise(F.gelu, x),
+               "gelu_new": lambda x: rowwise(lambda t: F.gelu(t, approximate="tanh"), x),
+               "silu": lambda x: rowwise(F.silu, x)}
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, cfg: OPTConfig, layer_id: int, ops, prefix: str):
+    def __init__(self, cfg: OPTConfig, layer_id: int, ops: LayerOps, prefix: str):
         super().__init__()
         h, bias = cfg.hidden_size, cfg.enable_bias
         self.qkv_proj = ops.projection(h, (("q_proj", h), ("k_proj", h), ("v_proj", h)), bias, layer_id,
@@ -35,14 +41,14 @@ class OPTAttention(nn.Module):
         self.attn = ops.attention(cfg.num_attention_heads, cfg.num_attention_heads, cfg.head_dim,
                                   cfg.head_dim ** -0.5, layer_id, prefix=f"{prefix}.attn")
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         # x: [T_in, h] -> [T, h] (T_in: the trunk's rows at the fork layer)
         q, k, v = ctx.project(self.qkv_proj, x)
         return ctx.project(self.out_proj, ctx.attend(self.attn, q, k, v))[0]
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, cfg: OPTConfig, layer_id: int, ops, prefix: str):
+    def __init__(self, cfg: OPTConfig, layer_id: int, ops: LayerOps, prefix: str):
         super().__init__()
         h, affine, bias = cfg.hidden_size, cfg.layer_norm_elementwise_affine, cfg.enable_bias
         self.layer_id, self.pre_ln = layer_id, cfg.do_layer_norm_before
@@ -53,7 +59,7 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(h, elementwise_affine=affine, dtype=ops.dtype)
         self.act = ACTIVATION_FNS[cfg.activation_function]
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         # x: [T_in, h] -> [T, h]; pre-LN (most OPTs) or post-LN (opt-350m)
         r = ctx.residual(x, self.layer_id)
         if self.pre_ln:
@@ -64,9 +70,7 @@ class OPTDecoderLayer(nn.Module):
         r = x
         if self.pre_ln:
             x = self.final_layer_norm(x)
-        # the activation over fixed row chunks in the batch-invariant mode: torch's CPU loops round a
-        # tail of T * ffn_dim elements that is not a whole vector in scalar code (gelu's erf/tanh)
-        x = r + ctx.project(self.fc2, rowwise(self.act, ctx.project(self.fc1, x)[0]))[0]
+        x = r + ctx.project(self.fc2, self.act(ctx.project(self.fc1, x)[0]))[0]
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x
@@ -75,7 +79,7 @@ class OPTDecoderLayer(nn.Module):
 class OPTDecoder(nn.Module):
     """Embeddings, layers and the final norm/projection of OPT (the LM head is the tied embedding)."""
 
-    def __init__(self, cfg: OPTConfig, ops, prefix: str = "decoder"):
+    def __init__(self, cfg: OPTConfig, ops: LayerOps, prefix: str = "decoder"):
         super().__init__()
         dtype = ops.dtype
         self.embed_tokens = ops.embedding(cfg.vocab_size, cfg.word_embed_proj_dim, prefix=f"{prefix}.embed_tokens")
@@ -111,50 +115,20 @@ class OPTDecoder(nn.Module):
         return x
 
 
-def checkpoint_key(key: str) -> str:
-    """A Hugging Face OPT checkpoint key in flashzo's naming: `model.decoder.x` and `decoder.x` -> `decoder.x`."""
-    return key[len("model."):] if key.startswith("model.decoder.") else key
-
-
-def hf_key(name: str) -> str:
-    """flashzo's parameter naming -> OPTForCausalLM's checkpoint key (`decoder.x` -> `model.decoder.x`)."""
-    return "model." + name
-
-
-TIED_HEAD = "lm_head.weight"  # OPT's LM head is the token embedding: a checkpoint may list it, nothing loads it
-
-
 class OPTModel(CausalLM):
     """OPT for causal-LM scoring on flashzo's paged KV cache. The LM head is tied to the token embedding."""
 
     family = "opt"
+    config_class = OPTConfig
+    hf_prefix = "model."  # OPTForCausalLM's `model.decoder.x` is `decoder.x` here (facebook's files name it so)
+    tied_head = "lm_head.weight"  # the token embedding: a checkpoint may list it, nothing loads it
 
     def __init__(self, config: OPTConfig, *, dtype: torch.dtype | None = None, device=None):
         super().__init__(config)
         with torch.device(device or "cpu"):
-            self.decoder = OPTDecoder(config, EngineOps)
+            self.decoder = OPTDecoder(config, EngineOps())
         self._finish_init(dtype)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.decoder.embed_tokens.weight
-
-    @classmethod
-    def from_config(cls, config, *, seed: int = 0, dtype: torch.dtype | None = None, device=None) -> "OPTModel":
-        """Random weights (normal(0, 0.02) like HF's init) for a config, an HF config or a preset name."""
-        if isinstance(config, str):
-            config = OPTConfig.from_name(config)
-        elif not isinstance(config, OPTConfig):
-            config = OPTConfig.from_hf(config)
-        model = cls(config, dtype=torch.float32, device=device)
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.data.zero_()
-            else:
-                p.data.normal_(0.0, 0.02, generator=gen)
-        if dtype is not None:
-            model.to(dtype)
-        return model

@@ -13,7 +13,7 @@ if __name__ != "flashzo.kernels":
     )
 
 from .gaussian import gaussian
-from .launch_plan import DeviceInfo, KernelLaunch, LoRAKernelConfig, lora_launches, lora_plan
+from .launch_plan import DeviceInfo, LoRAKernelConfig, lora_plan
 from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, stack_lora_parts
 from .perturbed_lora import (
     base_linear,
@@ -34,7 +34,6 @@ from .zo_update import zo_update_, zo_update_ref
 __all__ = [
     "MAX_RANK",
     "DeviceInfo",
-    "KernelLaunch",
     "LoRAKernelConfig",
     "LoRAPart",
     "LoRAStack",
@@ -45,7 +44,6 @@ __all__ = [
     "base_linear",
     "cat_rows",
     "gaussian",
-    "lora_launches",
     "lora_plan",
     "mm_rows",
     "perturbed_lora_add_",

@@ -1,7 +1,7 @@
 """Argument checks shared by every flashzo kernel launcher, and the limits they enforce.
 
 Each check returns the checked value (as a plain Python int where that applies) or raises
-``flashzo.errors.InputError`` (a ValueError) naming the argument. ``interpreting()`` says whether the
+``InputError`` (kernels/errors.py, a ValueError) naming the argument. ``interpreting()`` says whether the
 Triton kernels were built for the interpreter (TRITON_INTERPRET=1 when flashzo was imported), which
 is what lets them take CPU tensors.
 """
@@ -13,7 +13,7 @@ import operator
 import torch
 import triton
 
-from flashzo.errors import InputError
+from .errors import InputError
 
 MAX_INDEX = 2**31  # global z indices are int32: offset + numel must not exceed this
 MAX_SEED = 2**63 - 1

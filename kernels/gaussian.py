@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import MAX_INDEX, check_block, check_index_range, check_int, check_seed, check_triton_device, resolve_impl
+from .errors import InputError
 
 # Philox-4x32 constants, as in triton/language/random.py.
 _PHILOX_KEY_A = 0x9E3779B9
@@ -43,9 +42,10 @@ _MINUS_TWO = np.float32(-2.0)
 # Elements per Triton program of the elementwise z kernels (this one and zo_update's); z and the
 # update never depend on it.
 DEFAULT_BLOCK = 1024
-# NOTE: elements per chunk in the torch paths (here and in zo_update.py): 2**18 (12 MB of int64
-# temporaries) ran at 18 M z/s on 2 cores, 2**20 at 12.5 M/s and 2**22 at 6.6 M/s (cache misses),
-# 2**16 at 14.5 M/s (op overhead).
+# NOTE: elements per chunk in the torch paths (here and in zo_update.py): it bounds the int64
+# temporaries (48 bytes an element: 12 MB at 2**18) and the number of ops per call; z does not depend
+# on it. Its throughput against 2**16 to 2**22: bench/results/code_notes_cpu.md, "kernels/gaussian.py
+# TORCH_CHUNK" (python bench/code_notes.py --only chunk; time it on an idle machine before changing it).
 TORCH_CHUNK = 2**18
 
 
@@ -214,10 +214,10 @@ def _box_muller_numpy(x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
     """tl.randn's float part, one numpy float32 op per Triton op (as the interpreter runs it).
 
     NOTE: done in numpy, not torch, to be bit-exact with TRITON_INTERPRET=1, which evaluates
-    tl.math.log/cos/sqrt with numpy float32 ufuncs. Measured on 2**24 uniforms (torch 2.13 CPU,
-    AVX2, numpy 2.4): torch.log differs from np.log on 21% of them (up to 4 ulp), torch.cos from
-    np.cos on 19% (1 ulp), and even torch.sqrt from np.sqrt on 15% (1 ulp; numpy's is correctly
-    rounded). The int->float conversion and the fp32 multiplies agreed everywhere.
+    tl.math.log/cos/sqrt with numpy float32 ufuncs: torch's CPU log, cos and even sqrt (numpy's is
+    correctly rounded) give other bits than numpy's on a large share of inputs, while the int->float
+    conversion and the fp32 multiplies agree (bench/results/code_notes_cpu.md, "kernels/gaussian.py
+    _box_muller_numpy": how many and by how many ulp).
     """
     u1 = x1.astype(np.float32)
     u1 *= _UNIFORM_SCALE

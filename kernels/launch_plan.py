@@ -3,9 +3,9 @@
 ``lora_plan`` picks every tile, the K split, warps and stages of the shrink, reduction and expand
 kernels from (K, N, the parts' ranks, dtype, device) only, never from T or from how the rows fall
 into segments: a row's result then never depends on which other rows share the call. The launchers
-in perturbed_lora.py launch exactly what the plan says; ``lora_launches`` describes the same launches
-(grid, tiles, bytes, FLOPs, z draws) for the benchmark and the tests, from the same plan and the
-same grid functions, so the two cannot drift apart.
+in perturbed_lora.py launch exactly what the plan says; the traffic model (bench/traffic.py:
+``lora_launches``) describes the same launches (grid, tiles, bytes, FLOPs, z draws) for the benchmark
+and the tests, from the same plan and the same grid functions, so the two cannot drift apart.
 
 The stacked projection (several adapted parts side by side in one weight, e.g. q, k and v) is laid
 out by ``PartLayout``: part p owns output columns [start, stop) of y, u columns [u_col, u_col + rank)
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from flashzo.errors import InputError
+from .errors import InputError
 
 # The expand's column table: one int32 row per BLOCK_N-wide column block, never straddling two parts:
 # the block's y columns [start, stop), its part's first y column, first u column, rank, Z_B offset
@@ -47,8 +47,8 @@ class LoRAKernelConfig:
     grid shape (``expand_rows``) does not.
 
     NOTE: the defaults are ``lora_plan``'s, and its NOTEs say what they are and why: starting
-    points that compile without spills for sm_80 and sm_90, not the largest spill-free tiles, and
-    not timed yet (they get re-chosen when a GPU times them).
+    points that compile without spills for sm_80 and sm_90, chosen before any timing (what has been
+    timed on a GPU: docs/benchmarks.md).
     """
 
     shrink_block_m: int | None = None  # rows per shrink program
@@ -158,31 +158,28 @@ def lora_plan(
     """The plan for x: [T, K] of ``dtype`` times parts of output widths summing to N and ranks
     ``ranks`` (one per part), on ``device``. T does not enter (see the module docstring).
 
-    NOTE (the K split and the traffic it costs; bytes from ``lora_launches``, not yet timed on a
-    GPU): the shrink splits K into chunks of ``k_per_split`` (256 up to 32 u columns, 512 at 64,
-    1024 beyond) so that the few row tiles of a small T still spread over many SMs; a reduction
-    kernel then sums the splits once, in a fixed order, and the expand reads one u. Before, every
-    expand column block re-read and summed all splits itself (a runtime loop, so no software
-    pipelining), and the split (up to 32) was chosen from the number of row tiles: at T=2048,
-    K=N=2048, r=8, bf16 on 132 SMs (32 splits, 32 column blocks) the expand read 134 MB of u
-    partials against y's 16.8 MB read-modify-write. With this plan the same call moves 0.5 MB of
-    partials out of the shrink, 0.6 MB through the reduction (8 splits), and the expand reads
-    2.1 MB of u and 0.8 MB of B next to y's 16.8 MB (19.7 MB in all, 1.17x y's own traffic).
-    Written and read back, the partials cost 4*u_cols/k_per_split of x's bf16 read whatever T is:
-    1/8 at r=8, 1/2 up to 128 u columns, 1 at 256 (three parts of r=64); the split is a function
-    of K and the u width only.
+    NOTE (the K split and the traffic it costs, from the traffic model: bench/traffic.py): the
+    shrink splits K into chunks of ``k_per_split`` (256 up to 32 u columns, 512 at 64, 1024 beyond)
+    so that the few row tiles of a small T still spread over many SMs; a reduction kernel then sums
+    the splits once, in a fixed order, and the expand reads one u. Had every expand column block
+    re-read and summed all splits itself (a runtime loop, so no software pipelining), with the split
+    chosen from the number of row tiles, the expand of one bf16 call at T=2048, K=N=2048, r=8 on 132
+    SMs would read 32 splits x 32 column blocks x 2048 rows x 16 u columns x 4 B = 134 MB of
+    partials against y's 16.8 MB read-modify-write; with this plan its traffic is a small multiple
+    of y's own (bench/results/code_notes_cpu.md, "kernels/launch_plan.py lora_plan"). Written and
+    read back, the partials cost 4*u_cols/k_per_split of x's bf16 read whatever T is: 1/8 at r=8,
+    1/2 up to 128 u columns, 1 at 256 (three parts of r=64); the split is a function of K and the u
+    width only.
 
-    NOTE (tiles; starting points, to be re-chosen when a GPU times them): every row tile of the
-    shrink regenerates Z_A for its K range (u_cols * K draws per tile, ~100 instructions each), so
-    its row tiles are large for bf16/fp16: 256 rows up to 32 u columns, 128 at 64, 64 beyond (with
-    a K step of 16); fp32 ("ieee" dots on the FMA units hold their operands in registers) 64 rows
-    up to 16 columns, 32 up to 64, 16 beyond. K step 32 otherwise, 8 warps, 3 stages. Expand
-    64x64 (bf16/fp16 at r_pad 64: 32x128, so that u, re-read once per column block, stays at half
-    of y's traffic; fp32 from r_pad 32 on: 32x64), 8 warps, 2 stages. Every choice compiles for
-    sm_80 and sm_90 with triton 3.9 without register spills (tests/test_compile.py checks them all,
-    e.g. the bf16 shrink at r=8 uses 90/108 registers on sm_80/sm_90). They are not the largest
-    spill-free tiles: a 512-row bf16 shrink tile at r <= 16 also compiles without spills
-    (206/196 registers); none has been timed yet.
+    NOTE (tiles; starting points chosen before any timing): every row tile of the shrink
+    regenerates Z_A for its K range (u_cols * K draws per tile, ~100 instructions each), so its row
+    tiles are large for bf16/fp16: 256 rows up to 32 u columns, 128 at 64, 64 beyond (with a K step
+    of 16); fp32 ("ieee" dots on the FMA units hold their operands in registers) 64 rows up to 16
+    columns, 32 up to 64, 16 beyond. K step 32 otherwise, 8 warps, 3 stages. Expand 64x64
+    (bf16/fp16 at r_pad 64: 32x128, so that u, re-read once per column block, stays at half of y's
+    traffic; fp32 from r_pad 32 on: 32x64), 8 warps, 2 stages. Every choice compiles for sm_80 and
+    sm_90 without register spills (tests/test_compile.py checks them all; the registers of each
+    build: bench/results/code_notes_cpu.md, "kernels/launch_plan.py lora_plan (triton ...)").
     """
     cfg = config if config is not None else DEFAULT_CONFIG
     ranks = tuple(int(r) for r in ranks)
@@ -236,20 +233,6 @@ def min_dot_inner() -> int:
         return 16
 
 
-def parts_layouts(parts) -> tuple[PartLayout, ...]:
-    """PartLayouts from (start, stop, rank) triples (u columns and B rows packed in order, zero
-    offsets: what the traffic model needs); PartLayouts pass through."""
-    layouts, u_col, b_row = [], 0, 0
-    for p in parts:
-        if isinstance(p, PartLayout):
-            layouts.append(p)
-            continue
-        start, stop, rank = p
-        layouts.append(PartLayout(start, stop, rank, u_col, b_row, 0, 0))
-        u_col, b_row = u_col + rank, b_row + stop - start
-    return tuple(layouts)
-
-
 def column_blocks(layouts: tuple[PartLayout, ...], block_n: int) -> list[tuple[int, ...]]:
     """The expand's column table rows (fields at the COL_* positions), part by part."""
     rows = []
@@ -271,181 +254,3 @@ def z_rows(layouts: tuple[PartLayout, ...], K: int, u_cols: int) -> list[int]:
         for i in range(p.rank):
             rows[p.u_col + i] = p.a_offset + i * K
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# The traffic model
-
-
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One launch of a call, as the launcher makes it: what it reads and writes in global memory
-    per operand (every request counted, cache hits included), its FLOPs (as executed, padding
-    included) and its Philox+Box-Muller draws. ``math`` names the units its FLOPs run on."""
-
-    name: str
-    grid: tuple
-    tiles: dict
-    reads: dict  # operand -> bytes
-    writes: dict  # operand -> bytes
-    flops: int
-    z_draws: int
-    math: str  # "bf16", "fp16", "fp32" (a GEMM in x's dtype), "tf32" or "ieee" (LoRA dots), "none"
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(self.reads.values())
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(self.writes.values())
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-
-def lora_launches(
-    segments,
-    K: int,
-    N: int,
-    parts,
-    dtype: torch.dtype,
-    *,
-    device: DeviceInfo,
-    config: LoRAKernelConfig | None = None,
-    bias: bool = True,
-    base: bool = True,
-) -> list[KernelLaunch]:
-    """Every launch of one ``perturbed_lora_linear_parts`` call (``base=False``: of
-    ``perturbed_lora_add_``) on x: [T, K] of ``dtype`` with T = segments.num_rows, y: [T, N].
-
-    parts: the adapted parts as (start, stop, rank) in column order, or their ``PartLayout``s;
-    ``perturbed_lora_linear`` is the one part (0, N, r). device: e.g. DeviceInfo("cuda", 132)."""
-    T = segments.num_rows
-    layouts = parts_layouts(parts)
-    e = torch.empty((), dtype=dtype).element_size()
-    plan = lora_plan(K, N, [p.rank for p in layouts], dtype, device, config)
-    launches = []
-    if base:
-        launches.append(
-            KernelLaunch(
-                name="base GEMM",
-                grid=(),
-                tiles={},
-                reads=dict(x=T * K * e, W=N * K * e, bias=N * e if bias else 0),
-                writes=dict(y=T * N * e),
-                flops=2 * T * N * K,
-                z_draws=0,
-                math={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-            )
-        )
-    if T == 0 or K == 0 or not layouts:
-        return launches
-    r_total = sum(p.rank for p in layouts)
-    n_adapted = sum(p.stop - p.start for p in layouts)
-    tiles = segments.tile_rows(plan.shrink_block_m)
-    signed = sum(1 for *_, sign in tiles if sign != 0)
-    # every lane of a K step draws, masked or not: whole BLOCK_K steps over each split's range
-    k_drawn = sum(
-        triton.cdiv(min(plan.k_per_split, K - k0), plan.shrink_block_k) * plan.shrink_block_k
-        for k0 in range(0, K, plan.k_per_split)
-    )
-    u_part = plan.split_k * T * plan.u_cols * 4
-    launches.append(
-        KernelLaunch(
-            name="shrink",
-            grid=plan.shrink_grid(len(tiles)),
-            tiles=dict(BLOCK_M=plan.shrink_block_m, BLOCK_K=plan.shrink_block_k, U_COLS=plan.u_cols),
-            reads=dict(x=T * K * e, A=len(tiles) * r_total * K * 4),
-            writes=dict(u_part=u_part),
-            flops=2 * T * K * plan.u_cols,
-            z_draws=signed * plan.u_cols * k_drawn,
-            math=plan.precision,
-        )
-    )
-    if plan.split_k > 1:
-        launches.append(
-            KernelLaunch(
-                name="reduce",
-                grid=plan.reduce_grid(T),
-                tiles=dict(BLOCK=plan.reduce_block, SPLIT=plan.split_k),
-                reads=dict(u_part=u_part),
-                writes=dict(u=T * plan.u_cols * 4),
-                flops=(plan.split_k - 1) * T * plan.u_cols,
-                z_draws=0,
-                math="none",
-            )
-        )
-    blocks = column_blocks(layouts, plan.expand_block_n)
-    rows = plan.expand_rows_for(T, len(blocks))
-    chunks = segments.tile_rows(rows)
-    signed = sum(1 for *_, sign in chunks if sign != 0)
-    u_read = sum(T * b[COL_RANK.value] * 4 for b in blocks)  # each column block reads its part's u
-    b_read = len(chunks) * sum((b[COL_STOP.value] - b[COL_START.value]) * b[COL_RANK.value] * 4 for b in blocks)
-    launches.append(
-        KernelLaunch(
-            name="expand",
-            grid=(len(chunks), len(blocks)),
-            tiles=dict(BLOCK_M=plan.expand_block_m, BLOCK_N=plan.expand_block_n, R_PAD=plan.r_pad, ROWS=rows),
-            reads=dict(y=T * n_adapted * e, u=u_read, B=b_read),
-            writes=dict(y=T * n_adapted * e),
-            flops=2 * T * n_adapted * plan.r_pad,
-            z_draws=signed * len(blocks) * plan.expand_block_n * plan.r_pad,
-            math=plan.precision,
-        )
-    )
-    return launches
-    r_total = sum(p.rank for p in layouts)
-    n_adapted = sum(p.stop - p.start for p in layouts)
-    tiles = segments.tile_rows(plan.shrink_block_m)
-    signed = sum(1 for *_, sign in tiles if sign != 0)
-    # every lane of a K step draws, masked or not: whole BLOCK_K steps over each split's range
-    k_drawn = sum(
-        triton.cdiv(min(plan.k_per_split, K - k0), plan.shrink_block_k) * plan.shrink_block_k
-        for k0 in range(0, K, plan.k_per_split)
-    )
-    launches.append(
-        KernelLaunch(
-            "shrink",
-            plan.shrink_grid(len(tiles)),
-            dict(BLOCK_M=plan.shrink_block_m, BLOCK_K=plan.shrink_block_k, U_COLS=plan.u_cols, KSPLIT=plan.k_per_split),
-            T * K * e + len(tiles) * r_total * K * 4,
-            plan.split_k * T * plan.u_cols * 4,
-            2 * T * K * plan.u_cols,
-            signed * plan.u_cols * k_drawn,
-            plan.precision,
-        )
-    )
-    if plan.split_k > 1:
-        launches.append(
-            KernelLaunch(
-                "reduce",
-                plan.reduce_grid(T),
-                dict(BLOCK=plan.reduce_block, SPLIT=plan.split_k),
-                plan.split_k * T * plan.u_cols * 4,
-                T * plan.u_cols * 4,
-                (plan.split_k - 1) * T * plan.u_cols,
-                0,
-                "none",
-            )
-        )
-    blocks = column_blocks(layouts, plan.expand_block_n)
-    rows = plan.expand_rows_for(T, len(blocks))
-    chunks = segments.tile_rows(rows)
-    signed = sum(1 for *_, sign in chunks if sign != 0)
-    u_read = sum(T * b[COL_RANK.value] * 4 for b in blocks)
-    b_read = len(chunks) * sum((b[COL_STOP.value] - b[COL_START.value]) * b[COL_RANK.value] * 4 for b in blocks)
-    launches.append(
-        KernelLaunch(
-            "expand",
-            (len(chunks), len(blocks)),
-            dict(BLOCK_M=plan.expand_block_m, BLOCK_N=plan.expand_block_n, R_PAD=plan.r_pad, ROWS=rows),
-            T * n_adapted * e + u_read + b_read,
-            T * n_adapted * e,
-            2 * T * n_adapted * plan.r_pad,
-            signed * len(blocks) * plan.expand_block_n * plan.r_pad,
-            plan.precision,
-        )
-    )
-    return launches

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flashzo.errors import InputError
-
 from .checks import check_z_offset
+from .errors import InputError
 from .launch_plan import PartLayout
 
 MAX_RANK = 64

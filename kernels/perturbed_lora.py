@@ -15,8 +15,9 @@ is one shrink launch and one expand launch, with a reduction between them when K
 This file holds, in order: the kernels (shrink, split-K reduction, expand), the launchers
 ``perturbed_lora_linear`` (one projection), ``perturbed_lora_linear_parts`` (a stacked projection)
 and ``perturbed_lora_add_`` (the LoRA term alone, added into a given y) - Triton on CUDA, torch on
-CPU, ``impl`` forces either - and the pure-torch references. The plan (tiles, split) and the
-traffic model are in launch_plan.py, the parts in lora_parts.py, ``Segments`` in segments.py.
+CPU, ``impl`` forces either - and the pure-torch references. The plan (tiles, split) is in
+launch_plan.py, the parts in lora_parts.py, ``Segments`` in segments.py; the traffic model of these
+launches, for the benchmark and the tests, in bench/traffic.py.
 
 Rounding (what the tests' tolerances rely on):
 
@@ -44,9 +45,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import check_triton_device, check_z_offset, interpreting, resolve_impl
+from .errors import InputError
 from .gaussian import gaussian
 from .launch_plan import (
     COL_B_OFFSET,
@@ -120,9 +120,9 @@ def _lora_shrink_kernel(
     Z_A is regenerated tile by tile at global indices zrow[j] + k (zrow: each u column's A row).
 
     NOTE: each row tile regenerates its Z_A slice, so the shrink evaluates ceil(T/BLOCK_M)*U_COLS*K
-    Philox+Box-Muller draws (~100 integer/SFU instructions each); lora_launches counts them. An
-    estimate of their cost, not a measurement (no GPU yet): a few % of the base GEMM's time at
-    BLOCK_M >= 128 and r <= 16.
+    Philox+Box-Muller draws (~100 integer/SFU instructions each); the traffic model counts them.
+    Estimated from that count, they cost a few % of the base GEMM's time at BLOCK_M >= 128 and
+    r <= 16; bench/bench_perturbed_lora.py times the whole call.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -317,8 +317,9 @@ def perturbed_lora_linear(
         y: [T, N] in x's dtype. Nothing is differentiable; W, A and B are never written.
     """
     _check_args(x, weight, bias, lora_a, lora_b, segments, scaling, eps, a_offset, b_offset)
-    stack = single_part_stack(lora_a, lora_b, a_offset, b_offset)
-    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant)
+    return perturbed_lora_linear_parts(x, weight, bias, single_part_stack(lora_a, lora_b, a_offset, b_offset),
+                                       segments, scaling=scaling, eps=eps, impl=impl, config=config,
+                                       batch_invariant=batch_invariant)
 
 
 def perturbed_lora_linear_parts(
@@ -351,7 +352,24 @@ def perturbed_lora_linear_parts(
         y: [T, N_total] in x's dtype. W, A and B are never written.
     """
     stack = _check_parts_call(x, weight, bias, None, parts, segments, scaling, eps)
-    return _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant)
+    mm = mm_rows if batch_invariant else torch.matmul
+    if resolve_impl(impl, x.device) == "torch":  # fp32 throughout, rounded to x's dtype once
+        xc = x.to(torch.float32)
+        y = _plus_bias(mm(xc, weight.to(torch.float32).T), bias)  # [T, N]: the base, as base_linear's
+        _add_lora_torch(y, xc, stack.parts, segments, scaling, eps, torch.float32, None, mm)
+        return y.to(x.dtype)
+    check_triton_device(x.device)
+    # NOTE: the base GEMM is cuBLAS, and the LoRA part runs beside it in small Triton kernels
+    # (shrink, a split-K reduction when K is split, then an expand that adds into y), rather than
+    # one Triton GEMM with LoRA fused in its epilogue. The base GEMM is ~99% of the FLOPs (2*T*N*K
+    # against 2*T*r*(K+N), r <= 64 << K, N) and cuBLAS runs it near the GPU's peak, where a Triton
+    # GEMM usually trails it; the LoRA part is bound by memory (reading x, read-modify-write of y)
+    # and by regenerating z, so fusing it into the GEMM would save little traffic and cost the
+    # faster GEMM. bench/bench_perturbed_lora.py times the choice (docs/benchmarks.md, "The kernel
+    # microbenchmark"): fused vs the unfused torch code a user would write vs the bare base GEMM.
+    y = F.linear(x, weight, bias) if not batch_invariant else _plus_bias(mm_rows(x, weight.T), bias)  # as base_linear
+    _add_lora_triton(y, x, stack, segments, scaling, eps, config)
+    return y
 
 
 def perturbed_lora_add_(
@@ -408,33 +426,13 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     mm = mm_rows if batch_invariant else torch.matmul
     if resolve_impl(impl, x.device) == "torch":
-        y = mm(x.to(torch.float32), weight.to(torch.float32).T)
-        return y.add_(bias.to(torch.float32)) if bias is not None else y
-    if not batch_invariant:
-        return F.linear(x, weight, bias)
-    y = mm_rows(x, weight.T)
-    return y.add_(bias) if bias is not None else y
+        return _plus_bias(mm(x.to(torch.float32), weight.to(torch.float32).T), bias)
+    return F.linear(x, weight, bias) if not batch_invariant else _plus_bias(mm_rows(x, weight.T), bias)
 
 
-def _linear(x, weight, bias, stack, segments, scaling, eps, impl, config, batch_invariant=False) -> torch.Tensor:
-    impl = resolve_impl(impl, x.device)
-    if impl == "torch":
-        mm = mm_rows if batch_invariant else torch.matmul
-        y = _perturbed_lora_torch(x, weight, bias, stack.parts, segments, scaling, eps, torch.float32, None, mm)
-        return y.to(x.dtype)
-    check_triton_device(x.device)
-    # NOTE: the base GEMM is cuBLAS, and the LoRA part runs beside it in small Triton kernels
-    # (shrink, a split-K reduction when K is split, then an expand that adds into y), rather than
-    # one Triton GEMM with LoRA fused in its epilogue. The base GEMM is ~99% of the FLOPs (2*T*N*K
-    # against 2*T*r*(K+N), r <= 64 << K, N) and cuBLAS runs it near the H100's peak, where a Triton
-    # GEMM usually trails it by 10-30%; the LoRA part is bound by memory (reading x,
-    # read-modify-write of y) and by regenerating z, so fusing it into the GEMM would save little
-    # traffic and cost the faster GEMM. NOT YET MEASURED on a GPU; bench/bench_perturbed_lora.py
-    # checks it: fused vs the unfused torch code a user would write vs the bare base GEMM (the
-    # floor), on OPT q_proj shapes in bf16, next to lora_launches' traffic model.
-    y = base_linear(x, weight, bias, impl="triton", batch_invariant=batch_invariant)  # [T, N], x.dtype, contiguous
-    _add_lora_triton(y, x, stack, segments, scaling, eps, config)
-    return y
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y + bias in place, in y's dtype (the base GEMM's epilogue)."""
+    return y.add_(bias.to(y.dtype)) if bias is not None else y
 
 
 def _add_lora_triton(y, x, stack, segments, scaling, eps, config) -> None:
@@ -662,9 +660,7 @@ def _perturbed_lora_torch(x, weight, bias, parts, segments, scaling, eps, dtype,
                           mm=torch.matmul) -> torch.Tensor:
     """The formula in ``dtype``: the base, then every part's LoRA term. Returns y: [T, N] in ``dtype``."""
     xc = x.to(dtype)
-    y = mm(xc, weight.to(dtype).T)  # [T, N]
-    if bias is not None:
-        y += bias.to(dtype)
+    y = _plus_bias(mm(xc, weight.to(dtype).T), bias)  # [T, N]
     _add_lora_torch(y, xc, parts, segments, scaling, eps, dtype, z_impl, mm)
     return y
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import InputError
+from .errors import InputError
 
 MODES = ("int8", "int4")
 GROUP_SIZES = {"int8": (16, 32, 64, 128), "int4": (32, 64, 128)}  # int8 also takes group_size=None: per channel

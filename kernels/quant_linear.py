@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .checks import InputError, check_triton_device, interpreting, resolve_impl
+from .checks import check_triton_device, interpreting, resolve_impl
+from .errors import InputError
 from .launch_plan import DeviceInfo
 from .perturbed_lora import _bf16_round_to_nearest_even
 from .quant import QuantizedWeight, dequantize_into

@@ -1,11 +1,9 @@
-"""How the quantized GEMM (quant_linear.py) cuts its work, and what each launch moves: one plan for both.
+"""How the quantized GEMM (quant_linear.py) cuts its work.
 
 ``quant_plan`` picks the tiles, warps and stages from (K, N, the weight's format, x's dtype, device)
 only, never from T: every output element is then the same sequence of dots whatever the number of
 rows, so the kernel is batch-invariant as it stands (docs/design.md, "Batch invariance").
-``quant_launches`` describes the launch the plan makes (grid, bytes per operand, FLOPs) for the
-benchmark and the tests, with the two things a user would run instead: the unfused dequantize then
-GEMM, and a dense GEMM of the same shape in x's dtype.
+The traffic model of the launch it makes (bench/traffic.py: ``quant_launches``) is the benchmark's.
 """
 
 from __future__ import annotations
@@ -15,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .checks import InputError
-from .launch_plan import DeviceInfo, KernelLaunch
+from .errors import InputError
+from .launch_plan import DeviceInfo
 
-__all__ = ["QuantKernelConfig", "QuantPlan", "quant_launches", "quant_plan"]
+__all__ = ["QuantKernelConfig", "QuantPlan", "quant_plan"]
 
 
 @dataclass(frozen=True)
@@ -100,46 +98,3 @@ def quant_plan(K: int, N: int, mode: str, group_size: int, dtype: torch.dtype, d
         num_warps=cfg.num_warps or (4 if fp32 else 8),
         num_stages=cfg.num_stages or (2 if fp32 else 3),
     )
-
-
-def quant_launches(T: int, K: int, N: int, mode: str, group_size: int, dtype: torch.dtype, *,
-                   symmetric: bool = True, scale_dtype: torch.dtype = torch.float16, bias: bool = True,
-                   device: DeviceInfo, config: QuantKernelConfig | None = None,
-                   requests: bool = False) -> dict[str, list[KernelLaunch]]:
-    """The launches of ``quantized_linear`` on x: [T, K] of ``dtype`` (its Triton path), and of the
-    two alternatives, as {"fused": [...], "unfused": [dequantize, GEMM], "dense": [GEMM]}.
-
-    Bytes are each operand's compulsory traffic (read or written once), for every path alike, so
-    the three compare: the fused kernel never writes or reads a dense weight. ``requests=True``
-    counts the fused kernel's requests instead (a tile re-read by another program counts again:
-    x once per column block, the packed weight, scales and mins once per row block), which the
-    L2 cache serves in part."""
-    plan = quant_plan(K, N, mode, group_size, dtype, device, config)
-    e = torch.empty((), dtype=dtype).element_size()
-    se = torch.empty((), dtype=scale_dtype).element_size()
-    packed = N * K // (2 if mode == "int4" else 1)
-    scales = N * (K // group_size) * se * (1 if symmetric else 2)
-    row_tiles, col_tiles = triton.cdiv(T, plan.block_m), triton.cdiv(N, plan.block_n)
-    x_reads, w_reads = (col_tiles, row_tiles) if requests else (1, 1)
-    math = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    fused = KernelLaunch(
-        name="quant GEMM",
-        grid=plan.grid(T, N),
-        tiles=dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, GROUP_M=plan.group_m),
-        reads=dict(x=x_reads * T * K * e, W=w_reads * packed, scales=w_reads * scales,
-                   bias=w_reads * N * e if bias else 0),
-        writes=dict(y=T * N * e),
-        flops=2 * row_tiles * plan.block_m * col_tiles * plan.block_n * K,  # as executed: whole tiles
-        z_draws=0,
-        math=plan.precision if dtype == torch.float32 else math,
-    )
-    dequant = KernelLaunch(name="dequantize", grid=(), tiles={}, reads=dict(W=packed, scales=scales),
-                           writes=dict(W_dense=N * K * e), flops=N * K * (1 if symmetric else 2), z_draws=0,
-                           math="none")
-
-    def gemm(name):
-        return KernelLaunch(name=name, grid=(), tiles={},
-                            reads=dict(x=T * K * e, W_dense=N * K * e, bias=N * e if bias else 0),
-                            writes=dict(y=T * N * e), flops=2 * T * N * K, z_draws=0, math=math)
-
-    return {"fused": [fused], "unfused": [dequant, gemm("GEMM")], "dense": [gemm("dense GEMM")]}

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import check_seed
+from .errors import InputError
 
 # A tile-map row: the rows [row_start, row_stop) of one tile, all in one segment, and that segment's
 # adapter, seed and sign.

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashzo.errors import InputError
-
 from .checks import check_block, check_index_range, check_int, check_seed, check_triton_device, resolve_impl
+from .errors import InputError
 from .gaussian import DEFAULT_BLOCK, TORCH_CHUNK, gaussian, gaussian_torch
 
 

@@ -3,7 +3,8 @@
 SGLang builds a model from the checkpoint's config (`architectures`: OPTForCausalLM,
 LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) and calls `forward(input_ids, positions,
 forward_batch)` with the ragged tokens of a batch. The decoder block, embeddings, final norm and
-checkpoint name mapping are the engine's (engine/opt.py, engine/llama.py), built with the ops here:
+checkpoint name mapping are the engine's (engine/opt.py, engine/llama.py), built with the ops here
+(SGLangOps and SGLangContext implement engine/model.py's LayerOps and BlockContext protocols):
 projections are `SGLangProjection`s (SGLang's ReplicatedLinear, so its LoRA manager can wrap them),
 attention is SGLang's RadixAttention (its KV pool, its attention backend: torch_native on a CPU),
 the token embedding is SGLang's VocabParallelEmbedding (an untied Llama head its ParallelLMHead);
@@ -44,6 +45,7 @@ from flashzo.engine.example import Limits
 from flashzo.engine.family import FAMILIES
 from flashzo.engine.llama import LlamaDecoder
 from flashzo.engine.loading import CheckpointFill
+from flashzo.engine.model import BlockContext, LayerOps
 from flashzo.engine.opt import OPTDecoder
 from flashzo.errors import InputError
 
@@ -71,26 +73,26 @@ class SGLangProjection(ReplicatedLinear):
             start += n
 
 
-class SGLangOps:
-    """Builds a family's shared block (engine/opt.py, engine/llama.py) out of SGLang's layers, in SGLang's
-    default dtype."""
+class SGLangOps(LayerOps):
+    """The LayerOps that build a family's shared block (engine/opt.py, engine/llama.py) out of SGLang's
+    layers, in SGLang's default dtype. SGLang's forward never forks, so `fork_input` changes nothing."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
 
-    def projection(self, in_features, parts, bias, layer_id, *, prefix="", fork_input=False) -> SGLangProjection:
+    def projection(self, in_features, parts, bias, layer_id, *, prefix, fork_input=False) -> SGLangProjection:
         return SGLangProjection(in_features, parts, bias, layer_id, self.dtype, prefix)
 
-    def attention(self, num_heads, num_kv_heads, head_dim, scaling, layer_id, *, prefix="") -> RadixAttention:
+    def attention(self, num_heads, num_kv_heads, head_dim, scaling, layer_id, *, prefix) -> RadixAttention:
         return RadixAttention(num_heads, head_dim, scaling, num_kv_heads=num_kv_heads, layer_id=layer_id,
                               prefix=prefix)
 
-    def embedding(self, num, dim, *, prefix="") -> VocabParallelEmbedding:
+    def embedding(self, num, dim, *, prefix) -> VocabParallelEmbedding:
         return VocabParallelEmbedding(num, dim, params_dtype=self.dtype, prefix=prefix)
 
 
-class SGLangContext:
-    """The block's forward context inside SGLang: its batch, its positions, the route of every request's rows."""
+class SGLangContext(BlockContext):
+    """The BlockContext inside SGLang: its batch, its positions, the route of every request's rows."""
 
     def __init__(self, forward_batch: ForwardBatch, routes: Routes | None, positions: torch.Tensor):
         self.forward_batch, self.routes, self._positions = forward_batch, routes, positions
@@ -101,10 +103,10 @@ class SGLangContext:
     def positions(self, layer_id: int) -> torch.Tensor:
         return self._positions  # every layer computes the batch's rows
 
-    def project(self, module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, proj: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """Every part's output of an SGLangProjection, or of SGLang's LoRA wrapper around one: [T, n] each."""
-        base = getattr(module, "base_layer", module)
-        pool = (module.A_buffer, module.B_buffer) if getattr(module, "set_lora", False) else None
+        base = getattr(proj, "base_layer", proj)
+        pool = (proj.A_buffer, proj.B_buffer) if getattr(proj, "set_lora", False) else None
         outs = []
         for i, (name, o0, o1) in enumerate(base.parts):
             bias = base.bias[o0:o1] if base.bias is not None else None

@@ -1,4 +1,4 @@
-"""Shared test set-up: Triton runs in its interpreter when there is no GPU."""
+"""Shared test set-up: Triton runs in its interpreter when there is no GPU; the families' random models."""
 
 import os
 import sys
@@ -24,3 +24,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """(family, name of tests/helpers.py's FAMILY_CONFIGS) -> (transformers model, the same model loaded by
+    flashzo from a checkpoint), seed 2, built once per session (OPT with 3 layers, so that an adapter's
+    `layers` can skip one)."""
+    from helpers import hf_family_model, write_checkpoint
+
+    from flashzo.engine import load_model
+
+    cache = {}
+
+    def get(family: str, name: str):
+        if (family, name) not in cache:
+            hf = hf_family_model(family, name, seed=2, **({"num_hidden_layers": 3} if family == "opt" else {}))
+            path = write_checkpoint(hf, tmp_path_factory.mktemp(f"{family}_{name}"), "safetensors")
+            cache[family, name] = hf, load_model(path)
+        return cache[family, name]
+
+    return get

@@ -96,6 +96,101 @@ def hf_llama(seed: int = 0, model_type: str = "llama", qk_std: float = 0.5, **ov
 
 
 # --------------------------------------------------------------------------------------------------
+# Every family's random transformers models, by name (tests/test_family.py, test_opt.py, test_llama.py)
+# --------------------------------------------------------------------------------------------------
+
+ATOL = 1e-4  # log-probs, fp32 against fp32: both sides differ only in summation order
+# transformers config overrides of TINY (OPT) and LLAMA_TINY (the Llama family: (model_type, overrides))
+LLAMA3 = dict(rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=32)  # head_dim 8: one frequency kept, one ramped, two scaled
+FAMILY_CONFIGS = {
+    "opt": {
+        "pre_ln": {},
+        "post_ln_proj": dict(word_embed_proj_dim=16, do_layer_norm_before=False),  # opt-350m's shape
+        "head_dim_80": dict(hidden_size=160, num_attention_heads=2, ffn_dim=96),  # opt-2.7b's head_dim
+        "no_bias": dict(enable_bias=False),
+        "no_ln_affine": dict(layer_norm_elementwise_affine=False),
+        "no_final_ln_gelu": dict(_remove_final_layer_norm=True, activation_function="gelu"),
+    },
+    "llama": {
+        "gqa": ("llama", {}),
+        "mqa_tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+        "llama3_rope": ("llama", dict(rope_parameters=LLAMA3)),
+        "linear_rope_biases": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=1000.0, factor=2.0),
+                                             attention_bias=True, mlp_bias=True)),
+        "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+        "mistral_head_dim": ("mistral", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                                             sliding_window=64)),
+    },
+}
+# the longest sequence make_sequences gives each family's comparisons (within both tiny shapes' positions)
+LONGEST = {"opt": 33, "llama": 41}
+
+
+def hf_family_model(family: str, name: str, seed: int = 1, **extra):
+    """FAMILY_CONFIGS[family][name] as a transformers model with random weights everywhere (biases a
+    Llama-family config has are made to matter: transformers initialises them to zero)."""
+    if family == "opt":
+        return hf_opt(seed=seed, **{**FAMILY_CONFIGS["opt"][name], **extra})
+    model_type, overrides = FAMILY_CONFIGS[family][name]
+    hf = hf_llama(seed=seed, model_type=model_type, **{**overrides, **extra})
+    if model_type == "qwen2" or overrides.get("attention_bias"):
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    return hf
+
+
+def max_diff(ours, ref) -> float:
+    """The largest |difference| between two lists of per-sequence fp32 log-probs of equal shapes."""
+    assert len(ours) == len(ref)
+    out = 0.0
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape, (a.dtype, a.shape, b.shape)
+        if a.numel():
+            out = max(out, (a - b).abs().max().item())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The perturbed LoRA kernels' problems (tests/test_perturbed_lora.py, test_perturbed_lora_parts.py)
+# --------------------------------------------------------------------------------------------------
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+# T = 37 rows in four segments, one empty: 10 + 0 + 20 + 7; three seeds (one > 2**32), all three signs
+ROWS_37, SEEDS_37, SIGNS_37 = [10, 0, 20, 7], [5, 7, 2**40 + 3, 5], [1, -1, 0, -1]
+
+
+def segments_37(adapters):
+    """The 37-row segment table with the given adapter of each segment."""
+    from flashzo.kernels import Segments
+
+    return Segments.from_lists(ROWS_37, list(adapters), SEEDS_37, SIGNS_37, device=KERNEL_DEVICE)
+
+
+def max_err(y, ref) -> float:
+    return (y.double() - ref.double()).abs().max().item() if y.numel() else 0.0
+
+
+def torch_in_dtype(x, w, b, parts, segments, *, scaling: float, eps: float):
+    """What plain torch gives in x's dtype: F.linear in that dtype, each LoRAPart's delta in fp32
+    (perturbed_lora_linear_ref on the part's rows), the sum cast. Its error against an fp64
+    reference is what a kernel's is held to: within twice it, plus a small atol (KERNEL_ATOL)."""
+    import torch.nn.functional as F
+
+    from flashzo.kernels import perturbed_lora_linear_ref
+
+    y = F.linear(x, w, b).float()
+    for p in parts:
+        y[:, p.start:p.stop] += perturbed_lora_linear_ref(
+            x, torch.zeros_like(w[p.start:p.stop]), None, p.lora_a, p.lora_b, segments, scaling=scaling, eps=eps,
+            a_offset=p.a_offset, b_offset=p.b_offset, out_dtype=torch.float32)
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # GGUF files (llama.cpp's format), written with the gguf package's writer
 # --------------------------------------------------------------------------------------------------
 

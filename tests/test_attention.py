@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from flashzo.engine import Copy, Example, OPTConfig, OPTModel, build_batch
+from flashzo.engine import Copy, Example, OPTConfig, OPTModel
 from flashzo.engine.attention import (
     AttentionMetadata,
     FlashInferAttentionBackend,
@@ -21,6 +21,7 @@ from flashzo.engine.attention import (
     force_backend,
     resolve_backend,
 )
+from flashzo.engine.batch import plan_batch
 
 
 def random_meta(qo_lens, ctx_lens, *, shared, seed=0, device="cpu"):
@@ -145,7 +146,7 @@ def test_flashinfer_plan_args_hand_example():
     # One prompt [11, 12, 13] with candidates [21] and [22, 23]; one copy; sharing="all".
     # Rows: prompt 0..2, candidate [21] row 3, candidate [22, 23] rows 4..5.
     ex = Example([11, 12, 13], candidates=[[21], [22, 23]], label=0)
-    batch = build_batch([ex], [Copy()], num_layers=2, max_positions=64, device="cpu", sharing="all")
+    batch = plan_batch([ex], [Copy()], num_layers=2, device="cpu", sharing="all")
     meta = batch.inputs.meta
     args, kwargs = flashinfer_plan_args(meta, num_heads=4, head_dim=64, dtype=torch.bfloat16)
     qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo, num_kv, head_dim, page_size = args
@@ -170,7 +171,7 @@ def test_flashinfer_plan_args_hand_example():
 def test_flashinfer_plan_args_forked_batch():
     # Two prompts sharing [5, 6]; two copies forked at layer 1: the trunk stage is copy 0's layout.
     exs = [Example([5, 6, 7], candidates=[[8]]), Example([5, 6, 9], target=[10])]
-    batch = build_batch(exs, [Copy(sign=1), Copy(sign=-1)], num_layers=2, max_positions=64, device="cpu")
+    batch = plan_batch(exs, [Copy(sign=1), Copy(sign=-1)], num_layers=2, device="cpu")
     # Rows of a copy: [5, 6] 0..1, [7, 8] 2..3, [9, 10] 4..5 (the split happens after 6).
     trunk, _ = flashinfer_plan_args(batch.inputs.trunk_meta, num_heads=2, head_dim=64, dtype=torch.float16)
     assert trunk[0].tolist() == [0, 2, 4, 6]

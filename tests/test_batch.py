@@ -9,7 +9,9 @@ every row written once, page tables) are checked directly.
 import pytest
 import torch
 
+import flashzo
 from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel, build_batch, invariant
+from flashzo.engine.batch import plan_batch
 
 VOCAB = 97
 CFG = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
@@ -175,7 +177,7 @@ def test_token_logprobs_match_across_sharing(model):
 
 def _build(exs, copies=None, **kw):
     kw.setdefault("num_layers", 4)
-    return build_batch(exs, list(copies or [Copy()]), max_positions=256, device="cpu", **kw)
+    return plan_batch(exs, list(copies or [Copy()]), device="cpu", **kw)
 
 
 def _all_sequences(exs):
@@ -301,10 +303,32 @@ def test_build_batch_errors():
     exs = [Example([1, 2], candidates=[[3]])]
     with pytest.raises(ValueError, match="sharing"):
         _build(exs, sharing="some")
-    with pytest.raises(ValueError, match="copies"):
+    # flashzo.engine.build_batch, the deprecated model-less entry point, still checks and builds
+    with pytest.raises(ValueError, match="copies"), pytest.warns(DeprecationWarning):
         build_batch(exs, [], num_layers=2, max_positions=8, device="cpu")
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="positions"), pytest.warns(DeprecationWarning):
         build_batch([Example(list(range(8)), target=[1])], [Copy()], num_layers=2, max_positions=8,
                     device="cpu")
     with pytest.raises(ValueError, match="examples_per_copy"):
         _build(exs, [Copy(), Copy()], examples_per_copy=[(0,)])
+
+
+def test_build_batch_is_the_one_entry_point(model):
+    """CausalLM.build_batch checks the examples unless told they are checked; the older names still
+    build the same batch, with a DeprecationWarning."""
+    exs = [Example([1, 2, 3], candidates=[[4], [5, 6]], label=1), Example([1, 2, 7], candidates=[[4], [8]], label=0)]
+    copies, ad = [Copy(0, 3, 1), Copy(0, 3, -1)], _adapter()
+    kw = dict(adapters=[ad], eps=1e-2, sharing="candidates")
+    ref = model.build_batch(exs, copies, **kw)
+    with pytest.warns(DeprecationWarning, match="build_batch"):
+        old = model.plan_batch(exs, copies, **kw)
+    with pytest.warns(DeprecationWarning, match="build_batch"):
+        free = build_batch(exs, copies, num_layers=CFG.num_hidden_layers, max_positions=256, device="cpu", **kw)
+    for other in (old, free):
+        assert torch.equal(other.inputs.input_ids, ref.inputs.input_ids) and other.stats == ref.stats
+        assert torch.equal(other.readout.req_target, ref.readout.req_target)
+    assert torch.equal(model.score(old), model.score(ref)) and torch.equal(model.score(free), model.score(ref))
+    too_long = [Example([3 + i % 90 for i in range(299)], target=[1])]
+    with pytest.raises(flashzo.InputError, match="positions"):
+        model.build_batch(too_long)
+    assert model.build_batch(too_long, checked=True).stats.num_tokens == 300  # the caller vouched for them

@@ -1,4 +1,5 @@
-"""The microbenchmark and the sharing report run in their seconds-long smoke modes (never timed here)."""
+"""The microbenchmark, the sharing report, the service benchmark and the code notes' measurements run in
+their seconds-long smoke modes (never timed here)."""
 
 import os
 import subprocess
@@ -48,3 +49,11 @@ def test_quant_benchmark_smoke(tmp_path):
     flashzo = [r for r in results["rows"] if r["variant"].startswith("flashzo")]
     assert flashzo and all(r["bit_exact"] for r in flashzo)  # the CPU path is the reference's bits
     assert {f["format"] for f in results["meta"]["formats"]} >= {"int8 per-channel sym fp16", "int4 g32 asym fp16"}
+
+
+def test_code_notes_smoke(tmp_path):
+    out = run("code_notes.py", "--smoke", "--out", str(tmp_path))
+    names = os.listdir(tmp_path)
+    assert {"code_notes_cpu_smoke.json", "code_notes_cpu_smoke.md", "code_notes_cpu_smoke.png"} <= set(names), names
+    assert "kernels/gaussian.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
+    assert "python bench/code_notes.py --smoke" in out  # the command that made the figures

@@ -1,6 +1,9 @@
 """Tests for flashzo.kernels.launch_plan: the plan is a function of (K, N, ranks, dtype, device) only,
-the launchers launch exactly what the traffic model describes, and the model's figures.
+the launchers launch exactly what the traffic model (bench/traffic.py) describes, and the model's figures.
 """
+
+import os
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,11 @@ import triton
 from flashzo.errors import InputError
 from flashzo.kernels import LoRAKernelConfig, LoRAPart, Segments, perturbed_lora_linear, perturbed_lora_linear_parts
 from flashzo.kernels import perturbed_lora as pl
-from flashzo.kernels.launch_plan import DeviceInfo, lora_launches, lora_plan, min_dot_inner
+from flashzo.kernels.launch_plan import DeviceInfo, lora_plan, min_dot_inner
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+from traffic import lora_launches  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H100 = DeviceInfo("cuda", 132)

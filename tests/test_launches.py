@@ -3,17 +3,23 @@ GEMM, one shrink, one expand for its adapted parts), so a change that adds launc
 
 Counted at the engine's calls into the kernels (a plain GEMM: engine/invariant.py's linear, or the
 fork's base_linear; perturbed_lora_linear_parts, perturbed_lora_add_), and each LoRA call's
-launches as the kernels' own plan says a GPU runs them (flashzo.kernels.lora_launches).
+launches as the kernels' own plan says a GPU runs them (the traffic model, bench/traffic.py).
 """
 
 import collections
+import os
+import sys
 
 import pytest
 import torch
 
 from flashzo.engine import Copy, Example, LoRAAdapter, LoRAConfig, OPTConfig, OPTModel
 from flashzo.engine import model as engine_model
-from flashzo.kernels import DeviceInfo, Segments, lora_launches
+from flashzo.kernels import DeviceInfo, Segments
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+from traffic import lora_launches  # noqa: E402
 
 CFG = OPTConfig(vocab_size=64, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128,
                 max_position_embeddings=64)
@@ -27,9 +33,13 @@ class _Counter:
     def __init__(self, monkeypatch, model):
         self.calls = collections.Counter()
         self.layer = None
-        for m in model.modules():
-            if isinstance(m, engine_model.ZOProjection):
-                m.register_forward_pre_hook(lambda mod, args: setattr(self, "layer", mod.layer_id))
+        project = engine_model.ForwardContext.project
+
+        def projecting(ctx, proj, x):  # the layer of the projection being run
+            self.layer = proj.layer_id
+            return project(ctx, proj, x)
+
+        monkeypatch.setattr(engine_model.ForwardContext, "project", projecting)
         head = model.head
 
         def counted_head(x):

@@ -1,12 +1,15 @@
-"""LlamaModel (engine/llama.py, engine/llama_config.py) against transformers and PEFT.
+"""The Llama family's own (engine/llama.py, engine/llama_config.py): configs, rotary sensitivity,
+refusals, the sliding window, sharing under grouped-query attention, MeZO against transformers + PEFT.
 
-Everything runs on a CPU in fp32 on small random models written by transformers (Llama with GQA,
-MQA, tied and untied heads, llama3 and linear rope scaling, biases; Qwen2 with its q/k/v biases;
-Mistral with a sliding window and a head_dim that is not hidden/heads). The reference for a
-sequence is transformers' model run on it alone. The random models are made sensitive
-(helpers.hf_llama: peaky attention), and `test_random_model_is_sensitive` checks that the
-comparisons could fail: a 1% change of one weight, rows' positions off by one, a rope base 1% off
-and a wrong KV-head mapping each move log-probs by far more than the tolerance.
+Everything runs on a CPU in fp32 on small random models written by transformers (tests/helpers.py's
+FAMILY_CONFIGS["llama"]: Llama with GQA, MQA, tied and untied heads, llama3 and linear rope scaling,
+biases; Qwen2 with its q/k/v biases; Mistral with a sliding window and a head_dim that is not
+hidden/heads). What every family shares (log-probabilities against transformers, PEFT adapters both
+ways, preset shapes, a perturbed forward writing nothing) is tested in tests/test_family.py. The
+random models are made sensitive (helpers.hf_llama: peaky attention), and
+`test_random_model_is_sensitive` checks that those comparisons could fail: a 1% change of one
+weight, rows' positions off by one, a rope base 1% off and a wrong KV-head mapping each move
+log-probs by far more than the tolerance.
 """
 
 from __future__ import annotations
@@ -20,85 +23,36 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers import checkpoint_tensors, edit_json, hf_llama, hf_logprobs, make_sequences, write_checkpoint  # noqa: E402
+from helpers import (  # noqa: E402
+    ATOL,
+    FAMILY_CONFIGS,
+    LONGEST,
+    checkpoint_tensors,
+    edit_json,
+    hf_family_model,
+    hf_llama,
+    hf_logprobs,
+    make_sequences,
+    max_diff,
+    write_checkpoint,
+)
 
 import flashzo  # noqa: E402
-from flashzo.engine import (  # noqa: E402
-    Copy,
-    Example,
-    LlamaConfig,
-    LlamaModel,
-    LoRAAdapter,
-    LoRAConfig,
-    load_model,
-    save_model,
-)
-from flashzo.engine.llama_config import PRESETS  # noqa: E402
+from flashzo.engine import Copy, Example, LlamaConfig, LlamaModel, LoRAAdapter, LoRAConfig, load_model, save_model  # noqa: E402
 from flashzo.engine.model import ForwardContext  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-ATOL = 1e-4  # fp32 against fp32: both sides differ only in summation order
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-LLAMA3 = dict(rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=32)  # head_dim 8: one frequency kept, one ramped, two scaled
-CONFIGS = {
-    "gqa": ("llama", {}),
-    "mqa_tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
-    "llama3_rope": ("llama", dict(rope_parameters=LLAMA3)),
-    "linear_rope_biases": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=1000.0, factor=2.0),
-                                         attention_bias=True, mlp_bias=True)),
-    "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-    "mistral_head_dim": ("mistral", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
-                                         sliding_window=64)),
-}
-
-
-def max_diff(ours, ref) -> float:
-    assert len(ours) == len(ref)
-    out = 0.0
-    for a, b in zip(ours, ref, strict=True):
-        assert a.dtype == torch.float32 and a.shape == b.shape
-        if a.numel():
-            out = max(out, (a - b).abs().max().item())
-    return out
 
 
 def _hf(name, seed=1, **extra):
-    model_type, overrides = CONFIGS[name]
-    hf = hf_llama(seed=seed, model_type=model_type, **{**overrides, **extra})
-    if model_type == "qwen2" or overrides.get("attention_bias"):
-        with torch.no_grad():  # transformers initialises biases to zero: make them matter
-            for n, p in hf.named_parameters():
-                if n.endswith("bias"):
-                    p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(n)))
-    return hf
+    return hf_family_model("llama", name, seed=seed, **extra)
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def reference(request):
-    hf = _hf(request.param)
-    seqs = make_sequences(hf.config.vocab_size, longest=41)
-    return request.param, hf, seqs, hf_logprobs(hf, seqs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Log-probabilities equal transformers'
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("layout", ["safetensors", "safetensors_sharded"])
-def test_logprobs_match_transformers(tmp_path, reference, layout):
-    name, hf, seqs, ref = reference
-    model = load_model(write_checkpoint(hf, tmp_path, layout))
-    assert isinstance(model, LlamaModel) and model.config.model_type == CONFIGS[name][0]
-    lp = model.token_logprobs(seqs)
-    assert [t.shape[0] for t in lp] == [len(s) - 1 for s in seqs]
-    assert max_diff(lp, ref) < ATOL
-
-
-def test_config_from_transformers(reference):
-    name, hf, _, _ = reference
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS["llama"]))
+def test_config_from_transformers(name):
+    hf = _hf(name)
     cfg = LlamaConfig.from_hf(hf.config)
     assert cfg.num_key_value_heads == hf.config.num_key_value_heads
     c = hf.config
@@ -128,7 +82,7 @@ def test_random_model_is_sensitive(tmp_path, monkeypatch):
     """The comparisons above could fail: each of these mistakes moves log-probs by > 10x the tolerance."""
     hf = _hf("gqa")
     model = load_model(write_checkpoint(hf, tmp_path, "safetensors"))
-    seqs = make_sequences(hf.config.vocab_size, longest=41)
+    seqs = make_sequences(hf.config.vocab_size, longest=LONGEST["llama"])
     base = model.token_logprobs(seqs)
     assert max_diff(base, hf_logprobs(hf, seqs)) < ATOL
     attn = model.model.layers[1].self_attn
@@ -186,28 +140,6 @@ def test_dtype_and_load_model_dispatch(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------------
-
-HF_PARAMETERS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248,
-                 "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_241_732_096}
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_preset_shapes_match_transformers(name):
-    """Built on the meta device only."""
-    cfg = LlamaConfig.from_name(name)
-    d = cfg.to_hf()
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d))
-    assert LlamaConfig.from_hf(hf.config) == cfg
-    ours = LlamaModel(cfg, device="meta")
-    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()
-              if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
-    assert {k: tuple(v.shape) for k, v in checkpoint_tensors(ours).items()} == theirs
-    n_hf = sum(p.numel() for p in hf.parameters())  # a tied head is counted once
-    assert cfg.num_parameters == n_hf == sum(p.numel() for p in ours.parameters())
-    if name in HF_PARAMETERS:
-        assert cfg.num_parameters == HF_PARAMETERS[name]
-
 
 def test_presets_and_random_weights():
     assert LlamaConfig.from_name("HuggingFaceTB/SmolLM2-135M").num_key_value_heads == 3
@@ -291,68 +223,6 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# LoRA adapters: PEFT -> flashzo and flashzo -> PEFT
-# --------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def lora_base(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            hf = _hf(name, seed=2)
-            cache[name] = hf, load_model(write_checkpoint(hf, tmp_path_factory.mktemp(name), "safetensors"))
-        return cache[name]
-
-    return get
-
-
-LORA_CASES = [("gqa", SEVEN, None), ("gqa", ("k_proj", "v_proj", "down_proj"), (0, 2)), ("qwen2", SEVEN, (1,)),
-              ("mqa_tied", ("q_proj", "o_proj", "gate_proj"), None)]
-
-
-@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"{c[0]}-{len(c[1])}-{c[2]}")
-def test_peft_adapter_loads_in_flashzo(tmp_path, lora_base, case):
-    name, targets, layers = case
-    hf, model = lora_base(name)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0,
-                          layers_to_transform=list(layers) if layers is not None else None)
-    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:  # PEFT initialises B to zero: the adapter would be a no-op
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    pm.save_pretrained(str(tmp_path))
-    adapter = LoRAAdapter.from_pretrained(str(tmp_path), model.config)
-    assert set(adapter.config.target_modules) == set(targets) and adapter.config.layers == layers
-    peft_sd = peft.get_peft_model_state_dict(pm)
-    assert set(adapter.named_tensors()) == set(peft_sd)
-    for k, v in adapter.named_tensors().items():
-        assert torch.equal(v, peft_sd[k]), k
-    seqs = make_sequences(model.config.vocab_size, seed=3, longest=41)
-    with_adapter = model.token_logprobs(seqs, adapter=adapter)
-    assert max_diff(with_adapter, hf_logprobs(pm, seqs)) < ATOL
-    assert max_diff(with_adapter, model.token_logprobs(seqs)) > 1e-3  # the adapter matters
-
-
-@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: f"{c[0]}-{len(c[1])}-{c[2]}")
-def test_flashzo_adapter_loads_in_peft(tmp_path, lora_base, case):
-    name, targets, layers = case
-    hf, model = lora_base(name)
-    adapter = LoRAAdapter.init(LoRAConfig(r=4, alpha=8, target_modules=targets, layers=layers, seed=5), model.config)
-    gen = torch.Generator().manual_seed(11)
-    for slot in adapter.slots.values():
-        slot.b.copy_(0.2 * torch.randn(slot.b.shape, generator=gen))
-    adapter.save_pretrained(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
-    peft_sd = peft.get_peft_model_state_dict(pm)
-    assert set(peft_sd) == set(adapter.named_tensors())
-    seqs = make_sequences(model.config.vocab_size, seed=4, longest=41)
-    assert max_diff(model.token_logprobs(seqs, adapter=adapter), hf_logprobs(pm, seqs)) < ATOL
-
-
-# --------------------------------------------------------------------------------------------------
 # Sharing: every path equals the computation that shares nothing
 # --------------------------------------------------------------------------------------------------
 
@@ -371,8 +241,8 @@ def _examples(vocab, seed=0):
 
 @pytest.mark.parametrize("layers,targets", [((1, 2), SEVEN), ((0,), ("k_proj", "up_proj")),
                                             (None, ("q_proj", "v_proj"))])
-def test_sharing_and_fork_equal_no_sharing(lora_base, layers, targets):
-    _, model = lora_base("gqa")
+def test_sharing_and_fork_equal_no_sharing(family_models, layers, targets):
+    _, model = family_models("llama", "gqa")
     exs = _examples(model.config.vocab_size)
     ad = LoRAAdapter.init(LoRAConfig(r=4, target_modules=targets, layers=layers), model.config)
     ad.buffer.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
@@ -423,8 +293,8 @@ def _peft_loss(pm, examples) -> float:
 
 
 @pytest.mark.parametrize("kind", ["classification", "lm"])
-def test_mezo_trajectory_equals_published_algorithm(lora_base, kind):
-    hf, model = lora_base("qwen2")
+def test_mezo_trajectory_equals_published_algorithm(family_models, kind):
+    hf, model = family_models("llama", "qwen2")
     exs = [e for e in _examples(model.config.vocab_size, seed=4) if (e.candidates is None) == (kind == "lm")]
     if kind == "lm":
         exs = exs + [Example([5, 6, 7], target=[8, 9, 10, 11, 12])]
@@ -463,9 +333,9 @@ def test_mezo_trajectory_equals_published_algorithm(lora_base, kind):
     assert moved > 1e-3 and (tr.adapter.buffer - theirs).norm() / moved < 1e-2
 
 
-def test_trainer_features_on_llama(tmp_path, lora_base):
+def test_trainer_features_on_llama(tmp_path, family_models):
     """q > 1, resume and step_together work for the family as for OPT (tests/test_mezo.py)."""
-    _, model = lora_base("mqa_tied")
+    _, model = family_models("llama", "mqa_tied")
     exs = [e for e in _examples(model.config.vocab_size, seed=6) if e.candidates is not None]
     cfg = flashzo.MeZOConfig(lr=1e-2, eps=1e-2, num_perturbations=2, seed=4)
     lora = LoRAConfig(r=2, target_modules=("v_proj", "gate_proj"), layers=(1, 2))

@@ -324,6 +324,11 @@ def test_step_together_refuses_mismatched_jobs(model):
         flashzo.step_together([a, b], [cls_examples(2), cls_examples(2)])
     with pytest.raises(ValueError, match="eps"):
         flashzo.step_together([a, c], [cls_examples(2), cls_examples(2)])
+    # one forward has one layout: a job that shares nothing is not stepped under another's sharing
+    d = MeZOTrainer(model, LoRAConfig(r=2), MeZOConfig(lr=1e-2, eps=1e-3, sharing="none"))
+    with pytest.raises(flashzo.InputError, match="trainer 1 has sharing='none', trainer 0 has 'all'"):
+        flashzo.step_together([a, d], [cls_examples(2), cls_examples(2)])
+    assert a.step_count == d.step_count == 0
 
 
 def test_lm_loss_is_token_weighted(model):

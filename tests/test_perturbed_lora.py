@@ -1,9 +1,10 @@
 """Tests for flashzo.kernels.perturbed_lora: the Triton path (under TRITON_INTERPRET=1 on a CPU) and
 the torch path against an fp64 reference, the in-kernel z against gaussian(), and the invariants.
 
-Tolerances follow STYLE rule 11: an implementation's max error against the fp64 reference must be
-within twice the error of plain torch in the same dtype (F.linear in that dtype plus the LoRA delta
-in fp32, cast), plus a small atol.
+Tolerances: an implementation's max error against the fp64 reference must be within twice the
+error of plain torch in the same dtype (F.linear in that dtype plus the LoRA delta in fp32, cast:
+helpers.torch_in_dtype), plus a small atol. The problems' shared pieces (device, atols, the
+37-row segment table) are in tests/helpers.py.
 """
 
 import re
@@ -11,17 +12,18 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KERNEL_ATOL as ATOL
+from helpers import KERNEL_DEVICE as DEVICE
+from helpers import ROWS_37, SEEDS_37, SIGNS_37, max_err, torch_in_dtype
 
 from flashzo.errors import InputError
-from flashzo.kernels import Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
+from flashzo.kernels import LoRAPart, Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
 from flashzo.kernels.gaussian import gaussian_at
 from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
 from flashzo.kernels.lora_parts import single_part_stack
 from flashzo.kernels.perturbed_lora import LoRAKernelConfig, _lora_expand, _lora_shrink
 from flashzo.kernels.segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 # Two configurations with different tiles, K steps and K splits (both differ from the default).
 CONFIGS = [
     LoRAKernelConfig(
@@ -46,12 +48,12 @@ def _problem(T, K, N, r, dtype, *, bias=True, lengths=None, signs=None, seed=0, 
     b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
     lora_a = (torch.randn(n_adapters, r, K, generator=g) / K**0.5).to(DEVICE)
     lora_b = (0.5 * torch.randn(n_adapters, N, r, generator=g)).to(DEVICE)
-    if lengths is None:  # T=37: 10 + 0 + 20 + 7 rows; mixed adapters, seeds (one > 2**32), signs
-        lengths = [10, 0, 20, 7] if T == 37 else [T]
+    if lengths is None:  # T=37: the 37-row table of tests/helpers.py, mixed adapters
+        lengths = ROWS_37 if T == 37 else [T]
     n = len(lengths)
     adapters = [s % n_adapters for s in range(n)]
-    seeds = [5, 7, 2**40 + 3, 5][:n] if n <= 4 else list(range(n))
-    signs = signs if signs is not None else [1, -1, 0, -1][:n]
+    seeds = SEEDS_37[:n] if n <= 4 else list(range(n))
+    signs = signs if signs is not None else SIGNS_37[:n]
     segments = Segments.from_lists(lengths, adapters, seeds, signs, device=DEVICE)
     return x, w, b, lora_a, lora_b, segments
 
@@ -59,16 +61,10 @@ def _problem(T, K, N, r, dtype, *, bias=True, lengths=None, signs=None, seed=0, 
 KW = dict(scaling=2.0, eps=0.1, a_offset=3, b_offset=1000)
 
 
-def _max_err(y, ref):
-    return (y.double() - ref.double()).abs().max().item() if y.numel() else 0.0
-
-
-def _torch_in_dtype(x, w, b, lora_a, lora_b, segments, **kw):
-    """What plain torch gives in x's dtype: F.linear in that dtype, the LoRA delta in fp32, cast."""
-    delta = perturbed_lora_linear_ref(
-        x, torch.zeros_like(w), None, lora_a, lora_b, segments, out_dtype=torch.float32, **kw
-    )
-    return (F.linear(x, w, b).float() + delta).to(x.dtype)
+def _torch_in_dtype(x, w, b, lora_a, lora_b, segments, *, scaling, eps, a_offset, b_offset):
+    """What plain torch gives in x's dtype (helpers.torch_in_dtype with the one part)."""
+    part = LoRAPart(0, w.shape[0], lora_a, lora_b, a_offset, b_offset)
+    return torch_in_dtype(x, w, b, [part], segments, scaling=scaling, eps=eps)
 
 
 # (T, K, N, r, bias): odd K and N (not multiples of any block), r from 1 to 64, T = 0 and 1.
@@ -89,8 +85,8 @@ def test_matches_fp64_reference(T, K, N, r, bias, dtype, impl):
     y = perturbed_lora_linear(*args, impl=impl, **KW)
     assert y.shape == (T, args[1].shape[0]) and y.dtype == dtype and y.device == args[0].device
     ref = perturbed_lora_linear_ref(*args, compute_dtype=torch.float64, out_dtype=torch.float64, **KW)
-    err = _max_err(y, ref)
-    err_torch = _max_err(_torch_in_dtype(*args, **KW), ref)
+    err = max_err(y, ref)
+    err_torch = max_err(_torch_in_dtype(*args, **KW), ref)
     assert err <= 2 * err_torch + ATOL[dtype], f"{impl} err {err:.3g} vs torch's own {err_torch:.3g}"
 
 
@@ -185,10 +181,10 @@ def test_configs_agree_at_rank_eight(impl):
     """Full outputs under two block configurations: the same numbers up to fp32 summation order."""
     args = _problem(37, 70, 17, 8, torch.float32)
     ref = perturbed_lora_linear_ref(*args, compute_dtype=torch.float64, out_dtype=torch.float64, **KW)
-    err_torch = _max_err(_torch_in_dtype(*args, **KW), ref)
+    err_torch = max_err(_torch_in_dtype(*args, **KW), ref)
     for cfg in CONFIGS:
         y = perturbed_lora_linear(*args, impl=impl, config=cfg, **KW)
-        assert _max_err(y, ref) <= 2 * err_torch + ATOL[torch.float32]
+        assert max_err(y, ref) <= 2 * err_torch + ATOL[torch.float32]
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -211,7 +207,7 @@ def test_sign_zero_is_plain_lora(impl):
     by_hand_fp32 = F.linear(x, w, b)
     by_hand_fp32[:10] += KW["scaling"] * (x[:10] @ lora_a[1].T) @ lora_b[1].T
     by_hand_fp32[10:] += KW["scaling"] * (x[10:] @ lora_a[0].T) @ lora_b[0].T
-    assert _max_err(y, want) <= 2 * _max_err(by_hand_fp32, want) + ATOL[torch.float32]
+    assert max_err(y, want) <= 2 * max_err(by_hand_fp32, want) + ATOL[torch.float32]
     # sign 0 draws no z: other seeds and eps give the same bits
     other = Segments.from_lists([10, 27], [1, 0], [11, 2**62], [0, 0], DEVICE)
     y_other = perturbed_lora_linear(x, w, b, lora_a, lora_b, other, impl=impl, **dict(KW, eps=0.7))
@@ -359,10 +355,10 @@ def test_gpu_realistic_bf16_matches_torch_path():
     args = _problem(T, K, N, r, torch.bfloat16, lengths=[300, 200, 500], signs=[1, -1, 0])
     y = perturbed_lora_linear(*args, **KW)  # compiled Triton path
     ref = perturbed_lora_linear_ref(*args, compute_dtype=torch.float64, out_dtype=torch.float64, **KW)
-    err_torch = _max_err(_torch_in_dtype(*args, **KW), ref)
-    assert _max_err(y, ref) <= 2 * err_torch + ATOL[torch.bfloat16]
+    err_torch = max_err(_torch_in_dtype(*args, **KW), ref)
+    assert max_err(y, ref) <= 2 * err_torch + ATOL[torch.bfloat16]
     y_torch = perturbed_lora_linear(*args, impl="torch", **KW)
-    assert _max_err(y_torch, ref) <= 2 * err_torch + ATOL[torch.bfloat16]
+    assert max_err(y_torch, ref) <= 2 * err_torch + ATOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -2,8 +2,8 @@
 TRITON_INTERPRET=1 on a CPU, and the torch path) against the per-part single-projection reference.
 
 Every part must give what ``perturbed_lora_linear_ref`` gives for that part's rows of the weight
-alone (its own A, B and z offsets), columns outside every part the plain base. Tolerances follow
-STYLE rule 11, per part: within twice the error of plain torch in the same dtype, plus a small atol.
+alone (its own A, B and z offsets), columns outside every part the plain base. Tolerances, per
+part: within twice the error of plain torch in the same dtype, plus a small atol.
 """
 
 import re
@@ -11,6 +11,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KERNEL_ATOL as ATOL
+from helpers import KERNEL_DEVICE as DEVICE
+from helpers import max_err, segments_37, torch_in_dtype
 
 from flashzo.errors import InputError
 from flashzo.kernels import (
@@ -30,8 +33,6 @@ from flashzo.kernels import (
 from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
 from flashzo.kernels.perturbed_lora import _lora_expand, _lora_shrink
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 SCALING, EPS = 2.0, 0.1
 # Column layouts of the stacked weight: (start, stop, rank) per adapted part, N_total.
 LAYOUTS = {
@@ -50,8 +51,8 @@ CONFIGS = [
 
 
 def _segments():
-    """T=37: 10 + 0 + 20 + 7 rows; adapters 0/1, three seeds (one > 2**32), all three signs."""
-    return Segments.from_lists([10, 0, 20, 7], [0, 1, 1, 0], [5, 7, 2**40 + 3, 5], [1, -1, 0, -1], device=DEVICE)
+    """helpers' 37-row table (three seeds, all three signs), adapters 0, 1, 1, 0."""
+    return segments_37([0, 1, 1, 0])
 
 
 def _problem(layout, r, dtype, *, T=37, K=70, bias=True, seed=0, n_adapters=2):
@@ -84,17 +85,7 @@ def _per_part_reference(x, w, b, parts, segments, dtype):
 
 def _torch_in_dtype(x, w, b, parts, segments):
     """Plain torch in x's dtype: F.linear in that dtype, each part's LoRA delta in fp32, cast."""
-    y = F.linear(x, w, b).float()
-    for p in parts:
-        y[:, p.start : p.stop] += perturbed_lora_linear_ref(
-            x, torch.zeros_like(w[p.start : p.stop]), None, p.lora_a, p.lora_b, segments, scaling=SCALING, eps=EPS,
-            a_offset=p.a_offset, b_offset=p.b_offset, out_dtype=torch.float32,
-        )  # fmt: skip
-    return y.to(x.dtype)
-
-
-def _max_err(y, ref):
-    return (y.double() - ref.double()).abs().max().item() if y.numel() else 0.0
+    return torch_in_dtype(x, w, b, parts, segments, scaling=SCALING, eps=EPS)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -106,8 +97,8 @@ def test_parts_match_per_part_reference(layout, r, dtype, impl):
     y = perturbed_lora_linear_parts(x, w, b, parts, segments, scaling=SCALING, eps=EPS, impl=impl)
     assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == dtype
     ref = _per_part_reference(x, w, b, parts, segments, dtype)
-    err_torch = _max_err(_torch_in_dtype(x, w, b, parts, segments), ref)
-    err = _max_err(y, ref)
+    err_torch = max_err(_torch_in_dtype(x, w, b, parts, segments), ref)
+    err = max_err(y, ref)
     assert err <= 2 * err_torch + ATOL[dtype], f"{impl} err {err:.3g} vs torch's own {err_torch:.3g}"
     adapted = torch.zeros(w.shape[0], dtype=torch.bool)
     for p in parts:
@@ -152,14 +143,14 @@ def test_add_is_the_lora_term_of_linear_parts(impl, dtype):
         y0, x, parts, segments, scaling=SCALING, eps=EPS, compute_dtype=torch.float64, out_dtype=torch.float64
     )
     own = perturbed_lora_add_ref(y0, x, parts, segments, scaling=SCALING, eps=EPS)  # fp32 torch, cast once
-    assert _max_err(y, ref) <= 2 * _max_err(own, ref) + ATOL[dtype]
+    assert max_err(y, ref) <= 2 * max_err(own, ref) + ATOL[dtype]
     base = F.linear(x, w, b)
     added = perturbed_lora_add_(base.clone(), x, parts, segments, scaling=SCALING, eps=EPS, impl=impl)
     linear = perturbed_lora_linear_parts(x, w, b, parts, segments, scaling=SCALING, eps=EPS, impl=impl)
     if impl == "triton":
         assert torch.equal(added, linear)
     else:  # the torch linear rounds once, the add rounds the base first
-        assert _max_err(added, linear) <= 2 * _max_err(_torch_in_dtype(x, w, b, parts, segments), linear) + ATOL[dtype]
+        assert max_err(added, linear) <= 2 * max_err(_torch_in_dtype(x, w, b, parts, segments), linear) + ATOL[dtype]
 
 
 def test_add_into_strided_y():

@@ -1,10 +1,13 @@
 """The Triton quantized GEMM (flashzo.kernels.quant_linear) under TRITON_INTERPRET=1 on small odd
 shapes, against the fp64 dequantize-then-matmul reference, and its plan and traffic model.
 
-Tolerances follow STYLE rule 11: the kernel's max error against the fp64 reference must be within
+Tolerances: the kernel's max error against the fp64 reference must be within
 twice the error of plain torch in the same dtype (F.linear of the dequantized matrix rounded to
 that dtype, the torch path), plus a small atol.
 """
+
+import os
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,11 @@ import torch
 from flashzo.errors import InputError
 from flashzo.kernels import QuantKernelConfig, quantize, quantized_linear, quantized_linear_ref
 from flashzo.kernels.launch_plan import DeviceInfo
-from flashzo.kernels.quant_plan import quant_launches, quant_plan
+from flashzo.kernels.quant_plan import quant_plan
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+from traffic import quant_launches  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}

@@ -3,10 +3,12 @@
 The public API (docs/design.md); kernels live in flashzo.kernels, the model families, batching and
 the trainer in flashzo.engine, the data readers, training loop and the `flashzo` command here.
 
-The names below are imported when first used (`flashzo.MeZOTrainer`, `from flashzo import
-evaluate`): `import flashzo` alone imports neither torch nor triton, so the `flashzo` command starts
-at once and a Ctrl-C during its imports is its own one-line message (src/flashzo/cli.py).
+Names load on first use (PEP 562): `import flashzo.kernels` imports this package first, and must
+load the kernels only, never the engine or the application (tests/test_layers.py counts them).
+`from flashzo import X`, `flashzo.X`, `dir(flashzo)` and `__all__` work as with eager imports.
 """
+
+from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
@@ -30,39 +32,45 @@ if TYPE_CHECKING:  # what static readers (type checkers, the API reference) see
     from flashzo.engine.distributed import DistributedError, init_distributed
     from flashzo.engine.invariant import batch_invariant_mode, is_batch_invariant, set_batch_invariant
     from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
+    from flashzo.kernels.errors import InputError
     from flashzo.tasks import synthetic_task
-
-from flashzo.errors import InputError as InputError  # the one error type: imported at once
 
 __version__ = "0.1.0"
 """flashzo's version (pyproject.toml's)."""
 
-_EXPORTS = {
-    "flashzo.engine": ("CausalLM", "Example", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig", "OPTConfig",
-                       "OPTModel", "load_model", "load_opt", "save_model", "save_opt"),
-    "flashzo.engine.distributed": ("DistributedError", "init_distributed"),
-    "flashzo.engine.invariant": ("batch_invariant_mode", "is_batch_invariant", "set_batch_invariant"),
-    "flashzo.engine.mezo": ("MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "StepResult", "evaluate",
-                            "step_together"),
-    "flashzo.data": ("load_jsonl",),
-    "flashzo.tasks": ("synthetic_task",),
+# public name -> the module that defines it
+_SOURCES = {
+    **dict.fromkeys(("CausalLM", "Example", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig", "OPTConfig",
+                     "OPTModel", "load_model", "load_opt", "save_model", "save_opt"), "flashzo.engine"),
+    **dict.fromkeys(("DistributedError", "init_distributed"), "flashzo.engine.distributed"),
+    **dict.fromkeys(("batch_invariant_mode", "is_batch_invariant", "set_batch_invariant"), "flashzo.engine.invariant"),
+    **dict.fromkeys(("MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "StepResult", "evaluate", "step_together"),
+                    "flashzo.engine.mezo"),
+    "InputError": "flashzo.kernels.errors",
+    "load_jsonl": "flashzo.data",
+    "synthetic_task": "flashzo.tasks",
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(["InputError", "__version__", *_WHERE])
+__all__ = [
+    "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
+    "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "batch_invariant_mode",
+    "evaluate", "init_distributed", "is_batch_invariant", "load_jsonl", "load_model", "load_opt", "save_model",
+    "save_opt", "set_batch_invariant", "step_together", "synthetic_task", "__version__",
+]
+
+
+# the subpackages an eager `import flashzo` used to load, reachable as attributes as before
+_SUBMODULES = ("data", "engine", "errors", "kernels", "tasks")
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-    else:  # a subpackage not imported yet (flashzo.engine, flashzo.kernels ...)
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'flashzo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(source), name)
+    globals()[name] = value  # the next lookup is an ordinary attribute
     return value
 
 

