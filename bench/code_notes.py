@@ -3,9 +3,9 @@
 A NOTE in the code says why a choice was made and points here for the figures; this script measures
 them again on the machine it runs on (CPU figures: they justify CPU paths):
 
-  chunk      kernels/gaussian.py TORCH_CHUNK: the torch path's z throughput at chunks of 2**16 to
+  chunk      kernels/randn.py TORCH_CHUNK: the torch path's z throughput at chunks of 2**16 to
              2**22 elements (too small: per-op overhead; too large: int64 temporaries out of cache)
-  ulps       kernels/gaussian.py _box_muller_numpy: how often torch's float32 log, cos and sqrt give
+  ulps       kernels/randn.py _box_muller_numpy: how often torch's float32 log, cos and sqrt give
              other bits than numpy's (which Triton's interpreter evaluates) on 2**24 uniforms
   gguf       engine/gguf.py _reader: opening SmolLM2-135M's GGUF file with gguf's GGUFReader and with
              flashzo's plain-view reader, and dequantizing its token embedding from a memmap and from
@@ -56,7 +56,7 @@ def row(note: str, case: str, figure: str, value, unit: str) -> dict:
 
 
 def chunk_rows(reps: int, n: int = 2**23) -> list[dict]:
-    g = importlib.import_module("flashzo.kernels.gaussian")  # the module (flashzo.kernels.gaussian is the function)
+    g = importlib.import_module("flashzo.kernels.randn")
     zo_update = importlib.import_module("flashzo.kernels.zo_update")
 
     saved, out = g.TORCH_CHUNK, []
@@ -64,7 +64,7 @@ def chunk_rows(reps: int, n: int = 2**23) -> list[dict]:
         for log2 in (16, 18, 20, 22):
             g.TORCH_CHUNK = zo_update.TORCH_CHUNK = 2**log2
             t = harness.time_ms(lambda: g.gaussian(1, n, impl="torch"), "cpu", warmup=1, reps=reps)
-            out.append(row("kernels/gaussian.py TORCH_CHUNK", f"2**{log2} elements per chunk", "z per second",
+            out.append(row("kernels/randn.py TORCH_CHUNK", f"2**{log2} elements per chunk", "z per second",
                            round(n / t["p50_ms"] / 1e3, 2), f"millions ({torch.get_num_threads()} threads)"))
     finally:
         g.TORCH_CHUNK = zo_update.TORCH_CHUNK = saved
@@ -82,16 +82,16 @@ def ulp_rows(n: int = 2**24) -> list[dict]:
     theta = (np.float32(2 * math.pi) * un).astype(np.float32)
     radius_sq = (np.float32(-2.0) * np.log(un)).astype(np.float32)
     bits = torch.randint(0, 2**31, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
-    scale = importlib.import_module("flashzo.kernels.gaussian")._UNIFORM_SCALE  # the uniforms' scale
+    scale = importlib.import_module("flashzo.kernels.randn")._UNIFORM_SCALE  # the uniforms' scale
     ours = (bits.to(torch.float32) * torch.tensor(scale)).numpy()
     theirs = bits.numpy().astype(np.float32) * scale
-    out = [row("kernels/gaussian.py _box_muller_numpy", "int->float and * scale, torch vs numpy",
+    out = [row("kernels/randn.py _box_muller_numpy", "int->float and * scale, torch vs numpy",
                "inputs whose bits differ", round(100 * float((_ulps(ours, theirs) != 0).mean()), 2), f"% of {n}")]
     for name, x, t_fn, n_fn in (("log", un, torch.log, np.log), ("cos", theta, torch.cos, np.cos),
                                 ("sqrt", radius_sq, torch.sqrt, np.sqrt)):
         ours, theirs = t_fn(torch.from_numpy(x)).numpy(), n_fn(x)
         d = _ulps(ours, theirs)
-        note = "kernels/gaussian.py _box_muller_numpy"
+        note = "kernels/randn.py _box_muller_numpy"
         out.append(row(note, f"torch.{name} vs np.{name}", "inputs whose bits differ",
                        round(100 * float((d != 0).mean()), 2), f"% of {x.size}"))
         out.append(row(note, f"torch.{name} vs np.{name}", "largest difference", int(d.max()), "ulp"))

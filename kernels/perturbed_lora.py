@@ -47,7 +47,6 @@ import triton.language as tl
 
 from .checks import check_triton_device, check_z_offset, interpreting, resolve_impl
 from .errors import InputError
-from .gaussian import gaussian
 from .launch_plan import (
     COL_B_OFFSET,
     COL_B_ROW,
@@ -66,6 +65,7 @@ from .launch_plan import (
     z_rows,
 )
 from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, single_part_stack, stack_lora_parts
+from .randn import gaussian
 from .rows import mm_rows
 from .segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN, Segments
 

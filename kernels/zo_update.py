@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .checks import check_block, check_index_range, check_int, check_seed, check_triton_device, resolve_impl
 from .errors import InputError
-from .gaussian import DEFAULT_BLOCK, TORCH_CHUNK, gaussian, gaussian_torch
+from .randn import DEFAULT_BLOCK, TORCH_CHUNK, gaussian, gaussian_torch
 
 
 @triton.jit(do_not_specialize=["offset"])  # one compiled kernel for every parameter's offset

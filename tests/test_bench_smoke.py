@@ -55,5 +55,5 @@ def test_code_notes_smoke(tmp_path):
     out = run("code_notes.py", "--smoke", "--out", str(tmp_path))
     names = os.listdir(tmp_path)
     assert {"code_notes_cpu_smoke.json", "code_notes_cpu_smoke.md", "code_notes_cpu_smoke.png"} <= set(names), names
-    assert "kernels/gaussian.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
+    assert "kernels/randn.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
     assert "python bench/code_notes.py --smoke" in out  # the command that made the figures

@@ -81,7 +81,7 @@ def test_imports_point_down():
 
 
 @pytest.mark.parametrize("where,line", [
-    ("kernels/gaussian.py", "from flashzo.engine.batch import Copy"),
+    ("kernels/randn.py", "from flashzo.engine.batch import Copy"),
     ("kernels/segments.py", "from flashzo.errors import InputError"),
     ("kernels/rows.py", "import flashzo.engine.model"),
     ("kernels/checks.py", "from .. import engine"),

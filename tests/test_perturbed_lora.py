@@ -18,10 +18,10 @@ from helpers import ROWS_37, SEEDS_37, SIGNS_37, max_err, torch_in_dtype
 
 from flashzo.errors import InputError
 from flashzo.kernels import LoRAPart, Segments, gaussian, perturbed_lora_linear, perturbed_lora_linear_ref
-from flashzo.kernels.gaussian import gaussian_at
 from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
 from flashzo.kernels.lora_parts import single_part_stack
 from flashzo.kernels.perturbed_lora import LoRAKernelConfig, _lora_expand, _lora_shrink
+from flashzo.kernels.randn import gaussian_at
 from flashzo.kernels.segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN
 
 # Two configurations with different tiles, K steps and K splits (both differ from the default).

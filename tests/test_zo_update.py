@@ -2,7 +2,7 @@
 
 Tolerance: exact. The Triton kernel (under TRITON_INTERPRET=1), the torch path and the reference
 all compute g = g + c_i * z_i (i = 0..q-1) and p - lr * (g + wd * p) in fp32 with one rounding per
-operation, from bit-identical z (test_gaussian.py), so the results must be bit-identical. With CUDA
+operation, from bit-identical z (test_randn.py), so the results must be bit-identical. With CUDA
 the compiled kernel is compared within a bound derived from z's tolerance (see the GPU test).
 """
 

@@ -1,4 +1,4 @@
-"""Tests for flashzo.kernels.gaussian: z[j] = tl.randn(seed, offset + j), Triton kernel vs torch path.
+"""Tests for flashzo.kernels.randn (gaussian): z[j] = tl.randn(seed, offset + j), Triton kernel vs torch path.
 
 On a CPU the Triton kernel runs under TRITON_INTERPRET=1 (conftest.py) and must match the torch path
 bit for bit; with CUDA the compiled kernel must match it to a few ulps.
@@ -9,7 +9,7 @@ import torch
 
 from flashzo.errors import InputError
 from flashzo.kernels import gaussian
-from flashzo.kernels.gaussian import _philox_first_two, _uint_to_int31, gaussian_at, gaussian_torch
+from flashzo.kernels.randn import _philox_first_two, _uint_to_int31, gaussian_at, gaussian_torch
 
 SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 + 7, 2**63 - 1]
 NUMELS = [0, 1, 37, 130, 4099]

@@ -44,7 +44,7 @@ _MINUS_TWO = np.float32(-2.0)
 DEFAULT_BLOCK = 1024
 # NOTE: elements per chunk in the torch paths (here and in zo_update.py): it bounds the int64
 # temporaries (48 bytes an element: 12 MB at 2**18) and the number of ops per call; z does not depend
-# on it. Its throughput against 2**16 to 2**22: bench/results/code_notes_cpu.md, "kernels/gaussian.py
+# on it. Its throughput against 2**16 to 2**22: bench/results/code_notes_cpu.md, "kernels/randn.py
 # TORCH_CHUNK" (python bench/code_notes.py --only chunk; time it on an idle machine before changing it).
 TORCH_CHUNK = 2**18
 
@@ -216,7 +216,7 @@ def _box_muller_numpy(x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
     NOTE: done in numpy, not torch, to be bit-exact with TRITON_INTERPRET=1, which evaluates
     tl.math.log/cos/sqrt with numpy float32 ufuncs: torch's CPU log, cos and even sqrt (numpy's is
     correctly rounded) give other bits than numpy's on a large share of inputs, while the int->float
-    conversion and the fp32 multiplies agree (bench/results/code_notes_cpu.md, "kernels/gaussian.py
+    conversion and the fp32 multiplies agree (bench/results/code_notes_cpu.md, "kernels/randn.py
     _box_muller_numpy": how many and by how many ulp).
     """
     u1 = x1.astype(np.float32)
