@@ -238,7 +238,7 @@ def sdpa_rows(smoke: bool, reps: int) -> list[dict]:
             mask = torch.arange(S)[None] <= torch.arange(L)[:, None] + (S - L)  # causal, bottom-right
             exact = F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], attn_mask=mask)
             padded = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([mask, mask[:, :1] & False], 1))
-            out.append(row(note, f"{L} queries over {S} keys, {H} heads, one thread",
+            out.append(row(note, f"{L} quer{'y' if L == 1 else 'ies'} over {S} keys, {H} heads, one thread",
                            "elements whose bits differ: exact shape vs one more (masked) key",
                            int((exact != padded).sum()), f"of {exact.numel()}"))
         q, k, v = (torch.randn(8, H, n, D, generator=g) for n in (1, 64, 64))
@@ -265,7 +265,7 @@ def sdpa_rows(smoke: bool, reps: int) -> list[dict]:
             return F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1),
                                                   attn_mask=mask)
 
-        case = f"{n} sequences of {L} queries over {S} keys, {H} heads over {KV} KV heads, one thread"
+        case = f"{n} sequence{'s' * (n > 1)} of {L} queries over {S} keys, {H} heads over {KV} KV heads, one thread"
         ms = cpu_ms({"enable_gqa": gqa, "repeat_interleave": copy}, reps=3 * reps, warmup=2)
         out += [row(note, case, "same bits", "yes" if torch.equal(gqa(), copy()) else "no", ""),
                 row(note, case, "enable_gqa, CPU time", round(ms["enable_gqa"], 3), "ms"),
