@@ -244,9 +244,9 @@ def scratch_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     bit-exact against the reference (quantized_linear_ref: the same F.linear of the same values); on
     the 1b shapes it costs about fp32's time at large T, and at T = 1 (a decode step, bound by
     reading the weight) several times fp32's (the most where the dense fp32 matrix stays in cache
-    between the benchmark's calls, as in a model it would not). Dequantizing and multiplying block of rows by block (the
-    block stays in cache) is faster at T = 1 on those shapes but not always exact: MKL rounds a
-    column of a narrower GEMM differently. torch's packed CPU kernels for fp32 x
+    between the benchmark's calls, as in a model it would not). Dequantizing and multiplying block
+    of rows by block (the block stays in cache) is faster at T = 1 on those shapes but not always
+    exact: MKL rounds a column of a narrower GEMM differently. torch's packed CPU kernels for fp32 x
     (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are neither exact nor fast. Every variant's
     time against the fp32 F.linear in the same cell, and whether it is exact:
     bench/results/quant_cpu.md (python bench/bench_quant.py --threads 1; the "flashzo", "blocked",

@@ -18,8 +18,7 @@ On a CPU every chunk is its own ``torch.mm`` call, run single-threaded, the chun
 (kernels/serial.py): a library's split of one call between threads, or its choice of kernel for a
 batched call by the number of GEMMs in it, would make the bits depend on the thread count or on T
 (MKL's AVX-512 path does both: bench/results/code_notes_cpu.md, "kernels/serial.py";
-tests/test_isa.py runs the checks under it). On CUDA the chunks are
-separate cuBLAS calls.
+tests/test_isa.py runs the checks under it). On CUDA the chunks are separate cuBLAS calls.
 
     mm_rows(x, w_t)      x @ w_t, row-invariant
     apply_rows(fn, x)    fn(x) for a row-wise fn (a norm, a log-sum-exp), one [C, ...] call per chunk

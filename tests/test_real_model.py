@@ -119,8 +119,8 @@ def test_mezo_lowers_perplexity_on_python_docs(smol):
     for t in range(30):
         trainer.step(batch_for_step(train, 4, t, 0))
     after = math.exp(trainer.evaluate(held)["loss"])
-    # a small drop: MeZO's LM gains take many more steps (this run's perplexities: the "lm" / "flashzo"
-    # row of bench/results/real_model_cpu.md; docs/benchmarks.md, "The real model")
+    # a small drop: MeZO's LM gains take many more steps (the perplexities of this configuration: the
+    # "lm" / "flashzo" row of bench/results/real_model_cpu.md; docs/benchmarks.md, "The real model")
     assert after < before * 0.998, (before, after)
 
 
