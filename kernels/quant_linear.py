@@ -240,19 +240,17 @@ def scratch_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     call on this thread with the same device and dtype. The buffer grows to the largest matrix seen
     (one per thread, device and dtype), so a model costs its packed weights plus one dense matrix.
 
-    NOTE (the CPU path, chosen by measurement: bench/results/quant_cpu.md, fp32 x, one thread on a
-    loaded 2-core AMD EPYC, medians of interleaved calls, time / the fp32 F.linear's, the 1b shapes
-    [2048|512|8192, 2048] and [2048, 8192]): dequantizing the whole matrix into this buffer, then
-    one F.linear, is bit-exact against the reference in all 63 cells; it costs 0.97-1.06x fp32 at
-    T = 1024, 0.92-1.95x at T = 64, and at T = 1 (a decode step, bound by reading the weight)
-    1.7-2.2x for int8, 3.0-4.2x for int4 ([2048, 2048]: 6.5x and 11x, against a dense 16 MB
-    matrix that stays in the 32 MB L3 cache between the benchmark's calls, as in a model it would
-    not).
-    Dequantizing and multiplying block of rows by block (the block stays in cache) is faster at
-    T = 1 (1.3-1.5x fp32 for int8) but not exact: MKL rounds a column of a narrower GEMM
-    differently (4 of 48 cells differ, SmolLM2's [1536, 576] and [576, 1536] at T = 1). torch's
-    packed CPU kernels for fp32 x are neither exact nor fast: _weight_int8pack_mm 3.2-3.7x fp32 at
-    T = 1 and 23-32x at T = 64, _weight_int4pack_mm_for_cpu 6.5-21x and 45-65x.
+    NOTE (the CPU path): dequantizing the whole matrix into this buffer, then one F.linear, is
+    bit-exact against the reference (quantized_linear_ref: the same F.linear of the same values); on
+    the 1b shapes it costs about fp32's time at large T, and at T = 1 (a decode step, bound by
+    reading the weight) several times fp32's (the most where the dense fp32 matrix stays in cache
+    between the benchmark's calls, as in a model it would not). Dequantizing and multiplying block
+    of rows by block (the block stays in cache) is faster at T = 1 on those shapes but not always
+    exact: MKL rounds a column of a narrower GEMM differently. torch's packed CPU kernels for fp32 x
+    (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are neither exact nor fast. Every variant's
+    time against the fp32 F.linear in the same cell, and whether it is exact:
+    bench/results/quant_cpu.md (python bench/bench_quant.py --threads 1; the "flashzo", "blocked",
+    "int8pack" and "int4pack" rows).
     """
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (qw.device, dtype)

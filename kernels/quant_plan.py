@@ -65,16 +65,18 @@ def quant_plan(K: int, N: int, mode: str, group_size: int, dtype: torch.dtype, d
     """The plan for x: [T, K] of ``dtype`` times a ``mode`` weight [N, K] with ``group_size`` (K: per
     channel). T does not enter (see the module docstring); ``device`` neither, yet.
 
-    NOTE (starting points, not timed on a GPU yet): 16-bit x: 64 x 128 output tiles, a K step of 64
-    (or the group, if smaller: Q6_K's 16), 8 warps, 3 stages; fp32 x ("ieee" dots on the FMA units,
-    operands in registers): 32 x 64 tiles, K step 32, 4 warps, 2 stages. Row tiles are banded by 8
-    so that the programs running together read the same weight columns. Every build compiles for
-    sm_80 and sm_90 without spills (tests/test_compile.py; e.g. 128/78 registers on sm_80/sm_90 for
-    bf16 int8 per channel, 94/128 for bf16 int4 g32 asymmetric). With 4 warps the int8 builds took
-    224 registers on sm_80; a K not a multiple of 16 (unaligned rows: element-wise loads) takes a
-    K step of 32: at 64 an odd int8 build spilled 932 bytes on sm_80, at 32 none (216 registers).
-    A decode-sized T (1-16 rows) pays a 64-row tile; a split of K would help it and is left out so
-    that the plan stays a function of (K, N) alone.
+    NOTE (starting points chosen before any timing; what has been timed on a GPU:
+    docs/benchmarks.md): 16-bit x: 64 x 128 output tiles, a K step of 64 (or the group, if smaller:
+    Q6_K's 16), 8 warps, 3 stages; fp32 x ("ieee" dots on the FMA units, operands in registers):
+    32 x 64 tiles, K step 32, 4 warps, 2 stages. Row tiles are banded by 8 so that the programs
+    running together read the same weight columns. Every build compiles for sm_80 and sm_90 without
+    spills (tests/test_compile.py checks them all). 8 warps for 16-bit x, because with 4 the int8
+    builds need far more registers per thread; a K not a multiple of 16 (unaligned rows:
+    element-wise loads) takes a K step of 32, because at 64 an odd int8 build spills. The registers
+    and spills of the plan's builds and of these alternatives: bench/results/code_notes_cpu.md,
+    "kernels/quant_plan.py quant_plan (triton ...)". A decode-sized T (1-16 rows) pays a 64-row
+    tile; a split of K would help it and is left out so that the plan stays a function of (K, N)
+    alone.
     """
     cfg = config if config is not None else QuantKernelConfig()
     fp32 = dtype == torch.float32

@@ -1,11 +1,12 @@
 """Row-invariant GEMMs and row-wise ops: every call has one shape, whatever the number of rows.
 
 A GEMM library picks its kernel, its blocking and sometimes a split of K from the shape of the call,
-so the bits of one row of ``x @ w`` change with the rows beside it. Measured with torch 2.13's MKL
-on an AMD CPU (fp32, two threads), for every (K, N) tried from 32x96 to 8192x2048: a row of
-``x @ W.T`` rounds one way at T = 1, another at T = 2-3 and a third at T >= 4. Torch's CPU loops
-do the same to element-wise ops: the elements past the last whole vector of a call run through
-scalar code, which rounds a transcendental function differently from the vector code.
+so the bits of one row of ``x @ w`` change with the rows beside it: with torch's MKL on a CPU a row
+of ``x @ W.T`` rounds one way alone, another beside one or two rows and a third beside more, at
+every (K, N) tried (bench/results/code_notes_cpu.md, "kernels/rows.py (module docstring)"). Torch's
+CPU loops do the same to element-wise ops: the elements past the last whole vector of a call run
+through scalar code, which rounds some transcendental functions (silu, sigmoid, tanh-GELU)
+differently from the vector code (the same section: how many elements, alone against in a long call).
 
 Here ``x`` is cut into chunks of ``row_chunk(device, N)`` rows, copied into one fresh contiguous
 buffer (every chunk then starts at the same alignment) whose last chunk is zero-padded, and every
@@ -16,8 +17,8 @@ chunk (tests/test_rows.py checks the first, middle and last position of batches 
 On a CPU every chunk is its own ``torch.mm`` call, run single-threaded, the chunks in parallel
 (kernels/serial.py): a library's split of one call between threads, or its choice of kernel for a
 batched call by the number of GEMMs in it, would make the bits depend on the thread count or on T
-(MKL's AVX-512 path does both; tests/test_isa.py runs the checks under it). On CUDA the chunks are
-separate cuBLAS calls.
+(MKL's AVX-512 path does both: bench/results/code_notes_cpu.md, "kernels/serial.py";
+tests/test_isa.py runs the checks under it). On CUDA the chunks are separate cuBLAS calls.
 
     mm_rows(x, w_t)      x @ w_t, row-invariant
     apply_rows(fn, x)    fn(x) for a row-wise fn (a norm, a log-sum-exp), one [C, ...] call per chunk
@@ -34,11 +35,11 @@ from .serial import run_serial
 
 WIDE = 16384  # output columns from which a GEMM counts as wide (an LM head over the vocabulary)
 # Output columns below which a GEMM is computed with zero columns added up to this many. MKL's AVX2
-# kernels (an Intel CPU) compute an output of 2 to 48 columns (a LoRA shrink to r columns, a tiny
-# model's projection) in blocks of 6 rows, and a block of 2 rows left over at the end of a panel
-# rounds differently (rows 174, 175, 254 and 255 of a 256-row call), so a row's bits would depend
-# on where the batch puts it; from 56 columns on no position differs. Measured with torch 2.13's
-# MKL, K from 2 to 768; tests/test_isa.py checks every position of a call under that code path.
+# kernels (an Intel CPU) compute a narrow output (a LoRA shrink to r columns, a tiny model's
+# projection) in blocks of 6 rows, and a block of 2 rows left over at the end of a panel rounds
+# differently, so a row's bits would depend on where the batch puts it in its chunk; a wide enough
+# output has no such position. Which positions, by width: bench/results/code_notes_cpu.md,
+# "kernels/rows.py NARROW"; tests/test_isa.py checks every position of a call under that code path.
 NARROW = 64
 
 
@@ -47,14 +48,13 @@ def row_chunk(device: torch.device | str, width: int | None = None) -> int:
     elements (apply_rows passes it; None: a wide row). A function of the device type and the
     weights' or rows' shape only, never of the batch.
 
-    NOTE (the sizes, measured on a CPU with torch 2.13's MKL on one thread, as the chunks run: CPU
-    time, medians of interleaved calls, fp32): a projection GEMM runs 256 rows per call (at 256 rows
-    1.11-1.24x the time of one single-threaded call over all rows, at 64 rows 1.17-1.32x; T = 954
-    and 5280, K, N = 768..3072), a wide one (an LM head) 64 (it is re-read from memory per call, but a readout holds
-    few rows: padding 32 rows to 256 costs 4.6x, to 64 1.5x). A row-wise op follows the same rule:
-    256 rows of a hidden-size row (a layer norm over [954, 768]: 0.58 ms at 256 or 64 rows against
-    0.22 ms for one plain call), 64 of a vocabulary-wide one (a readout's log-sum-exp). CUDA: 256
-    rows everywhere, not yet timed on a GPU.
+    NOTE (the sizes): a projection GEMM runs 256 rows per call, which costs little over one call
+    over all rows; a wide one (an LM head over the vocabulary) 64: its weight is re-read from memory
+    per call, but a readout holds few rows, and padding them to 256 would multiply its work. A
+    row-wise op follows the same rule: 256 rows of a hidden-size row, 64 of a vocabulary-wide one (a
+    readout's log-sum-exp). The CPU time of each against one plain call:
+    bench/results/code_notes_cpu.md, "kernels/rows.py row_chunk". CUDA: 256 rows everywhere, chosen
+    before any timing (what has run on a GPU: docs/benchmarks.md).
     """
     if torch.device(device).type == "cuda":
         return 256

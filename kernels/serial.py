@@ -2,15 +2,16 @@
 
 A CPU library partitions an op by its thread count, and that changes the op's bits: MKL's AVX-512
 path (an Intel CPU) sums the K = 3072 products of one [256, 3072] x [3072, 768] GEMM in another
-order at 2 threads than at 1, and picks another kernel for a batched call by the number of GEMMs;
-ATen cuts an element-wise op into one range of elements per thread, and the end of each range runs
-through scalar code, which rounds a transcendental function differently from the vector code
-(silu: 270 of 6400 random elements; silu over [256, 3072] differs at 7 threads from 1). So in the
-mode every piece of CPU work (one row chunk of a GEMM or of a row-wise op, one sequence's
-attention) runs on a thread whose ATen, OpenMP and MKL use one thread, and the pieces run in
-parallel on `torch.get_num_threads()` such threads: a piece's bits are then a function of its
-inputs, its shape and the machine's instruction set, never of the thread count (tests/test_isa.py
-checks that in subprocesses at 1, 2 and 7 threads).
+order at 2 threads than at 1, and at 2 threads rounds a GEMM of a batched call otherwise when the
+call holds more GEMMs; ATen cuts an element-wise op into one range of elements per thread, and the
+end of each range runs through scalar code, which rounds some transcendental functions (silu among
+them) differently from the vector code, so silu over [256, 3072] differs at 7 threads from 1. How
+many elements each differs by: bench/results/code_notes_cpu.md, "kernels/serial.py" (and, for the
+scalar code, "kernels/rows.py (module docstring)"). So in the mode every piece of CPU work (one
+row chunk of a GEMM or of a row-wise op, one sequence's attention) runs on a thread whose ATen,
+OpenMP and MKL use one thread, and the pieces run in parallel on `torch.get_num_threads()` such
+threads: a piece's bits are then a function of its inputs, its shape and the machine's instruction
+set, never of the thread count (tests/test_isa.py checks that in subprocesses at 1, 2 and 7 threads).
 
     run_serial(fn, items)    fn(item) for every item, each call single-threaded, the calls in parallel
     serial_supported()       whether this torch lets a thread be set to one thread (an OpenMP build)

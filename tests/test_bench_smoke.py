@@ -56,4 +56,8 @@ def test_code_notes_smoke(tmp_path):
     names = os.listdir(tmp_path)
     assert {"code_notes_cpu_smoke.json", "code_notes_cpu_smoke.md", "code_notes_cpu_smoke.png"} <= set(names), names
     assert "kernels/randn.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
+    for note in ("kernels/rows.py row_chunk", "engine/attention.py grouped-query attention",
+                 "kernels/quant.py dequantize_into", "src/flashzo/cli.py demo threads",
+                 "tests/test_serve.py SHARED_BOUND"):
+        assert f"## {note}" in out, note  # the notes' later sections run in smoke mode too
     assert "python bench/code_notes.py --smoke" in out  # the command that made the figures

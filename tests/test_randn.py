@@ -170,9 +170,10 @@ def test_gaussian_at_bad_inputs(seed, index, match):
 @pytest.mark.parametrize("seed", [0, 2**32 + 7, 2**63 - 1])
 def test_compiled_triton_close_to_torch_path(seed):
     # The compiled kernel's log/cos/sqrt are the GPU's, not numpy's: not bit-exact, but close.
-    # NOTE: not yet run on a GPU (none was lent when this was written). If Triton lowers tl.log to
-    # an approximate lg2, z = r*cos(th) has |dz| ~ 1e-7/r, large only for tiny r (rare), hence
-    # a per-element bound for almost all elements plus a loose bound for the rest.
+    # NOTE: the bounds come from how the error arises, not from a GPU run (what has run on a GPU:
+    # docs/benchmarks.md). If Triton lowers tl.log to an approximate lg2, z = r*cos(th) has
+    # |dz| ~ 1e-7/r, large only for tiny r (rare), hence a per-element bound for almost all elements
+    # plus a loose bound for the rest.
     numel, offset = 2**20 + 3, 123
     z_gpu = gaussian(seed, numel, offset=offset, device="cuda")
     z_cpu = gaussian(seed, numel, offset=offset, device="cpu")

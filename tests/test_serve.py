@@ -44,9 +44,10 @@ KEY = "sk-flashzo-test"
 # Out of the batch-invariant mode (the server's default is on, then a shared job's adapter is its solo
 # run's bits): the largest element-wise difference of a job's adapter from its solo run, beside one
 # other job in the same forwards (fp32: a bigger batch's GEMM rows are rounded differently, and g = dL / 2 eps
-# amplifies it). Measured 1.2e-6 to 2.3e-6 (3.1e-6 to 5.5e-6 of the distance the adapter travelled)
-# after 24 steps at lr 3e-2, eps 1e-2 (README, "flashzo serve"); which steps share a forward depends
-# on when the second job starts, so the bound leaves about 4x over the largest seen.
+# amplifies it). Which steps share a forward depends on when the second job starts, so the bound
+# leaves several times the largest difference seen (the test prints its own; two jobs of these
+# hyperparameters with every step shared, on the engine: bench/results/code_notes_cpu.md,
+# "tests/test_serve.py SHARED_BOUND"; what a user sees: docs/serve.md, "Beside other jobs").
 SHARED_BOUND = 1e-5
 BASE = dict(steps=12, batch_size=4, lr=2e-2, eps=1e-2, lora_r=2, save_every=4)
 

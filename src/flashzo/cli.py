@@ -306,8 +306,8 @@ def cmd_demo(args) -> int:
     if problem is not None:
         print(f"flashzo demo: {problem}; running the tiny random OPT demo instead (flashzo demo --tiny)")
     # opt-tiny's ops are far too small to gain from intra-op threads, and on a busy machine the threads'
-    # hand-offs made the demo's steps ~20x slower (measured on 2 shared cores); SmolLM2's held-out eval
-    # took 20 s with 2 threads and 5.4 s with 1 on the same busy machine: one thread.
+    # hand-offs only make the demo's steps and SmolLM2's held-out evaluation slower: one thread (their
+    # times at 1 and 2 threads: bench/results/code_notes_cpu.md, "src/flashzo/cli.py demo threads").
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     with _threads(threads):
         return (_demo if mode == "tiny" else _demo_real)(args, device, out)

@@ -1,20 +1,23 @@
 """The scheduler: one thread owns the models; running jobs advance together, completions run between steps.
 
-Every running job on one base model whose forward can be shared (the same eps, adapter structure and
-LoRA scaling: engine/mezo.py, score_together) is in one group. A scheduler step takes one group,
-builds one forward holding every job's signed copies (the kernel's multi-adapter segments), then
-applies each job's update; groups take turns round-robin, and a group larger than
---max-jobs-per-forward steps its least advanced jobs first, so no job starves. Completions are
-forwards queued by the HTTP threads (`submit`); while jobs train, at most `calls_per_step` of them
-run between two training steps, so training keeps its share however many completions wait. Nothing
-else runs here: reading and checking files is the loader's thread (serve/loader.py), tokenizing and
-rendering a completion are the HTTP threads'.
+Running jobs whose forwards can be shared are in one group (`RunningJob.key`): the same served model,
+eps, adapter structure, LoRA scaling, sharing mode and batch-invariant mode (engine/mezo.py,
+score_together, refuses anything else). A scheduler step takes one group, builds one forward
+holding every job's signed copies (the kernel's multi-adapter segments), then applies each job's
+update; groups take turns round-robin, and a group larger than --max-jobs-per-forward steps its
+least advanced jobs first, so no job starves. Completions are forwards queued by the HTTP threads
+(`submit`); while jobs train, at most `calls_per_step` of them run between two training steps, so
+training keeps its share however many completions wait. Nothing else runs here: reading and
+checking files is the loader's thread (serve/loader.py), tokenizing and rendering a completion are
+the HTTP threads'.
 
 A job's trajectory is `flashzo train`'s: the trainer is MeZOTrainer(model, opts.lora_config(),
 opts.mezo_config()), the batch of step t is src/flashzo/loop.py's batch_for_step, and when it
 evaluates, checkpoints and ends is loop.py's RunSchedule, the one fit() follows. A job alone in its
-group runs exactly fit()'s forward (a bit-identical adapter on a CPU); beside others, see README,
-"flashzo serve".
+group runs exactly fit()'s forward (a bit-identical adapter on a CPU). Beside others, in the
+batch-invariant mode (the server's default) its adapter is still the same bits; out of it
+(--no-batch-invariant, or a job's "batch_invariant": false) its rows are rounded as part of a bigger
+forward, and the adapter drifts from the solo run by fp32 rounding (docs/serve.md, "Beside other jobs").
 
 What a step leaves to write (its metrics row, an evaluation, a checkpoint, the result files) is
 queued on the job as records and written in order under the job's lock. A record the full disk
