@@ -92,7 +92,7 @@ def capture() -> list[dict]:
     driver.set_active(CaptureDriver())
     knobs.runtime.jit_cache_hook = hook
     JITFunction.run = recording_run
-    import flashzo.kernels  # noqa: F401  (imports every kernel module)
+    _import_kernel_modules()
 
     for mod in _kernel_modules():  # the launchers may run on meta/CPU tensors here
         if hasattr(mod, "check_triton_device"):
@@ -216,6 +216,17 @@ def quant_calls(device):
     x = torch.empty(37, 70, dtype=torch.bfloat16, device=device)
     qw = quant_weight(33, 70, "int8", None, False, "float16", device)
     yield f"odd quant bf16 {qw.describe()}", lambda: quantized_linear(x, qw, None, impl="triton")
+
+
+def _import_kernel_modules():
+    """flashzo.kernels loads its modules on first use: import every one of them here."""
+    import importlib
+    import pkgutil
+
+    import flashzo.kernels
+
+    for info in pkgutil.iter_modules(flashzo.kernels.__path__):
+        importlib.import_module(f"flashzo.kernels.{info.name}")
 
 
 def _kernel_modules():
