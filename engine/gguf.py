@@ -258,6 +258,19 @@ def _release(reader, tensor) -> None:
     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def gguf_quantized_types(path: str | os.PathLike) -> dict[str, int]:
+    """The quantized tensor types of a GGUF file and how many tensors have each ({} when every tensor is a
+    float: F32, F16, BF16), from its tensor table (no tensor is read)."""
+    file = find_gguf(path)
+    if file is None:
+        raise InputError(f"{path}: not a GGUF file")
+    counts: dict[str, int] = {}
+    for t in _reader(file).tensors:
+        if t.tensor_type.name not in FLOAT_TYPES:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer stored in a GGUF file's metadata, built by transformers (`gguf_file=`), offline."""
     file = find_gguf(path)

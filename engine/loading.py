@@ -206,9 +206,11 @@ class CheckpointFill:
         self._packed.clear()
 
 
-def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None) -> OPTModel:
-    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path` (see load_model)."""
-    return load_model(path, dtype=dtype, device=device, family="opt")
+def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
+             **quantization) -> OPTModel:
+    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path` (see load_model; its
+    quantize, group_size and symmetric too)."""
+    return load_model(path, dtype=dtype, device=device, family="opt", **quantization)
 
 
 def read_config(path: str, *, family: str | None = None) -> tuple[Family, object]:
