@@ -233,3 +233,22 @@ def test_saving_a_quantized_model_is_refused(tmp_path):
     q, _, _ = pair("opt", "int8")
     with pytest.raises(InputError, match="dequantize_"):
         flashzo.save_model(q, tmp_path / "m")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["int8", "int4"])
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_on_a_gpu_the_triton_path_is_the_dense_model_up_to_summation_order(family, spec):
+    """On CUDA every quantized GEMM is the dequantize-in-the-GEMM kernel: fp32 log-probs and a signed
+    forward's scores within the fp32 comparisons' tolerance of the dense model of the same weights."""
+    q, dq, _ = pair(family, spec)
+    q.to("cuda"), dq.to("cuda")
+    seqs = [[5, 17, 40, 3, 88, 21, 9, 60, 2], [7, 1]]
+    for a, b in zip(q.token_logprobs(seqs), dq.token_logprobs(seqs), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    ads = [ad.to("cuda") for ad in adapters(q, family)]
+    copies = [Copy(0, 101, 1), Copy(0, 101, -1), Copy(1, 202, 1), Copy(1, 202, -1)]
+    data = examples(4, seed=3)
+    kw = dict(adapters=ads, eps=1e-2)
+    torch.testing.assert_close(q.score(q.build_batch(data, copies, **kw)), dq.score(dq.build_batch(data, copies, **kw)),
+                               rtol=0, atol=1e-4)
