@@ -7,18 +7,23 @@ The config comes from the file's metadata (`{arch}.block_count`, `.embedding_len
 `.attention.head_count_kv`, `.rope.freq_base` ...; no `output.weight`: a tied head), the weights
 from its tensors, each dequantized by `gguf.quants.dequantize` into fp32 and copied into its
 parameter in the compute dtype one at a time (engine/loading.py: CheckpointFill), so peak memory is
-the model plus one tensor. llama.cpp's converter permutes the rows of q_proj and k_proj of
+the model plus one tensor. With `quantize` (engine/quantized.py) a quantized tensor of a weight that
+is held quantized is repacked from its blocks (engine/gguf_quant.py: exact, never through fp32),
+and a float one quantized; the formats of all weights are settled from the tensor table before any
+tensor is read. llama.cpp's converter permutes the rows of q_proj and k_proj of
 `llama` files (its rotary embedding rotates adjacent pairs, Hugging Face's the two halves of a
 head): the permutation is undone here, per head, as transformers' GGUF loader does. `qwen2`
 files are not permuted.
 
 Refused by name (InputError): an architecture other than llama and qwen2, a tensor type outside
 SUPPORTED_TYPES, a tensor the family has no parameter for (e.g. `rope_freqs.weight`, llama3's
-rope as stored frequency factors), rope scaling other than linear, a missing tensor.
+rope as stored frequency factors), rope scaling other than linear, a missing tensor; with
+`quantize`, a tensor that cannot be repacked exactly (gguf_quant.stack_format says which).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -27,8 +32,10 @@ import torch
 from flashzo.kernels.errors import InputError
 
 from .family import FAMILIES
+from .gguf_quant import FLOAT_TYPES, repack_gguf, stack_format
 from .llama import LlamaModel
 from .llama_config import LlamaConfig
+from .quantized import QuantSpec, WeightFormat
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # GGUF architecture -> Hugging Face model_type
@@ -166,8 +173,10 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None) -> LlamaModel:
-    """The LlamaModel of a GGUF file (or a directory holding one), dequantized into `dtype` (default fp32)."""
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
+              quantize: QuantSpec | None = None) -> LlamaModel:
+    """The LlamaModel of a GGUF file (or a directory holding one), dequantized into `dtype` (default fp32),
+    or with `quantize` its linears and embedding held quantized (see the module docstring)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -195,17 +204,71 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devi
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
         fill.check_shape(t.name, name, shape, file)
         plan.append((t, name, shape))
+    if quantize is not None:
+        fill.quant = _formats(model, fill, plan, quantize, file)
     heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
     permuted = _field(reader, "general.architecture") in PERMUTED
     for t, name, shape in plan:
-        w = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
         sub = ".".join(name.split(".")[-3:-1])  # "self_attn.q_proj" ...
-        if permuted and sub in heads:
-            w = unpermute(w, heads[sub])
-        fill.put(name, torch.from_numpy(np.require(w, requirements=("C", "W"))), file, named=True)
+        fmt = fill.quant.get(fill.names[name][0])
+        if fmt is not None and t.tensor_type.name not in FLOAT_TYPES:  # repacked from its blocks
+            w = repack_gguf(t.data, t.tensor_type, shape, fmt.mode, name=t.name)
+            if permuted and sub in heads:
+                w = w.select_rows(torch.from_numpy(unpermute(np.arange(shape[0]), heads[sub])))
+            fill.put(name, w, file, named=True)
+        else:
+            w = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
+            if permuted and sub in heads:
+                w = unpermute(w, heads[sub])
+            fill.put(name, torch.from_numpy(np.require(w, requirements=("C", "W"))), file, named=True)
         del w
+        _release(reader, t)
     fill.finish(file)
+    model.quant_spec = quantize
     return model
+
+
+def _formats(model: LlamaModel, fill, plan, spec: QuantSpec, file: str) -> dict:
+    """Each quantized weight's format (engine/quantized.py's WeightFormat): its GGUF tensors' exact repack
+    format (gguf_quant.stack_format), or `spec`'s for a weight stored as floats. Refusals name a tensor."""
+    parts: dict[str, list] = {}
+    for t, name, _ in plan:
+        parts.setdefault(fill.names[name][0], []).append((t.name, t.tensor_type))
+    out = {}
+    for pname, f in model.weight_formats(spec).items():
+        try:
+            stacked = stack_format(parts[pname], spec.mode, group_size=spec.group_size, symmetric=spec.symmetric)
+        except InputError as e:
+            raise InputError(f"{file}: {e}") from None
+        if stacked is None:  # floats: quantized as asked (weight_formats checked the group)
+            out[pname] = f
+        else:
+            out[pname] = WeightFormat(*stacked)
+    return out
+
+
+def _release(reader, tensor) -> None:
+    """Drop a tensor's pages of the file's memory map from this process (the page cache keeps them): a
+    file read through once does not stay in the resident set beside the model made of it."""
+    mm = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = int(tensor.data_offset) + int(tensor.n_bytes)
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def gguf_quantized_types(path: str | os.PathLike) -> dict[str, int]:
+    """The quantized tensor types of a GGUF file and how many tensors have each ({} when every tensor is a
+    float: F32, F16, BF16), from its tensor table (no tensor is read)."""
+    file = find_gguf(path)
+    if file is None:
+        raise InputError(f"{path}: not a GGUF file")
+    counts: dict[str, int] = {}
+    for t in _reader(file).tensors:
+        if t.tensor_type.name not in FLOAT_TYPES:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def gguf_tokenizer(path: str | os.PathLike):

@@ -72,6 +72,53 @@ def check_repack(qtype, mode: str, name: str = "tensor") -> tuple[int, bool, tor
     return REPACKS[t][mode]
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # stored as floats: quantized (kernels/quant.py: quantize), not repacked
+
+
+def stack_format(parts, mode: str, *, group_size: int | None = None,
+                 symmetric: bool | None = None) -> tuple[str, int, bool, torch.dtype] | None:
+    """The one format a weight stored as GGUF tensors `parts` ((name, type), ...: a stacked projection's
+    q, k, v) is held in when ``mode`` is asked: (mode, group size, symmetric, scale dtype), or None
+    when every part is a float type (quantized as asked, not repacked).
+
+    Every quantized part must repack exactly into one format: ``mode``'s if they all do (and it is the
+    ``group_size`` and ``symmetric`` given, when given), else int8's (a Q8_0, Q5_K or Q6_K tensor when
+    int4 is asked: exact, at 8 bits). Float parts are quantized into that format. Anything else (a
+    type not repacked, parts whose formats differ: Q4_K beside Q6_K) is an InputError naming a tensor.
+    """
+    quantized = [(n, _type_name(t)) for n, t in parts if _type_name(t) not in FLOAT_TYPES]
+    if not quantized:
+        return None
+    for name, t in quantized:
+        if t not in REPACKS:
+            check_repack(t, mode, name)  # raises, naming the type
+    for candidate in dict.fromkeys((mode, "int8")):
+        formats = {REPACKS[t].get(candidate) for _, t in quantized}
+        if None in formats or len(formats) != 1:
+            continue
+        group, sym, scale_dtype = formats.pop()
+        if candidate == mode:
+            for asked, have, what in ((group_size, group, "group size"), (symmetric, sym, "symmetry")):
+                if asked is not None and asked != have:
+                    name, t = quantized[0]
+                    raise InputError(f"{name}: GGUF type {t} repacks exactly into {mode} g{group} "
+                                     f"{'sym' if sym else 'asym'} only, not the {what} asked for ({asked}); "
+                                     f"leave it out to take the file's")
+        return candidate, group, sym, scale_dtype
+    for name, t in quantized:
+        if "int8" not in REPACKS[t]:
+            check_repack(t, mode, name)  # raises
+    names = ", ".join(f"{n} ({t})" for n, t in quantized)
+    raise InputError(f"{names}: one weight stored in GGUF types whose exact formats differ "
+                     f"({', '.join(sorted({_describe(REPACKS[t]['int8']) for _, t in quantized}))} in int8); "
+                     "flashzo holds a weight in one format")
+
+
+def _describe(fmt) -> str:
+    group, sym, scale_dtype = fmt
+    return f"g{group} {'sym' if sym else 'asym'} {'fp16' if scale_dtype == torch.float16 else 'fp32'}"
+
+
 def repack_gguf(raw, qtype, shape: tuple[int, int], mode: str, *, name: str = "tensor") -> QuantizedWeight:
     """A GGUF tensor's blocks as a QuantizedWeight in ``mode``, dequantizing to GGUF's values exactly.
 

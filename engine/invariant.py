@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashzo.kernels import apply_rows, mm_rows
+from flashzo.kernels import QuantizedWeight, apply_rows, mm_rows, quantized_linear
 from flashzo.kernels.errors import InputError
+
+from .quantized import weight_value
 
 DEFAULT = False  # the process's mode until set_batch_invariant() changes it
 
@@ -72,11 +74,17 @@ def batch_invariant_mode(on: bool):
 
 
 # Row-invariant operations -------------------------------------------------------------------------
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T + bias in x's dtype. x: [..., K], weight: [N, K] -> [..., N]."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None, *,
+           chunk: int | None = None) -> torch.Tensor:
+    """x @ W.T + bias in x's dtype. x: [..., K], weight: [N, K] (or a QuantizedWeight: kernels/quant_linear.py,
+    the dense layer's bits on a CPU) -> [..., N]. chunk: rows per GEMM call in the mode (kernels/rows.py)."""
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_linear(x.reshape(-1, x.shape[-1]), weight, bias, batch_invariant=is_batch_invariant(),
+                             chunk=chunk)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if not is_batch_invariant():
         return F.linear(x, weight, bias)
-    y = mm_rows(x.reshape(-1, x.shape[-1]), weight.T)  # [T, N]
+    y = mm_rows(x.reshape(-1, x.shape[-1]), weight.T, chunk=chunk)  # [T, N]
     if bias is not None:
         y = y.add_(bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -121,7 +129,7 @@ class Linear(nn.Linear):
     """torch's Linear (the same parameters and checkpoint names), row-invariant in the mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, weight_value(self.weight), self.bias)  # its weight may be quantized (engine/quantized.py)
 
 
 class RMSNorm(nn.Module):

@@ -14,8 +14,11 @@ the shape is checked). Checkpoint tensors map to the model's parameters through
 `checkpoint_names` (engine/model.py): q_proj, k_proj and v_proj land in their rows of the stacked
 qkv_proj. The model is built on the meta device and every tensor is read, checked, and copied into
 its final-dtype, final-device parameter one at a time, so peak memory is the model plus one tensor.
-A checkpoint that does not fit the config is refused with an InputError that names the file or
-the tensor at fault, before a half-loaded model can be used.
+With `quantize` ("int8", "int4": engine/quantized.py) every linear's and the token embedding's tensor
+is quantized as it is read, into its rows of the weight's packed buffers: peak memory is the
+quantized model plus one tensor in the checkpoint's dtype. A checkpoint that does not fit the
+config, or a weight that does not fit the format, is refused with an InputError that names the
+file or the tensor at fault, before a half-loaded model can be used.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ import torch
 from torch import nn
 
 from flashzo.kernels.errors import InputError
+from flashzo.kernels.quant import QuantizedWeight, quantize
 
 from .family import FAMILIES, Family, family_for, family_of
 from .gguf import find_gguf, load_gguf
 from .model import CausalLM, checkpoint_names
 from .opt import OPTModel
+from .quantized import QuantSpec, WeightFormat, copy_rows_, install_quantized_, quantized_weights
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -48,28 +53,44 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # --------------------------------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
-               family: str | None = None) -> CausalLM:
+               family: str | None = None, quantize: str | QuantSpec | None = None, group_size: int | None = None,
+               symmetric: bool | None = None) -> CausalLM:
     """The model of the Hugging Face checkpoint directory `path`, of whichever family its config names, or
     of a GGUF file (a `.gguf` path, or a directory holding one and no config.json; engine/gguf.py).
 
-    dtype: the parameters' dtype (a torch.dtype or its name); None or "auto" keeps the checkpoint's
+    dtype: the compute dtype (a torch.dtype or its name); None or "auto" keeps the checkpoint's
     (config.json's `torch_dtype`/`dtype`), float32 when the config names none.
     device: where the parameters live (default CPU); tensors are copied there one at a time.
     family: insist on one family ("opt"); None: the one config.json names.
+    quantize: None (every weight in `dtype`), "int8" or "int4" (or a QuantSpec / its spelling,
+    "int4-g64-sym"): every linear's weight and the token embedding held quantized (engine/quantized.py
+    says which layers stay in `dtype` and why). group_size: int8: None (per output channel) or 16,
+    32, 64, 128; int4: 32 (None), 64 or 128. symmetric: None (int8: True, int4: False: a min per
+    group). A GGUF file's quantized tensors are repacked exactly into the format their blocks hold
+    (engine/gguf_quant.py), never through fp32. A weight whose rows are not a whole number of groups
+    is refused by name before anything is read.
     """
     path = os.fspath(path)
+    spec = QuantSpec.of(quantize, group_size, symmetric)
     gguf_file = find_gguf(path)
     if gguf_file is not None:  # llama.cpp's format (engine/gguf.py)
         if family not in (None, "llama"):
             raise InputError(f"{path}: a GGUF file holds a Llama-family model, not {family!r}")
-        return load_gguf(gguf_file, dtype=_resolve_dtype(dtype if dtype != "auto" else None, "dtype"), device=device)
+        return load_gguf(gguf_file, dtype=_resolve_dtype(dtype if dtype != "auto" else None, "dtype"), device=device,
+                         quantize=spec)
     fam, config = read_config(path, family=family)
     dtype = _resolve_dtype(dtype if dtype not in (None, "auto") else config.torch_dtype, "dtype")
     device = torch.device(device if device is not None else "cpu")
 
     model = fam.model_cls(config, device="meta")  # shapes only: no memory, no random init
+    formats = {}
+    if spec is not None:
+        try:  # every weight's format checked before anything is read
+            formats = model.weight_formats(spec)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
     fill = CheckpointFill(model, fam, dtype=dtype, device=device,
-                          tied_shape=tuple(model.lm_head_weight.shape) if fam.tied_head else None)
+                          tied_shape=tuple(model.lm_head_weight.shape) if fam.tied_head else None, quant=formats)
     shards = _weight_files(path)
 
     # Every name (and, for safetensors, every shape) is known up front for safetensors and indexed
@@ -85,6 +106,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
             fill.put(key, tensor, file, named=key in (header or {}))
             del tensor  # one tensor resident at a time
     fill.finish(path)
+    model.quant_spec = spec
     return model
 
 
@@ -95,16 +117,22 @@ class CheckpointFill:
     plugin's model). Meta parameters are replaced by tensors in `dtype` on `device`; others are
     written in place. row_limits: parameter -> the rows the checkpoint fills (SGLang pads the
     vocabulary rows of its embedding). tied_shape: the shape of the family's tied head, if any.
+    quant: parameter -> the format it is held in (engine/quantized.py); such a parameter's tensors
+    (floats, quantized here, or a QuantizedWeight already in the format: a repacked GGUF tensor) fill
+    its rows of one packed weight, installed by `finish`.
     """
 
     def __init__(self, root: nn.Module, fam: Family, *, dtype=None, device=None,
-                 tied_shape: tuple[int, ...] | None = None, row_limits: dict[str, int] | None = None):
+                 tied_shape: tuple[int, ...] | None = None, row_limits: dict[str, int] | None = None,
+                 quant: dict[str, WeightFormat] | None = None):
         self.root, self.fam, self.dtype, self.device = root, fam, dtype, device
         self.names = checkpoint_names(root)  # checkpoint name -> (parameter, rows)
         self.params = dict(root.named_parameters())
         self.tied_shape, self.row_limits = tied_shape, row_limits or {}
         self.seen: dict[str, str] = {}
         self.filled: set[str] = set()
+        self.quant = quant or {}
+        self._packed: dict[str, QuantizedWeight] = {}  # quantized parameters being filled
 
     def check_name(self, key: str, where: str) -> str:
         name = self.fam.checkpoint_key(key)
@@ -138,6 +166,10 @@ class CheckpointFill:
         if self._tied(name):
             return
         pname, rows = self.names[name]
+        if pname in self.quant:
+            self._put_quantized(key, pname, rows, tensor, where)
+            self.filled.add(name)
+            return
         module_name, _, leaf = pname.rpartition(".")
         module = self.root.get_submodule(module_name)
         param = getattr(module, leaf)
@@ -149,16 +181,36 @@ class CheckpointFill:
         param.data[rows[0]:rows[1]].copy_(tensor)  # casts
         self.filled.add(name)
 
+    def _put_quantized(self, key: str, pname: str, rows, tensor, where: str) -> None:
+        fmt = self.quant[pname]
+        packed = self._packed.get(pname)
+        if packed is None:
+            packed = self._packed[pname] = fmt.empty(*self.params[pname].shape, device=self.device)
+        if not isinstance(tensor, QuantizedWeight):
+            if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                tensor = tensor.float()
+            try:
+                tensor = quantize(tensor, fmt.mode, fmt.group_size, symmetric=fmt.symmetric,
+                                  scale_dtype=fmt.scale_dtype)
+            except InputError as e:
+                raise InputError(f"{where}: tensor {key!r}: {e}") from None
+        copy_rows_(packed, rows[0] if rows is not None else 0, tensor.to(packed.device))
+
     def finish(self, where: str) -> None:
         missing = [n for n in self.names if n not in self.filled]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise InputError(f"{where}: tensor {missing[0]!r}{more} missing from the checkpoint")
+        for pname, packed in self._packed.items():
+            install_quantized_(self.root, pname, packed, self.dtype)
+        self._packed.clear()
 
 
-def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None) -> OPTModel:
-    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path` (see load_model)."""
-    return load_model(path, dtype=dtype, device=device, family="opt")
+def load_opt(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None,
+             **quantization) -> OPTModel:
+    """An OPTModel with the weights of the Hugging Face OPT checkpoint directory `path` (see load_model; its
+    quantize, group_size and symmetric too)."""
+    return load_model(path, dtype=dtype, device=device, family="opt", **quantization)
 
 
 def read_config(path: str, *, family: str | None = None) -> tuple[Family, object]:
@@ -296,6 +348,9 @@ def save_model(model: CausalLM, path: str | os.PathLike, *, dtype: torch.dtype |
     """
     from safetensors.torch import save_file
 
+    if quantized_weights(model):
+        raise InputError("save_model writes dense checkpoints, and this model's weights are quantized: "
+                         "model.dequantize_() first writes its dequantized weights")
     path = os.fspath(path)
     dtype = _resolve_dtype(dtype, "dtype") if dtype is not None else model.dtype
     os.makedirs(path, exist_ok=True)

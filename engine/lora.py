@@ -7,7 +7,10 @@ matrix is its start in that flat space (the index its perturbation z is regenera
 docs/design.md, "The random numbers").
 
 An adapter is made for a model config of any family: the config says which linears can be adapted
-(`lora_modules`), their shapes (`lora_shape(name)`) and PEFT's key for each (`peft_prefix`).
+(`lora_modules`), their shapes (`lora_shape(name)`) and PEFT's key for each (`peft_prefix`). An
+adapter trained on a quantized base (engine/quantized.py) records the base's quantization
+(`base_quantization`, CausalLM.quantization) in adapter_config.json under `BASE_QUANTIZATION_KEY`:
+the weights it was trained on are the dequantized ones (`flashzo merge` reads it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1", "fc2
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+BASE_QUANTIZATION_KEY = "flashzo_base_quantization"  # adapter_config.json: the base's quantization, if any
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class LoRAAdapter:
     slots: dict[tuple[int, str], LoRASlot] = field(default_factory=dict)
     # The base model's path, as PEFT's adapter_config.json names it (AutoPeftModel loads it from there).
     base_model_name_or_path: str | None = None
+    # The quantization of the base it was trained on (CausalLM.quantization: mode, group_size,
+    # symmetric, weights), None for a dense base; MeZOTrainer sets it from its model.
+    base_quantization: dict | None = None
 
     # Construction ---------------------------------------------------------------------------------
     @classmethod
@@ -188,12 +195,13 @@ class LoRAAdapter:
         new = LoRAAdapter.empty(self.config, self.model_config, device=device)
         new.buffer.copy_(self.buffer)
         new.base_model_name_or_path = self.base_model_name_or_path
+        new.base_quantization = self.base_quantization
         return new
 
     # PEFT format ----------------------------------------------------------------------------------
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         layers = self.config.layers
-        return {
+        config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path,
@@ -213,6 +221,9 @@ class LoRAAdapter:
             "rank_pattern": {},
             "alpha_pattern": {},
         }
+        if self.base_quantization:
+            config[BASE_QUANTIZATION_KEY] = self.base_quantization
+        return config
 
     def save_pretrained(self, path: str, *, base_model_name_or_path: str | None = None) -> None:
         """adapter_config.json + adapter_model.safetensors with PEFT's key names (files replaced atomically).
@@ -289,6 +300,12 @@ class LoRAAdapter:
             raise InputError(f"{path}: this adapter does not fit the model ({e})"
                              + (f"; it was trained on {base}" if isinstance(base, str) and base else "")) from None
         adapter.base_model_name_or_path = base if isinstance(base, str) else None
+        quantization = pc.get(BASE_QUANTIZATION_KEY)
+        if quantization is not None and (not isinstance(quantization, dict) or quantization.get("mode") not in
+                                         ("int8", "int4")):
+            raise InputError(f"{cfg_path}: {BASE_QUANTIZATION_KEY} must be an object with a mode (int8 or int4), "
+                             f"got {json.dumps(quantization)[:80]}")
+        adapter.base_quantization = quantization
         tensors = _read_adapter_tensors(path)
         expected = adapter.named_tensors()
         given = {_normalise_peft_key(k): v for k, v in tensors.items()}

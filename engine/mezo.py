@@ -168,6 +168,7 @@ class MeZOTrainer:
         if config.batch_invariant is None:
             config = dataclasses.replace(config, batch_invariant=invariant.is_batch_invariant())
         self.model, self.config, self.adapter = model, config, adapter
+        adapter.base_quantization = model.quantization  # saved with the adapter (engine/lora.py)
         self.counters = _Counters()
         self._exchange: distributed.Exchange | None = None
         # What the application says defines the run (flashzo train: its options and data fingerprints;

@@ -30,12 +30,32 @@ from typing import ClassVar, Protocol, Sequence
 import torch
 from torch import nn
 
-from flashzo.kernels import base_linear, perturbed_lora_add_, perturbed_lora_linear_parts
+from flashzo.kernels import base_linear, perturbed_lora_add_, perturbed_lora_linear_parts, row_chunk
+from flashzo.kernels.errors import InputError
+from flashzo.kernels.quant import quantize as quantize_weight
 
 from . import invariant
 from .attention import KVPool, resolve_backend
 from .batch import Copy, ModelInputs, Readout, StepBatch, plan_batch
 from .example import Example, Limits, check_examples, check_sequences
+from .quantized import (
+    QuantizedEmbedding,
+    QuantSpec,
+    TokenEmbedding,
+    WeightFormat,
+    install_dense_,
+    install_quantized_,
+    quantized_weights,
+    weight_value,
+)
+
+HEAD_BLOCK = 2**20  # elements of the LM head's weight per GEMM (a quantized head's scratch: 4 MiB in fp32)
+
+
+def head_rows(k: int) -> int:
+    """Vocabulary rows per GEMM of an LM head over hidden size k (CausalLM.head): a multiple of 64."""
+    return max(64, HEAD_BLOCK // max(k, 1) // 64 * 64)
+
 
 # --------------------------------------------------------------------------------------------------
 # The interface a family's block is written against
@@ -145,10 +165,8 @@ class EngineOps(LayerOps):
                   prefix: str) -> PagedAttention:
         return PagedAttention(num_heads, num_kv_heads, head_dim, scaling, layer_id, prefix=prefix)
 
-    def embedding(self, num: int, dim: int, *, prefix: str) -> nn.Embedding:
-        emb = nn.Embedding(num, dim)
-        emb.prefix = prefix
-        return emb
+    def embedding(self, num: int, dim: int, *, prefix: str) -> TokenEmbedding:
+        return TokenEmbedding(num, dim, prefix=prefix)
 
 
 class ForwardContext(BlockContext):
@@ -192,20 +210,21 @@ class ForwardContext(BlockContext):
         stack = lora.stack(proj.projection) if lora is not None else None
         fork = self.inputs.fork_index if proj.fork_input and self.inputs.forks_at(proj.layer_id) else None
         inv = invariant.is_batch_invariant()  # docs/design.md, "Batch invariance"
+        w = weight_value(proj.weight)  # a tensor, or a QuantizedWeight (docs/design.md, "Quantized weights")
         if stack is None:  # every copy computes the same: one GEMM, on the trunk at a fork
-            y = invariant.linear(x, proj.weight, proj.bias)
+            y = invariant.linear(x, w, proj.bias)
             self._trace(proj, None, x.shape[0])
             if fork is not None:
                 y = y[fork]
         elif fork is None:  # one base GEMM, one shrink and one expand for every adapted part
-            y = perturbed_lora_linear_parts(x, proj.weight, proj.bias, stack, lora.segments, scaling=lora.scaling,
+            y = perturbed_lora_linear_parts(x, w, proj.bias, stack, lora.segments, scaling=lora.scaling,
                                             eps=lora.eps, batch_invariant=inv)
             self._trace(proj, None, x.shape[0])
         else:
             # At the fork every copy's input is the trunk's: the base GEMM runs once on the trunk's
             # rows, and only the LoRA term of the adapted parts on every copy's rows; base_linear is
             # the base perturbed_lora_linear_parts computes, so a row gets the same bits either way.
-            y = base_linear(x, proj.weight, proj.bias, batch_invariant=inv)[fork]
+            y = base_linear(x, w, proj.bias, batch_invariant=inv)[fork]
             signed = x[fork]
             perturbed_lora_add_(y, signed.to(y.dtype), stack, lora.segments, scaling=lora.scaling, eps=lora.eps,
                                 batch_invariant=inv)
@@ -262,6 +281,7 @@ class CausalLM(nn.Module):
         self.backend_name: str | None = None  # None: resolved once on first use
         self.trace: list | None = None  # see ForwardContext
         self._projections: list[tuple] | None = None
+        self.quant_spec: QuantSpec | None = None  # what quantized this model's weights, if anything
 
     def _finish_init(self, dtype: torch.dtype | None) -> None:
         for name, module in self.named_modules():  # the name SGLang would give a layer is its path here
@@ -275,27 +295,100 @@ class CausalLM(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, config, *, seed: int = 0, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+    def from_config(cls, config, *, seed: int = 0, dtype: torch.dtype | None = None, device=None,
+                    quantize=None) -> CausalLM:
         """Random weights for a config, a Hugging Face config (dict or object) or a preset name: every
-        matrix normal(0, 0.02) (Hugging Face's init), norms' weights 1, biases 0."""
+        matrix normal(0, 0.02) (Hugging Face's init), norms' weights 1, biases 0.
+
+        quantize: None, "int8", "int4" or a QuantSpec (engine/quantized.py): every weight `quantizable`
+        lists is drawn in fp32 and quantized at once, one at a time (the fp32 model never exists; the
+        draws are the dense model's)."""
         if isinstance(config, str):
             config = cls.config_class.from_name(config)
         elif not isinstance(config, cls.config_class):
             config = cls.config_class.from_hf(config)
-        model = cls(config, dtype=torch.float32, device=device)
+        spec = QuantSpec.of(quantize)
+        model = cls(config, dtype=torch.float32, device="meta")  # shapes only; filled one tensor at a time
+        formats = model.weight_formats(spec) if spec is not None else {}
+        device = torch.device(device if device is not None else "cpu")
         norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, invariant.RMSNorm))
                  for p in m.parameters(recurse=False)}
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        for name, p in model.named_parameters():
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in list(model.named_parameters()):
+            t = torch.empty(p.shape, dtype=torch.float32, device=device)
             if id(p) in norms:
-                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+                t.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
-                p.data.zero_()
+                t.zero_()
             else:
-                p.data.normal_(0.0, 0.02, generator=gen)
+                t.normal_(0.0, 0.02, generator=gen)
+            if name in formats:
+                f = formats[name]
+                qw = quantize_weight(t, f.mode, f.group_size, symmetric=f.symmetric, scale_dtype=f.scale_dtype)
+                install_quantized_(model, name, qw, torch.float32)
+            else:
+                module_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
+            del t
+        model.quant_spec = spec
         if dtype is not None:
             model.to(dtype)
         return model
+
+    # Quantized weights (docs/design.md, "Quantized weights"; engine/quantized.py) -------------------
+    def quantizable(self) -> list[str]:
+        """The weights quantization replaces: every linear's (stacked projections, invariant.Linear) and the
+        token embedding's; norms, biases and other embeddings stay in the compute dtype."""
+        return [f"{name}.weight" for name, m in self.named_modules()
+                if isinstance(m, (ZOProjection, invariant.Linear, TokenEmbedding, QuantizedEmbedding))]
+
+    def weight_formats(self, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16) -> dict[str, WeightFormat]:
+        """The format of every quantizable weight under `spec`; a weight whose rows do not fit it (K not a
+        multiple of the group) is refused by the name of a checkpoint tensor it holds."""
+        first = {}
+        for key, (pname, _) in checkpoint_names(self).items():
+            first.setdefault(pname, type(self).hf_key(key))
+        out = {}
+        for name in self.quantizable():
+            K = self.get_submodule(name.rpartition(".")[0]).weight.shape[1]  # a Parameter or a QuantizedParameter
+            out[name] = spec.weight_format(K, f"tensor {first.get(name, name)!r}", scale_dtype)
+        return out
+
+    def quantize_(self, quantize, group_size: int | None = None, symmetric: bool | None = None) -> CausalLM:
+        """Quantize this dense model's `quantizable` weights in place, one at a time (every format is
+        checked before any weight changes). Returns the model."""
+        spec = QuantSpec.of(quantize, group_size, symmetric)
+        if spec is None or quantized_weights(self):
+            raise InputError("quantize_ takes a mode ('int8' or 'int4') and a model that is not quantized yet")
+        for name, f in self.weight_formats(spec).items():
+            p = self.get_parameter(name)
+            qw = quantize_weight(p.data, f.mode, f.group_size, symmetric=f.symmetric, scale_dtype=f.scale_dtype)
+            install_quantized_(self, name, qw, p.dtype)
+            del p
+        self.quant_spec = spec
+        return self
+
+    def dequantize_(self) -> CausalLM:
+        """Replace every quantized weight by a parameter holding its dequantized values in the compute
+        dtype: the dense model that computes what this one does (the same bits on a CPU). Returns it."""
+        for name, holder in quantized_weights(self).items():
+            install_dense_(self, name, holder.dequantize())
+        self.quant_spec = None
+        return self
+
+    @property
+    def quantization(self) -> dict | None:
+        """None for a dense model; else what was asked (mode, group_size, symmetric: None = the default) and
+        `weights`: the formats the weights are held in, with their counts ({"int4 g32 asym fp16": 210})."""
+        weights = quantized_weights(self)
+        if not weights:
+            return None
+        formats: dict[str, int] = {}
+        for holder in weights.values():
+            d = holder.value.describe()
+            formats[d] = formats.get(d, 0) + 1
+        spec = self.quant_spec.to_dict() if self.quant_spec is not None else {}
+        return {**spec, "weights": dict(sorted(formats.items()))}
 
     @classmethod
     def checkpoint_key(cls, key: str) -> str:
@@ -338,8 +431,21 @@ class CausalLM(nn.Module):
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm(s) and the LM head: [n, h] -> logits [n, vocab] (fp32)."""
-        return invariant.linear(self.decoder.final(x), self.lm_head_weight).float()
+        """Final norm(s) and the LM head: [n, h] -> logits [n, vocab] (fp32).
+
+        The vocabulary goes in blocks of `head_rows(h)` rows of the head's weight, one GEMM each (a
+        quantized head is dequantized one block at a time: never the whole matrix), the same blocks
+        for a dense and a quantized head, so both give the same bits. In the batch-invariant mode each
+        block's GEMM runs the row chunks of the whole head's width (kernels/rows.py: a wide GEMM)."""
+        h = self.decoder.final(x)  # [n, k]
+        w = weight_value(self.lm_head_weight)  # [V, k]: a tensor or a QuantizedWeight
+        V, K = w.shape
+        rows, chunk = head_rows(K), row_chunk(h.device, V)
+        logits = torch.empty((h.shape[0], V), dtype=torch.float32, device=h.device)
+        for v0 in range(0, V, rows):
+            block = w[v0:v0 + rows] if isinstance(w, torch.Tensor) else w.select_rows(slice(v0, v0 + rows))
+            logits[:, v0:v0 + rows] = invariant.linear(h, block, chunk=chunk)
+        return logits
 
     def prepare(self, inputs: ModelInputs, *, pool: KVPool | None = None) -> ForwardContext:
         """The runtime for one forward: the (reused) KV pool, the attention backend, each stage planned once.

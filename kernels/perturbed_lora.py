@@ -65,6 +65,7 @@ from .launch_plan import (
     z_rows,
 )
 from .lora_parts import MAX_RANK, LoRAPart, LoRAStack, single_part_stack, stack_lora_parts
+from .quant import QuantizedWeight
 from .randn import gaussian
 from .rows import mm_rows
 from .segments import TILE_ADAPTER, TILE_FIELDS, TILE_ROW_START, TILE_ROW_STOP, TILE_SEED, TILE_SIGN, Segments
@@ -341,7 +342,9 @@ def perturbed_lora_linear_parts(
     shrink and one expand launch for all parts.
 
     Args:
-        x: [T, K] fp32, bf16 or fp16. weight: [N_total, K], x's dtype (the parts' rows stacked).
+        x: [T, K] fp32, bf16 or fp16. weight: [N_total, K], x's dtype (the parts' rows stacked), or a
+            ``QuantizedWeight`` [N_total, K] (quant.py): the base is then ``quantized_linear``'s, of the
+            same bits on the torch path as this call with the dense ``weight.dequantize(x.dtype)``.
         bias: [N_total], x's dtype, or None.
         parts: ``LoRAPart``s in column order, not overlapping (columns outside every part get the
             base only; parts may differ in width and rank), or a ``LoRAStack`` packed from them
@@ -353,8 +356,11 @@ def perturbed_lora_linear_parts(
     """
     stack = _check_parts_call(x, weight, bias, None, parts, segments, scaling, eps)
     mm = mm_rows if batch_invariant else torch.matmul
+    quantized = isinstance(weight, QuantizedWeight)
     if resolve_impl(impl, x.device) == "torch":  # fp32 throughout, rounded to x's dtype once
         xc = x.to(torch.float32)
+        if quantized:  # the dense matrix in x's dtype, in this thread's scratch (quant_linear.py)
+            weight = quant_linear.scratch_weight(weight, x.dtype)
         y = _plus_bias(mm(xc, weight.to(torch.float32).T), bias)  # [T, N]: the base, as base_linear's
         _add_lora_torch(y, xc, stack.parts, segments, scaling, eps, torch.float32, None, mm)
         return y.to(x.dtype)
@@ -367,7 +373,12 @@ def perturbed_lora_linear_parts(
     # and by regenerating z, so fusing it into the GEMM would save little traffic and cost the
     # faster GEMM. bench/bench_perturbed_lora.py times the choice (docs/benchmarks.md, "The kernel
     # microbenchmark"): fused vs the unfused torch code a user would write vs the bare base GEMM.
-    y = F.linear(x, weight, bias) if not batch_invariant else _plus_bias(mm_rows(x, weight.T), bias)  # as base_linear
+    if quantized:  # the dequantize-in-the-GEMM kernel, row-invariant as it is (as base_linear)
+        y = quant_linear.quantized_linear(x, weight, bias, impl="triton")
+    elif batch_invariant:  # as base_linear
+        y = _plus_bias(mm_rows(x, weight.T), bias)
+    else:
+        y = F.linear(x, weight, bias)
     _add_lora_triton(y, x, stack, segments, scaling, eps, config)
     return y
 
@@ -418,15 +429,21 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     on the torch path (the LoRA term is added before the one rounding), x's dtype on the Triton path.
 
     Args:
-        x: [T, K]. weight: [N, K], x's dtype. bias: [N] or None. impl, batch_invariant: as in
+        x: [T, K]. weight: [N, K], x's dtype, or a ``QuantizedWeight`` (as in
+            ``perturbed_lora_linear_parts``). bias: [N] or None. impl, batch_invariant: as in
             ``perturbed_lora_linear``.
 
     Returns:
         y: [T, N], fp32 (torch path) or x's dtype (Triton path).
     """
     mm = mm_rows if batch_invariant else torch.matmul
+    quantized = isinstance(weight, QuantizedWeight)
     if resolve_impl(impl, x.device) == "torch":
+        if quantized:
+            weight = quant_linear.scratch_weight(weight, x.dtype)
         return _plus_bias(mm(x.to(torch.float32), weight.to(torch.float32).T), bias)
+    if quantized:
+        return quant_linear.quantized_linear(x, weight, bias, impl="triton")
     return F.linear(x, weight, bias) if not batch_invariant else _plus_bias(mm_rows(x, weight.T), bias)
 
 
@@ -557,8 +574,8 @@ def _check_parts_call(x, weight, bias, y, parts, segments, scaling, eps) -> LoRA
         raise InputError(f"segments must be a Segments, got {type(segments).__name__}")
     T, K = _check_x(x)
     if y is None:
-        if not isinstance(weight, torch.Tensor):
-            raise InputError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if not isinstance(weight, (torch.Tensor, QuantizedWeight)):
+            raise InputError(f"weight must be a torch.Tensor or a QuantizedWeight, got {type(weight).__name__}")
         if bias is not None and not isinstance(bias, torch.Tensor):
             raise InputError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         N = _check_weight_bias(x, weight, bias)
@@ -592,10 +609,10 @@ def _check_x(x) -> tuple[int, int]:
 
 def _check_weight_bias(x, weight, bias) -> int:
     K = x.shape[1]
-    if weight.dim() != 2 or weight.shape[1] != K:
+    if len(weight.shape) != 2 or weight.shape[1] != K:
         raise InputError(f"weight must be [N, K={K}] to chain with x, got shape {tuple(weight.shape)}")
     N = weight.shape[0]
-    if weight.dtype != x.dtype:
+    if not isinstance(weight, QuantizedWeight) and weight.dtype != x.dtype:
         raise InputError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
         if tuple(bias.shape) != (N,):
@@ -725,3 +742,7 @@ def perturbed_lora_add_ref(
     out = y.to(compute_dtype, copy=True)
     _add_lora_torch(out, x.to(compute_dtype), stack.parts, segments, scaling, eps, compute_dtype, "torch")
     return out.to(out_dtype if out_dtype is not None else y.dtype)
+
+
+# quant_linear.py imports this module (its bf16 rounding), so it is imported once this one is complete
+from . import quant_linear  # noqa: E402

@@ -160,6 +160,7 @@ def quantized_linear(
     impl: str | None = None,
     config: QuantKernelConfig | None = None,
     batch_invariant: bool = False,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T + bias, W = qw.dequantize() (quant.py: scale * q + min per group).
 
@@ -168,8 +169,9 @@ def quantized_linear(
         qw: a QuantizedWeight [N, K] on x's device. bias: [N] in x's dtype, or None.
         impl: None: Triton on CUDA, torch elsewhere; "triton" (CPU tensors need TRITON_INTERPRET=1)
             or "torch" to force one. config: overrides of the plan's tiles (quant_plan.py).
-        batch_invariant: the torch path's GEMM over fixed-size row chunks (rows.py); the Triton
-            kernel is row-invariant as it is (its plan never depends on T).
+        batch_invariant: the torch path's GEMM over fixed-size row chunks (rows.py; ``chunk`` rows
+            per call, default ``row_chunk``); the Triton kernel is row-invariant as it is (its plan
+            never depends on T).
 
     Returns:
         y: [T, N] in x's dtype. The torch path gives ``quantized_linear_ref(x, qw, bias)``'s bits
@@ -181,7 +183,7 @@ def quantized_linear(
         w = scratch_weight(qw, x.dtype)
         if not batch_invariant:
             return F.linear(x, w, bias)
-        y = mm_rows(x, w.T)
+        y = mm_rows(x, w.T, chunk=chunk)
         return y.add_(bias) if bias is not None else y
     check_triton_device(x.device)
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)

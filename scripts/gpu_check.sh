@@ -7,8 +7,10 @@
 # Parts, in order, each under its own time limit (one hang cannot eat the rest) and all under a total
 # of 9 minutes: the machine (env), installing the carried wheels (.whl/, filled here by
 # scripts/fetch_gpu_wheels.sh) and flashzo itself, the GPU-marked tests (`pytest -m gpu`), the kernel
-# microbenchmark, FlashInfer's attention against the torch backend, and the MeZO step benchmark
-# (opt-1.3b, opt-6.7b, opt-13b in bf16 on the SST-2- and RTE-shaped batches). Writes OUTDIR/summary.md
+# microbenchmark, FlashInfer's attention against the torch backend, the quantized linear (the Triton
+# dequantize-in-the-GEMM kernel against a bf16 GEMM of the same shape and the unfused dequantize +
+# GEMM, opt-1.3b / llama-3.2-1b layer shapes), and the MeZO step benchmark (opt-1.3b, opt-6.7b,
+# opt-13b in bf16 on the SST-2- and RTE-shaped batches). Writes OUTDIR/summary.md
 # (each part's status and time, then the result tables) and OUTDIR/gpu_check.tgz (every log and
 # result file). Exit status: 0 when every part passed, 1 otherwise. Every Python step runs the
 # interpreter named by $PYTHON (default: python3 from the PATH), e.g. PYTHON=.venv/bin/python.
@@ -102,11 +104,13 @@ if [ "$dry" -eq 1 ]; then
     part pytest_gpu 300 "$py" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$work/pytest_gpu.xml" tests
     part kernels 180 "$py" bench/bench_perturbed_lora.py --smoke --out "$results"
     part attention 60 "$py" bench/bench_attention.py --smoke --out "$results"
+    part quant 120 "$py" bench/bench_quant.py --smoke --out "$results"
     part step 240 "$py" bench/bench_step.py --smoke --out "$results"
 else
     part pytest_gpu 150 "$py" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$work/pytest_gpu.xml" tests
     part kernels 90 "$py" bench/bench_perturbed_lora.py --out "$results"
     part attention 45 "$py" bench/bench_attention.py --out "$results"
+    part quant 45 "$py" bench/bench_quant.py --models opt-1.3b/llama-3.2-1b --tokens 1 64 1024 --out "$results"
     part step 200 "$py" bench/bench_step.py --models opt-1.3b opt-6.7b opt-13b --workloads sst2 rte --dtype bf16 \
         --no-memory --warmup 2 --reps 10 --out "$results"
 fi

@@ -61,3 +61,17 @@ def test_code_notes_smoke(tmp_path):
                  "tests/test_serve.py SHARED_BOUND"):
         assert f"## {note}" in out, note  # the notes' later sections run in smoke mode too
     assert "python bench/code_notes.py --smoke" in out  # the command that made the figures
+
+
+def test_quant_model_benchmark_smoke(tmp_path):
+    import json
+
+    out = run("bench_quant_model.py", "--smoke", "--out", str(tmp_path))
+    names = set(os.listdir(tmp_path))
+    assert {"quant_model_cpu_smoke.json", "quant_model_cpu_smoke.md", "quant_model_cpu_smoke.png"} <= names, names
+    rows = json.loads((tmp_path / "quant_model_cpu_smoke.json").read_text())["rows"]
+    memory = {r["mode"]: r for r in rows if r["kind"] == "memory"}
+    assert set(memory) == {"fp32", "int8", "int4"} and "over A" in out
+    assert memory["int4"]["weights_mib"] < memory["int8"]["weights_mib"] < memory["fp32"]["weights_mib"]
+    repacked = [r for r in rows if r["kind"] == "logprobs" and r["source"] == "gguf repacked"]
+    assert all(r["bit_exact"] for r in repacked)  # empty without the real model installed

@@ -674,3 +674,74 @@ def test_sigint_at_any_point_of_the_start_is_one_line(checkpoint, tmp_path, poin
     else:
         assert stderr == "flashzo train: interrupted\n", stderr
         assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# --quantize: training on quantized base weights; merge refuses a quantized base without --dequantize
+# --------------------------------------------------------------------------------------------------
+
+def test_train_on_a_quantized_base_records_it_resumes_it_and_merges_only_dequantized(checkpoint, tmp_path, capsys):
+    from flashzo.engine.lora import ADAPTER_CONFIG, BASE_QUANTIZATION_KEY
+
+    ids, _, _ = write_data(tmp_path)
+    out = tmp_path / "run"
+    common = ["--model", checkpoint, "--train", ids, "--eval", ids, "--out", str(out), "--batch-size", "4",
+              "--lr", "1", "--eps", "1e-2", "--lora-r", "2", "--target-modules", "q_proj,v_proj,fc2", "--no-progress"]
+    assert main(["train", "--steps", "2", "--quantize", "int4", *common]) == 0
+    assert "base weights held as int4 g32 asym fp16" in capsys.readouterr().out
+    recorded = json.loads((out / "adapter" / ADAPTER_CONFIG).read_text())[BASE_QUANTIZATION_KEY]
+    assert recorded == {"mode": "int4", "group_size": None, "symmetric": None, "weights": {"int4 g32 asym fp16": 9}}
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["run_info"]["quantization"] == recorded
+    # a resumed run keeps its quantization, and refuses another
+    assert main(["train", "--steps", "3", "--resume", "--quantize", "int8", *common]) == 2
+    assert "--quantize int8 (the run's: int4-g32-asym)" in capsys.readouterr().err
+    assert main(["train", "--steps", "3", "--resume", *common]) == 0
+    after = json.loads((out / "metrics.json").read_text())["eval_after"]
+    capsys.readouterr()
+    # eval on the quantized base gives the run's numbers; on the dense base others
+    evals = {}
+    for name, extra in (("quantized", ["--quantize", "int4"]), ("dense", [])):
+        assert main(["eval", "--model", checkpoint, "--adapter", str(out / "adapter"), "--data", ids, *extra]) == 0
+        evals[name] = json.loads(capsys.readouterr().out)["loss"]
+    assert evals["quantized"] == pytest.approx(after["loss"], abs=1e-6) and evals["dense"] != evals["quantized"]
+    # merge: refused without --dequantize; with it, the dense model of the weights the adapter was trained on
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", checkpoint, "--adapter", str(out / "adapter"), "--out", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained on a base quantized as int4-g32-asym" in err and "--dequantize" in err
+    assert not merged.exists()
+    assert main(["merge", "--model", checkpoint, "--adapter", str(out / "adapter"), "--out", str(merged),
+                 "--dequantize"]) == 0
+    assert "(its dequantized weights)" in capsys.readouterr().out
+    assert json.loads((merged / "flashzo_merge.json").read_text())["dequantized"].endswith("int4-g32-asym")
+    assert main(["eval", "--model", str(merged), "--data", ids]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(evals["quantized"], abs=1e-5)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--quantize", "int3"], "--quantize: quantization 'int3' is not MODE"),
+    (["eval", "--quantize", "int4-g24"], "--quantize: int4 group size must be one of 32, 64, 128, got 24"),
+    (["eval", "--quantize", "int4-g64"], "tensor 'model.decoder.embed_tokens.weight': K = 32 (the rows' length) "
+                                         "is not divisible by the int4 group size 64"),
+    (["train", "--out", "{tmp}/o", "--quantize", "int8-g256"], "int8 group size must be one of 16, 32, 64, 128"),
+])
+def test_a_quantization_that_cannot_be_is_one_line(checkpoint, tmp_path, capsys, argv, needle):
+    ids, _, _ = write_data(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    data = ["--data", ids] if argv[0] == "eval" else ["--train", ids]
+    assert main([argv[0], "--model", checkpoint, *data, *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+
+
+def test_demo_learns_on_a_quantized_tiny_model(tmp_path, capsys):
+    from flashzo.engine.lora import ADAPTER_CONFIG, BASE_QUANTIZATION_KEY
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--quantize", "int4", "--out", str(out), "--steps", "60", "--train-size", "64",
+                 "--eval-size", "32", "--eval-every", "0", "--no-progress"]) == 0
+    assert "int4 g32 asym fp16" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_after"]["accuracy"] >= metrics["eval_before"]["accuracy"] + 0.2, metrics
+    assert json.loads((out / "adapter" / ADAPTER_CONFIG).read_text())[BASE_QUANTIZATION_KEY]["mode"] == "int4"

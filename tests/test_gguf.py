@@ -20,6 +20,7 @@ from helpers import checkpoint_tensors, gguf_name, hf_llama, write_gguf  # noqa:
 import flashzo  # noqa: E402
 from flashzo.engine import LlamaModel, load_model  # noqa: E402
 from flashzo.engine.gguf import SUPPORTED_TYPES, _reader, find_gguf, unpermute  # noqa: E402
+from flashzo.engine.quantized import quantized_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -190,3 +191,124 @@ def test_cli_merge_takes_a_gguf_file(tmp_path, capsys):
         assert main(["eval", *args, "--data", str(data)]) == 0
         evals.append(json.loads(capsys.readouterr().out)["loss"])
     assert evals[0] == pytest.approx(evals[1], abs=1e-5) and abs(evals[0] - evals[2]) > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize=: quantized tensors repacked exactly (engine/gguf_quant.py), never through fp32
+# --------------------------------------------------------------------------------------------------
+
+REPACKED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# (type, asked) -> the format every weight is held in (int4 asked of an 8-bit type: int8, exact)
+HELD = {("Q8_0", "int8"): "int8 g32 sym fp16", ("Q8_0", "int4"): "int8 g32 sym fp16",
+        ("Q4_0", "int8"): "int8 g32 sym fp16", ("Q4_0", "int4"): "int4 g32 sym fp16",
+        ("Q4_1", "int8"): "int8 g32 asym fp16", ("Q4_1", "int4"): "int4 g32 asym fp16",
+        ("Q4_K", "int8"): "int8 g32 asym fp32", ("Q4_K", "int4"): "int4 g32 asym fp32",
+        ("Q5_K", "int8"): "int8 g32 asym fp32", ("Q5_K", "int4"): "int8 g32 asym fp32",
+        ("Q6_K", "int8"): "int8 g16 sym fp32", ("Q6_K", "int4"): "int8 g16 sym fp32"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("qname", REPACKED)
+def test_quantized_tensors_are_repacked_into_the_weights_gguf_dequantizes_to(tmp_path, qname, mode):
+    """Every linear and the embedding held quantized (q/k rows unpermuted) compute the dense load's bits:
+    the repacked weights dequantize to gguf's own values, and the model is that dense model."""
+    hf = hf_llama(seed=1, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q[qname])
+    dense, q = load_model(file), load_model(file, quantize=mode)
+    assert q.quantization == {"mode": mode, "group_size": None, "symmetric": None,
+                              "weights": {HELD[qname, mode]: len(q.quantizable())}}
+    params = dict(dense.named_parameters())
+    for name, holder in quantized_weights(q).items():
+        assert torch.equal(holder.dequantize(), params[name]), name
+    seqs = [[3, 17, 5, 60, 2, 9, 41, 7, 7, 30, 12], [8, 1]]
+    for a, b in zip(q.token_logprobs(seqs), dense.token_logprobs(seqs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_weight_whose_tensors_cannot_share_one_exact_format_is_refused_before_any_is_read(tmp_path, monkeypatch):
+    """Q4_K_M files store attn_v in Q6_K: v (int8 g16 sym) cannot join q and k (Q4_K: g32 asym) in one
+    stacked weight exactly, in int4 or int8."""
+    hf = hf_llama(seed=1, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q.Q6_K if "v_proj" in key else Q.Q4_K)
+    from flashzo.engine import gguf as gguf_module
+
+    monkeypatch.setattr(gguf_module, "repack_gguf", lambda *a, **k: pytest.fail("a tensor was read"))
+    for mode in ("int4", "int8"):
+        with pytest.raises(flashzo.InputError, match=r"blk.0.attn_q.weight \(Q4_K\), blk.0.attn_k.weight \(Q4_K\), "
+                                                     r"blk.0.attn_v.weight \(Q6_K\): one weight stored in GGUF types"):
+            load_model(file, quantize=mode)
+    monkeypatch.undo()
+    assert load_model(file).quantization is None  # without quantize it loads, dequantized
+
+
+def test_a_format_the_blocks_do_not_hold_is_refused_by_name(tmp_path):
+    hf = hf_llama(seed=1, hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q.Q4_1)
+    with pytest.raises(flashzo.InputError, match="token_embd.weight: GGUF type Q4_1 repacks exactly into int4 g32 "
+                                                 "asym only, not the group size asked for"):
+        load_model(file, quantize="int4-g64")
+    with pytest.raises(flashzo.InputError, match="not the symmetry asked for"):
+        load_model(file, quantize="int8", symmetric=True)
+    assert load_model(file, quantize="int4-g32-asym").quantization["weights"] == {"int4 g32 asym fp16": 6}
+
+
+def test_float_tensors_are_quantized_as_asked(tmp_path):
+    hf = hf_llama(seed=1, hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q.F16 if "mlp" in key else Q.F32)
+    q = load_model(file, quantize="int4-g64-sym")
+    assert q.quantization["weights"] == {"int4 g64 sym fp16": len(q.quantizable())}
+    want = load_model(file).quantize_("int4-g64-sym")  # the same values quantized the same way
+    for name, holder in quantized_weights(q).items():
+        assert torch.equal(holder.dequantize(), quantized_weights(want)[name].dequantize()), name
+
+
+MEMORY_SCRIPT = r"""
+import json, sys
+import torch
+from flashzo.engine import load_model
+torch.set_num_threads(1)
+
+def kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+import gguf.quants  # noqa: F401  (what loading imports, imported before the measure)
+from flashzo.engine import LlamaConfig, LlamaModel
+from flashzo.engine.gguf import _reader
+_reader(sys.argv[1])
+LlamaModel(LlamaConfig.from_name("llama-tiny"), device="meta")  # torch's one-time set-up of the meta device
+before = kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident set
+model = load_model(sys.argv[1], quantize=sys.argv[2] or None)
+print(json.dumps({"growth": (kib("VmHWM") - before) * 1024,
+                  "params": sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_loading_a_quantized_file_quantized_never_holds_the_fp32_model(tmp_path):
+    """Peak memory while loading (the process's resident set, from before the load to its peak): a Q4_1
+    file loaded as int4 stays under 0.3x of the fp32 model's bytes; the same file dequantized to fp32
+    takes at least the fp32 model (what the measure sees when the fp32 model exists)."""
+    import json
+    import subprocess
+    import sys
+
+    hf = hf_llama(seed=1, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=4096)
+    params = sum(p.numel() for p in hf.parameters())
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q.Q4_1)
+    del hf
+    growth = {}
+    for mode in ("int4", ""):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, file, mode], capture_output=True, text=True,
+                             check=True)
+        growth[mode] = json.loads(out.stdout)["growth"]
+    fp32 = 4 * params
+    assert growth[""] >= 0.8 * fp32, growth
+    assert growth["int4"] <= 0.3 * fp32, (growth, fp32)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-PARTS = ["env", "install", "pytest_gpu", "kernels", "attention", "step"]
+PARTS = ["env", "install", "pytest_gpu", "kernels", "attention", "quant", "step"]
 
 
 def _run(out, **env):
@@ -38,7 +38,7 @@ def test_dry_run_runs_every_part_and_writes_the_summary(tmp_path):
     assert _status(tmp_path) == dict.fromkeys(PARTS, "pass")
     summary = (tmp_path / "summary.md").read_text()
     assert "dry run" in summary and "| step | pass |" in summary
-    assert "Paged attention" in summary  # the result tables are in the summary
+    assert "Paged attention" in summary and "# Quantized linear" in summary  # the result tables are in the summary
     with tarfile.open(tmp_path / "gpu_check.tgz") as tar:
         names = set(tar.getnames())
     for part in PARTS:

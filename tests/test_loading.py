@@ -306,3 +306,54 @@ def test_save_opt_dtype(tmp_path):
         assert torch.equal(p.to(torch.bfloat16), q), n
     hf = transformers.OPTForCausalLM.from_pretrained(str(tmp_path))
     assert hf.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize=: each tensor quantized as it is read
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g32-sym", "int8-g16-asym"])
+@pytest.mark.parametrize("layout", ["safetensors", "bin_sharded", "original"])
+def test_a_checkpoint_loads_quantized_tensor_by_tensor(tmp_path, monkeypatch, layout, spec):
+    """Every linear and the embedding quantized from the checkpoint's tensors as they are read (q, k and
+    v into their rows of qkv_proj), the same as the dense model quantized afterwards; the loader still
+    keeps no tensor alive once the next is read."""
+    from flashzo.engine import loading
+    from flashzo.engine.quantized import quantized_weights
+
+    hf = hf_opt(hidden_size=64, ffn_dim=128, word_embed_proj_dim=32, do_layer_norm_before=False)
+    path = write_checkpoint(hf, tmp_path, layout)
+    read, alive = loading._read_tensors, []
+
+    def spy(file):
+        for key, tensor in read(file):
+            assert sum(r() is not None for r in alive) <= 1, "the loader holds an earlier tensor"
+            alive.append(weakref.ref(tensor))
+            yield key, tensor
+
+    monkeypatch.setattr(loading, "_read_tensors", spy)
+    q = load_opt(path, quantize=spec)
+    want = load_opt(path).quantize_(spec)
+    assert set(quantized_weights(q)) == set(q.quantizable()) and "decoder.project_in.weight" in q.quantizable()
+    for name, holder in quantized_weights(want).items():
+        mine = quantized_weights(q)[name]
+        assert mine.value.describe() == holder.value.describe() and all(
+            torch.equal(getattr(mine, b), getattr(holder, b)) for b in ("data", "scales", "mins")
+            if getattr(holder, b) is not None), name
+    for (n1, p1), (n2, p2) in zip(q.named_parameters(), want.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert q.quantization["mode"] == spec[:4]
+
+
+def test_a_weight_the_format_does_not_fit_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    from flashzo.engine import loading
+    from flashzo.errors import InputError
+
+    path = write_checkpoint(hf_opt(hidden_size=96, ffn_dim=96, num_attention_heads=4), tmp_path, "safetensors")
+    monkeypatch.setattr(loading, "_read_tensors", lambda file: pytest.fail("a tensor was read"))
+    with pytest.raises(InputError, match=r"tensor 'model.decoder.embed_tokens.weight': K = 96 .* int4 group size 64"):
+        load_opt(path, quantize="int4", group_size=64)
+    with pytest.raises(InputError, match="quantization 'int2' is not MODE"):
+        load_opt(path, quantize="int2")
+    with pytest.raises(InputError, match="int4 group size must be one of 32, 64, 128, got 16"):
+        load_opt(path, quantize="int4", group_size=16)

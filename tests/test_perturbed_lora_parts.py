@@ -21,6 +21,7 @@ from flashzo.kernels import (
     LoRAPart,
     LoRAStack,
     Segments,
+    base_linear,
     gaussian,
     perturbed_lora_add_,
     perturbed_lora_add_ref,
@@ -28,6 +29,8 @@ from flashzo.kernels import (
     perturbed_lora_linear_parts,
     perturbed_lora_linear_parts_ref,
     perturbed_lora_linear_ref,
+    quantize,
+    quantized_linear,
     stack_lora_parts,
 )
 from flashzo.kernels.launch_plan import DeviceInfo, lora_plan
@@ -151,6 +154,33 @@ def test_add_is_the_lora_term_of_linear_parts(impl, dtype):
         assert torch.equal(added, linear)
     else:  # the torch linear rounds once, the add rounds the base first
         assert max_err(added, linear) <= 2 * max_err(_torch_in_dtype(x, w, b, parts, segments), linear) + ATOL[dtype]
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["default", "batch_invariant"])
+@pytest.mark.parametrize("fmt", [("int8", None, True), ("int4", 32, False)], ids=["int8", "int4_g32_asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_a_quantized_weight_is_its_dequantized_matrix(impl, dtype, fmt, batch_invariant):
+    """weight a QuantizedWeight: the torch path gives the bits of the same call with the dense matrix
+    (dequantized in x's dtype); the Triton path is quantized_linear's base plus the LoRA term, within
+    twice torch's own error of the fp64 reference of the dequantized matrix."""
+    x, w, b, parts = _problem("gqa", 4, dtype, K=64)
+    mode, group, sym = fmt
+    qw = quantize(w.float(), mode, group, symmetric=sym)
+    dense = qw.dequantize(dtype)
+    segments = _segments()
+    kw = dict(scaling=SCALING, eps=EPS, impl=impl, batch_invariant=batch_invariant)
+    y = perturbed_lora_linear_parts(x, qw, b, parts, segments, **kw)
+    base = base_linear(x, qw, b, impl=impl, batch_invariant=batch_invariant)
+    if impl == "torch":
+        assert torch.equal(y, perturbed_lora_linear_parts(x, dense, b, parts, segments, **kw))
+        assert torch.equal(base, base_linear(x, dense, b, impl=impl, batch_invariant=batch_invariant))
+        return
+    assert torch.equal(base, quantized_linear(x, qw, b, impl="triton"))
+    assert torch.equal(y, perturbed_lora_add_(base.clone(), x, parts, segments, scaling=SCALING, eps=EPS, impl=impl))
+    ref = _per_part_reference(x, dense, b, parts, segments, dtype)
+    err_torch = max_err(_torch_in_dtype(x, dense, b, parts, segments), ref)
+    assert max_err(y, ref) <= 2 * err_torch + ATOL[dtype]
 
 
 def test_add_into_strided_y():

@@ -636,3 +636,21 @@ def test_a_model_without_tokenizer_files_serves_token_ids(tmp_path):
     assert served.tokenizer is None and served.pieces([5, 6]) == ["<5>", "<6>"]
     with pytest.raises(flashzo.InputError, match="no tokenizer"):
         served.encode("w5 w6")
+
+
+def test_quantize_flags_pick_each_models_quantization(tmp_path):
+    from flashzo.serve.served import load_served, parse_quantize_flags
+
+    models = {"a": "/a", "b": "/b", "c": "/c"}
+    got = parse_quantize_flags(["b=int8", "int4-g64"], models)
+    assert {n: s.name for n, s in got.items()} == {"a": "int4-g64-asym", "b": "int8-channel-sym", "c": "int4-g64-asym"}
+    assert {n: s.name for n, s in parse_quantize_flags(["c=int4"], models).items()} == {"c": "int4-g32-asym"}
+    for flags, needle in ((["d=int8"], "no --model is named 'd'"), (["a=int8", "a=int4"], "model a is given twice"),
+                          (["int8", "int4"], "given twice"), (["a=int9"], "'a=int9': quantization 'int9'")):
+        with pytest.raises(flashzo.InputError, match=needle):
+            parse_quantize_flags(flags, models)
+    flashzo.save_opt(flashzo.OPTModel.from_config(OPTConfig(**TINY)), str(tmp_path / "m"))
+    served = load_served("m", str(tmp_path / "m"), quantize=parse_quantize_flags(["int4"], {"m": "/m"})["m"])
+    assert served.model.quantization["weights"] == {"int4 g32 asym fp16": 1 + 4 * TINY["num_hidden_layers"]}
+    assert main(["serve", "--model", f"a={tmp_path / 'm'}", "--data-dir", str(tmp_path / "d"), "--quantize",
+                 "b=int8"]) == 2

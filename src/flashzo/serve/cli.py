@@ -35,6 +35,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
                         "FLASHZO_API_KEY environment variable; none: no authentication, loopback only)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", action="append", default=None, metavar="[NAME=]MODE",
+                   help="hold a model's linears and token embedding quantized (int8, int4, or MODE-gN[-sym|-asym], "
+                        "as for flashzo train): NAME=MODE for the model NAME, MODE alone for every model not named; "
+                        "repeat for several (default: none)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest file upload in MiB (default 64)")
     p.add_argument("--max-running-jobs", type=int, default=16,
@@ -72,7 +76,7 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    from .served import load_served, parse_model_flags
+    from .served import load_served, parse_model_flags, parse_quantize_flags
 
     if args.api_key is not None and not args.api_key.strip():
         raise InputError("--api-key is empty: every request would be refused; give a key, or leave the flag out")
@@ -89,6 +93,7 @@ def run(args) -> int:
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     paths = parse_model_flags(args.model)
+    quantize = parse_quantize_flags(args.quantize or [], paths)
 
     import torch
     import uvicorn
@@ -101,10 +106,11 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     models = {}
     for name, path in paths.items():
-        models[name] = load_served(name, path, dtype=dtype, device=device)
+        models[name] = load_served(name, path, dtype=dtype, device=device, quantize=quantize.get(name))
         m = models[name].model
-        print(f"flashzo serve: model {name}: {path} ({m.family}, {m.config.num_hidden_layers} layers, {m.dtype}, "
-              f"{m.device}{', no tokenizer' if models[name].tokenizer is None else ''})", flush=True)
+        held = f", {quantize[name].name}" if name in quantize else ""
+        print(f"flashzo serve: model {name}: {path} ({m.family}, {m.config.num_hidden_layers} layers, {m.dtype}"
+              f"{held}, {m.device}{', no tokenizer' if models[name].tokenizer is None else ''})", flush=True)
     app = create_app(args.data_dir, models, api_key=key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      max_running=args.max_running_jobs, max_jobs_per_forward=args.max_jobs_per_forward,
                      batch_invariant=args.batch_invariant, max_concurrent_uploads=args.max_concurrent_uploads,

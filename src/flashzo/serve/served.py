@@ -89,14 +89,39 @@ def parse_model_flags(values: list[str]) -> dict[str, str]:
     return out
 
 
-def load_served(name: str, path: str, *, dtype=None, device=None) -> ServedModel:
-    """The checkpoint directory or .gguf file at `path` through flashzo.engine.load_model (any family), and its
-    tokenizer."""
+def parse_quantize_flags(values: list[str], models: dict[str, str]) -> dict:
+    """--quantize [NAME=]MODE flags -> {model name: QuantSpec}: MODE alone applies to every model no flag
+    names; InputError naming a bad one."""
+    from flashzo.engine.quantized import QuantSpec
+
+    named, default = {}, None
+    for v in values:
+        name, sep, mode = v.rpartition("=")
+        try:
+            spec = QuantSpec.parse(mode)
+        except InputError as e:
+            raise InputError(f"--quantize {v!r}: {e}") from None
+        if not sep:
+            if default is not None:
+                raise InputError(f"--quantize {v!r}: a MODE for every model is given twice")
+            default = spec
+        elif name not in models:
+            raise InputError(f"--quantize {v!r}: no --model is named {name!r} (models: {', '.join(models)})")
+        elif name in named:
+            raise InputError(f"--quantize {v!r}: model {name} is given twice")
+        else:
+            named[name] = spec
+    return {n: named.get(n, default) for n in models if named.get(n, default) is not None}
+
+
+def load_served(name: str, path: str, *, dtype=None, device=None, quantize=None) -> ServedModel:
+    """The checkpoint directory or .gguf file at `path` through flashzo.engine.load_model (any family; quantized
+    as `quantize` says), and its tokenizer."""
     from flashzo.data import load_tokenizer
     from flashzo.engine import load_model
     from flashzo.engine.gguf import find_gguf
 
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
     tokenizer = None  # token-id data and prompts need none
     # NOTE: transformers 5 builds an empty tokenizer (one token, encodes everything to []) for a
     # directory without tokenizer files, so the files are looked for first; a GGUF file carries its
