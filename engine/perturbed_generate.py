@@ -91,7 +91,7 @@ def generate_copies(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: 
                     copies: Sequence[Copy], *, eps: float, max_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, prompt_seeds: Sequence[int] | None = None,
                     top: int = 0, stop_tokens: Sequence[int] = (), sharing: str = "all", fork: bool = True,
-                    pool: KVPool | None = None) -> list[list[Generation]]:
+                    pool: KVPool | None = None, stats: dict | None = None) -> list[list[Generation]]:
     """Continue every prompt under every copy of `adapter` by up to `max_tokens` tokens, in one decode.
 
     copies: Copy(0, seed, sign) each (a step's 2q copies: MeZOTrainer.copies()); copy c's weights are
@@ -105,7 +105,9 @@ def generate_copies(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: 
     sharing: "all" (the prompts' common token runs computed once per copy, and copies whose tokens
     agree share their rows below the fork) or "none" (every sequence on its own); fork: run the layers
     below the lowest adapted layer once for every copy (False: every copy runs every layer). Both are
-    tested equal to the decode that shares nothing. pool: a reusable decode_pool(model).
+    tested equal to the decode that shares nothing. pool: a reusable decode_pool(model). stats: a dict
+    that receives the rows computed: "rows" (the copies' rows, prefill and decode), "trunk_rows" (rows
+    below the fork) and "generated" (tokens generated).
     """
     top = check_decode_args(model, prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top=top)
     copies = _check_copies(copies, adapter)
@@ -119,11 +121,15 @@ def generate_copies(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: 
     out = [[Generation() for _ in range(P)] for _ in range(C)]
     if max_tokens == 0 or P == 0:
         return out
-    return _Decode(model, prompts, adapter, copies, eps=eps, max_tokens=max_tokens, sharing=sharing, fork=fork,
-                   pool=pool).run(out, temperature=float(temperature), top_p=float(top_p), top=top,
-                                  seeds=[(0 if seed is None else int(seed)) + p for p in range(P)]
-                                  if prompt_seeds is None else [int(s) for s in prompt_seeds],
-                                  stop=set(int(t) for t in stop_tokens))
+    decode = _Decode(model, prompts, adapter, copies, eps=eps, max_tokens=max_tokens, sharing=sharing, fork=fork,
+                     pool=pool)
+    decode.run(out, temperature=float(temperature), top_p=float(top_p), top=top,
+               seeds=[(0 if seed is None else int(seed)) + p for p in range(P)] if prompt_seeds is None
+               else [int(s) for s in prompt_seeds], stop=set(int(t) for t in stop_tokens))
+    if stats is not None:
+        stats.update(rows=decode.rows, trunk_rows=decode.trunk_rows,
+                     generated=sum(len(g.tokens) for row in out for g in row))
+    return out
 
 
 class _Decode:
@@ -158,6 +164,7 @@ class _Decode:
         self.trunk_tables: dict = {p: self.prompt_table[p] for p in set(prompt_node)}
         self.trunk_node: list = [prompt_node[s % self.P] for s in range(self.C * self.P)]  # per sequence
         self.next_trunk_slot = self.R
+        self.rows, self.trunk_rows = 0, 0  # computed so far
 
     # The prefill ----------------------------------------------------------------------------------
     def prefill(self) -> torch.Tensor:
@@ -231,6 +238,8 @@ class _Decode:
             del self.trunk_tables[key]
 
     def _forward(self, ids, pos, meta, trunk_meta, fork_index, rows_per_copy) -> torch.Tensor:
+        self.rows += meta.num_tokens
+        self.trunk_rows += len(ids) if fork_index is not None else 0
         lt = dict(dtype=torch.long, device=self.device)
         inputs = ModelInputs(input_ids=torch.tensor(ids, **lt), positions=torch.tensor(pos, **lt), meta=meta,
                              trunk_meta=trunk_meta, fork_layer=self.fork_layer, fork_index=fork_index,
