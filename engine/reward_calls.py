@@ -31,6 +31,7 @@ import queue
 import subprocess
 import sys
 import threading
+import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -180,8 +181,10 @@ class RewardCaller:
 def _inline(fn: Callable, args: tuple) -> tuple:
     try:
         return ("ok", fn(*args))
-    except Exception as e:  # noqa: BLE001 - reported with the example and the copy
-        return ("raised", f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - reported with the example and the copy, as the worker reports it
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+        return ("raised", f"{type(e).__name__}: {e}{where}")
 
 
 class _Worker:

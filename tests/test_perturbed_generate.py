@@ -148,9 +148,11 @@ def test_sharing_paths_equal_sharing_nothing(family_models, family, name, invari
     with batch_invariant_mode(invariant):
         for sharing in ("all", "none"):
             for fork in (True, False):
-                rows = decode_rows(model, lambda: out.__setitem__((sharing, fork), generate_copies(
-                    model, PROMPTS, tr.adapter, copies, eps=1e-3, max_tokens=5, sharing=sharing, fork=fork)))
-                out[sharing, fork, "rows"] = rows
+                def run(sharing=sharing, fork=fork):
+                    out[sharing, fork] = generate_copies(model, PROMPTS, tr.adapter, copies, eps=1e-3, max_tokens=5,
+                                                         sharing=sharing, fork=fork)
+
+                out[sharing, fork, "rows"] = decode_rows(model, run)
     base = out["none", False]
     for key in (("all", True), ("all", False), ("none", True)):
         for c in range(len(copies)):
