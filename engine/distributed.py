@@ -283,7 +283,7 @@ RewardsFn = Callable[[Sequence, Sequence[int], Sequence[int]], tuple[list, list,
 
 def step_rewards(ex: Exchange, parallel: str, rewards_fn: RewardsFn, examples: Sequence, *, q: int, step: int,
                  checksum: float) -> tuple[list[list[float | None]], list, tuple[int, int]]:
-    """A reward run's step on the global batch: (R[c][p] of all 2q copies and P examples, identical on every
+    """A reward run's step on the global batch: (`R[c][p]` of all 2q copies and P examples, identical on every
     rank, None where a reward call failed on any rank; this rank's RewardProblems; (rows, generated tokens)
     of all ranks).
 

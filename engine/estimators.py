@@ -68,12 +68,12 @@ def centered_ranks(values: Sequence[float]) -> list[float]:
 
 
 def copy_fitness(rewards: Sequence[Sequence[float]]) -> list[float]:
-    """F_c = mean over prompts of R[c][p]."""
+    """F_c = mean over prompts of `R[c][p]`."""
     return [mean(row) for row in rewards]
 
 
 def shape(rewards: Sequence[Sequence[float]], shaping: str) -> list[float]:
-    """Each copy's shaped fitness f_c from R[c][p] (copies in pair order: + then - for each pair)."""
+    """Each copy's shaped fitness f_c from `R[c][p]` (copies in pair order: + then - for each pair)."""
     if shaping == "zscore":
         return zscore(copy_fitness(rewards))
     if shaping == "centered_ranks":
@@ -85,7 +85,7 @@ def shape(rewards: Sequence[Sequence[float]], shaping: str) -> list[float]:
 
 
 def pair_grads(rewards: Sequence[Sequence[float]], estimator: str, shaping: str, eps: float) -> list[float]:
-    """g_i of each pair (copies 2i and 2i+1) from R[c][p]: the update is theta -= lr mean_i g_i z_i."""
+    """g_i of each pair (copies 2i and 2i+1) from `R[c][p]`: the update is theta -= lr mean_i g_i z_i."""
     if estimator == "mezo":
         f = copy_fitness(rewards)
         return [-(f[2 * i] - f[2 * i + 1]) / (2 * eps) for i in range(len(f) // 2)]

@@ -365,7 +365,7 @@ class MeZOTrainer:
             return result
 
     def _rewards(self, examples: Sequence[RewardExample], example_ids: Sequence[int], perturbations: Sequence[int]):
-        """(R[c][p], problems, the decode's row counts) of the current step's copies of some perturbations
+        """(`R[c][p]`, problems, the decode's row counts) of the current step's copies of some perturbations
         (+, - for each) on some examples of the global batch (`example_ids`: their indices there)."""
         t, pairs = self.counters.step, self.pairs()
         return copy_rewards(self.model, self.adapter, examples, pair_copies([pairs[i] for i in perturbations]),
@@ -375,7 +375,7 @@ class MeZOTrainer:
 
     def apply_rewards(self, rewards: Sequence[Sequence[float | None]], problems: Sequence[RewardProblem] = (), *,
                       tokens: int = 0, generated: int = 0) -> StepResult:
-        """Turn the current step's rewards R[c][p] (2q copies in pair order, + then -; None: a failed call)
+        """Turn the current step's rewards `R[c][p]` (2q copies in pair order, + then -; None: a failed call)
         into the update of the run's estimator (engine/estimators.py); a step with a failed call is skipped."""
         cfg, t = self.config, self.counters.step
         q = cfg.num_perturbations

@@ -95,7 +95,7 @@ def generate_copies(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: 
     """Continue every prompt under every copy of `adapter` by up to `max_tokens` tokens, in one decode.
 
     copies: Copy(0, seed, sign) each (a step's 2q copies: MeZOTrainer.copies()); copy c's weights are
-    adapter + sign * eps * z(seed), z regenerated inside the kernels. Returns out[c][p], a Generation
+    adapter + sign * eps * z(seed), z regenerated inside the kernels. Returns `out[c][p]`, a Generation
     (tokens, their log-probs, finish_reason) as `generate` returns for one prompt: greedy at
     temperature 0; otherwise sampled from softmax(logits / temperature) in the top_p nucleus, with a
     generator seeded by prompt_seeds[p] (default seed + p, seed None: 0) for every copy of prompt p

@@ -201,7 +201,7 @@ class Scorer:
 
     def score(self, examples: Sequence[RewardExample], generations, example_ids: Sequence[int],
               copy_ids: Sequence[int | None]) -> tuple[list[list[float | None]], list[RewardProblem]]:
-        """R[c][p] of generations[c][p] (None where the reward failed) and the problems."""
+        """`R[c][p]` of `generations[c][p]` (None where the reward failed) and the problems."""
         prompts = [self.prompt_arg(ex) for ex in examples]
         calls, where = [], []
         for c, row in zip(copy_ids, generations):
@@ -216,7 +216,7 @@ class Scorer:
 def copy_rewards(model: CausalLM, adapter: LoRAAdapter, examples: Sequence[RewardExample], copies: Sequence[Copy], *,
                  eps: float, scorer: Scorer, prompt_seeds: Sequence[int], example_ids: Sequence[int],
                  copy_ids: Sequence[int]) -> tuple[list[list[float | None]], list[RewardProblem], dict]:
-    """Decode the examples under the copies in one batched decode and score them: (R[c][p], problems,
+    """Decode the examples under the copies in one batched decode and score them: (`R[c][p]`, problems,
     the decode's row counts)."""
     cfg = scorer.config
     stats: dict = {}
