@@ -57,3 +57,15 @@ def test_code_notes_smoke(tmp_path):
     assert {"code_notes_cpu_smoke.json", "code_notes_cpu_smoke.md", "code_notes_cpu_smoke.png"} <= set(names), names
     assert "kernels/gaussian.py TORCH_CHUNK" in out and "the expand's traffic over y's own" in out
     assert "python bench/code_notes.py --smoke" in out  # the command that made the figures
+
+
+def test_reward_decode_benchmark_smoke(tmp_path):
+    out = run("bench_reward_decode.py", "--smoke", "--out-dir", str(tmp_path))
+    assert {"reward_decode_smoke.json", "reward_decode_smoke.md", "reward_decode_smoke.png"} <= set(
+        os.listdir(tmp_path))
+    assert "perturbed/plain" in out
+
+
+def test_reward_calls_benchmark_smoke(tmp_path):
+    out = run("bench_reward_calls.py", "--smoke", "--out-dir", str(tmp_path))
+    assert "reward_calls_smoke.json" in os.listdir(tmp_path) and "worker us/call" in out
