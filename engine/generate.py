@@ -147,6 +147,14 @@ def token_logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: int) -> 
     return lp, ti.tolist(), (tv - lse.unsqueeze(1)).tolist()
 
 
+def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  gens: Sequence[torch.Generator | None]) -> list[int]:
+    """choose_token for every row of logits [n, vocab] (row i drawing from gens[i]); greedy in one argmax."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1).tolist()  # the first maximal index, as a row's argmax gives
+    return [choose_token(logits[row], temperature, top_p, g) for row, g in enumerate(gens)]
+
+
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """One decoding choice. logits: [vocab] fp32 -> a token id: the argmax at temperature 0, else a draw
     from softmax(logits / temperature) restricted to the top_p nucleus, from `gen`."""
@@ -197,7 +205,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: LoRAAda
     active = list(range(len(prompts)))
     cur = list(lens)
     for step in range(max_tokens):
-        toks = [choose_token(logits[row], float(temperature), float(top_p), gens[s]) for row, s in enumerate(active)]
+        toks = choose_tokens(logits, float(temperature), float(top_p), [gens[s] for s in active])
         lps, top_ids, top_lps = token_logprobs_of(logits, toks, top)
         still = []
         for row, (s, tok) in enumerate(zip(active, toks)):

@@ -40,7 +40,7 @@ from flashzo.kernels.errors import InputError
 from . import invariant
 from .attention import AttentionMetadata, KVPool
 from .batch import Copy, LoRABatch, ModelInputs, TokenLayout, pack_projection, stack_weights
-from .generate import Generation, check_decode_args, choose_token, decode_pool, token_logprobs_of
+from .generate import Generation, check_decode_args, choose_tokens, decode_pool, token_logprobs_of
 from .lora import LoRAAdapter
 from .model import CausalLM
 
@@ -255,7 +255,7 @@ class _Decode:
         active = list(range(C * P))  # sequence s = c * P + p, copy-major: each copy one kernel segment
         logits = self.prefill()
         for k in range(self.M):
-            toks = [choose_token(logits[j], temperature, top_p, gens[s]) for j, s in enumerate(active)]
+            toks = choose_tokens(logits, temperature, top_p, [gens[s] for s in active])
             lps, top_ids, top_lps = token_logprobs_of(logits, toks, top)
             still, fed = [], []
             for j, (s, tok) in enumerate(zip(active, toks)):
