@@ -211,8 +211,9 @@ class _Node:
         self.row = -1  # first row of this node within a copy
 
 
-class _Layout:
-    """The token runs of one copy: a forest of nodes and, per sequence, the chain of nodes covering it.
+class TokenLayout:
+    """The token runs of one copy: a forest of nodes and, per sequence, the chain of nodes covering it
+    (plan_batch's layout, and engine/perturbed_generate.py's for the prompts it prefills).
 
     A chain's last node may run past its sequence's end (a sequence that is a prefix of another
     reads the longer one's rows: causal attention makes them identical). Nodes are numbered parent
@@ -340,12 +341,12 @@ def plan_batch(examples: Sequence[Example], copies: Sequence[Copy], *, num_layer
     if len(per_copy) != len(copies):
         raise InputError(f"examples_per_copy has {len(per_copy)} entries for {len(copies)} copies")
 
-    layouts: dict[tuple[int, ...], _Layout] = {}
+    layouts: dict[tuple[int, ...], TokenLayout] = {}
     for ex_ids in per_copy:
         if ex_ids not in layouts:
             seqs = [(e, c, toks, scored_from) for e in ex_ids
                     for c, (toks, scored_from) in enumerate(examples[e].sequences())]
-            layouts[ex_ids] = _Layout(seqs, sharing, per_example)
+            layouts[ex_ids] = TokenLayout(seqs, sharing, per_example)
 
     same_layout = all(ex == per_copy[0] for ex in per_copy)
     lowest = min((a.lowest_layer for a in adapters), default=num_layers)

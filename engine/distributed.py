@@ -124,10 +124,14 @@ def batch_fingerprint(examples: Sequence) -> int:
     """A CRC32 of a batch's token ids and labels: ranks must all step on the same global batch."""
     crc = 0
     for ex in examples:
-        parts = [ex.prompt] + list(ex.candidates if ex.candidates is not None else [ex.target])
+        if hasattr(ex, "reference"):  # a reward run's RewardExample
+            parts, tail = [ex.prompt], f"#{ex.reference!r}"
+        else:
+            parts = [ex.prompt] + list(ex.candidates if ex.candidates is not None else [ex.target])
+            tail = f"#{ex.label}"
         for p in parts:
             crc = zlib.crc32(b"|" + ",".join(str(int(t)) for t in p).encode(), crc)
-        crc = zlib.crc32(f"#{ex.label}".encode(), crc)
+        crc = zlib.crc32(tail.encode(), crc)
     return crc
 
 
@@ -272,6 +276,79 @@ def step_losses(ex: Exchange, parallel: str, scores_fn: ScoresFn, examples: Sequ
         counted = _HEADER + 2 * q
     counts = [math.fsum(got[:, counted + c].tolist()) for c in range(2 * q)]
     return pair_losses([s / c if c else float("nan") for s, c in zip(sums, counts)]), tokens
+
+
+RewardsFn = Callable[[Sequence, Sequence[int], Sequence[int]], tuple[list, list, dict]]
+
+
+def step_rewards(ex: Exchange, parallel: str, rewards_fn: RewardsFn, examples: Sequence, *, q: int, step: int,
+                 checksum: float) -> tuple[list[list[float | None]], list, tuple[int, int]]:
+    """A reward run's step on the global batch: (`R[c][p]` of all 2q copies and P examples, identical on every
+    rank, None where a reward call failed on any rank; this rank's RewardProblems; (rows, generated tokens)
+    of all ranks).
+
+    rewards_fn(examples, example_ids, perturbation_indices) -> (R of those perturbations' copies (+, - each) on
+    those examples, problems, {"rows", "generated"}). "perturbations": rank k decodes its block of pairs on
+    every example; "batch": every copy on examples k, k + W, ... Each rank sends its own entries of R
+    (NaN for a failed call) after a header of 6 (the loss steps' 5 and the tokens generated): 8 * (6 + 2 ceil(q/W) P)
+    or 8 * (6 + 2q ceil(P/W)) bytes per rank, and every rank
+    assembles the same R, so every rank computes the same update (engine/estimators.py)."""
+    if parallel not in PARALLEL:
+        raise InputError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    rank, world, P = ex.rank, ex.world, len(examples)
+
+    def owned(r: int) -> tuple[list[int], list[int]]:  # (copies, examples) rank r decodes
+        if parallel == "perturbations":
+            return [2 * i + s for i in perturbation_block(q, r, world) for s in (0, 1)], list(range(P))
+        return list(range(2 * q)), list(range(r, P, world))
+
+    width = 2 * math.ceil(q / world) * P if parallel == "perturbations" else 2 * q * math.ceil(P / world)
+    header = [0.0, step, batch_fingerprint(examples), checksum, 0.0, 0.0]
+    payload = [0.0] * width
+    error, problems = None, []
+    copies, ids = owned(rank)
+    try:
+        if copies and ids:
+            rewards, problems, stats = rewards_fn([examples[e] for e in ids], ids, sorted({c // 2 for c in copies}))
+            header[4], header[5] = stats["rows"], stats["generated"]
+            flat = [math.nan if v is None else v for row in rewards for v in row]
+            payload[:len(flat)] = flat
+    except Exception as e:  # noqa: BLE001 - re-raised by raise_if_failed once the others know
+        header[0], error = 1.0, e
+    what = f"step {step}"
+    got = ex.gather(header + payload, kind="step", what=what)
+    ex.raise_if_failed(got, error, what=what)
+    _check_agreement(got, what=what)
+    R: list[list[float | None]] = [[None] * P for _ in range(2 * q)]
+    for r in range(world):
+        copies, ids = owned(r)
+        values = got[r, _HEADER + 1:].tolist()  # after the header and the tokens generated
+        for k, c in enumerate(copies):
+            for j, e in enumerate(ids):
+                v = values[k * len(ids) + j]
+                R[c][e] = None if math.isnan(v) else v
+    return R, problems, (int(got[:, 4].sum()), int(got[:, 5].sum()))
+
+
+def gather_records(ex: Exchange, records_fn: Callable[[Sequence[int]], list], n: int) -> list:
+    """records_fn(indices) of indices 0..n-1, each rank computing its shard (rank, rank + W, ...): every
+    record of every rank, in index order, on every rank (a reward run's evaluation: its generations)."""
+    mine = list(range(ex.rank, n, ex.world))
+    records, error = [], None
+    try:
+        records = records_fn(mine) if mine else []
+    except Exception as e:  # noqa: BLE001
+        error = e
+    got = ex.gather([error is not None], kind="eval", what="evaluate")
+    ex.raise_if_failed(got, error, what="evaluate")
+    parts: list = [None] * ex.world
+    dist.all_gather_object(parts, records)
+    ex.traffic.add("eval_records", sent=0, received=0)
+    out: list = [None] * n
+    for r in range(ex.world):
+        for k, rec in enumerate(parts[r]):
+            out[r + k * ex.world] = rec
+    return out
 
 
 def eval_sums(ex: Exchange, sums_fn: Callable[[Sequence], tuple[int | float, float, int]],

@@ -24,6 +24,7 @@ import torch
 from flashzo.kernels import Segments
 from flashzo.kernels.errors import InputError
 
+from . import invariant
 from .attention import AttentionMetadata, KVPool
 from .batch import Copy, LoRABatch, ModelInputs, stack_weights
 from .example import Example, check_sequences
@@ -115,8 +116,48 @@ def step_inputs(ids: list[int], positions: list[int], qo_lens: list[int], tables
                        trunk_meta=None, fork_layer=0, fork_index=None, lora=_lora(adapter, len(ids), device))
 
 
-def _choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    # logits: [vocab] fp32 -> one token id
+def check_decode_args(model: CausalLM, prompts, *, max_tokens, temperature, top_p, top) -> int:
+    """Refuse a decode's arguments before any work (InputError naming the argument or the prompt);
+    returns `top`."""
+    check_sequences(prompts, model.limits, what="prompt")
+    top = _check_top(top)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise InputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0.0 <= temperature <= 100.0):
+        raise InputError(f"temperature must be a number in [0, 100], got {temperature!r}")
+    if isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    limit = model.limits
+    for s, p in enumerate(prompts):
+        if len(p) + max_tokens > limit.max_positions:
+            raise InputError(f"prompt {s} ({len(p)} tokens) + max_tokens {max_tokens} is more than the model's "
+                             f"{limit.positions}")
+    return top
+
+
+def token_logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: int) -> tuple[list[float], list, list]:
+    """logits: [n, vocab] fp32, one chosen token per row -> (log p of each row's token, each row's top-N ids,
+    their log-probs); log p = logit - logsumexp (engine/invariant.py's, as CausalLM.readout_logprobs)."""
+    lse = invariant.logsumexp(logits)  # [n]
+    rows = torch.arange(len(tokens), device=logits.device)
+    lp = (logits[rows, torch.tensor(list(tokens), dtype=torch.long, device=logits.device)] - lse).tolist()
+    if not top:
+        return lp, [[] for _ in tokens], [[] for _ in tokens]
+    tv, ti = torch.topk(logits, top, dim=-1)
+    return lp, ti.tolist(), (tv - lse.unsqueeze(1)).tolist()
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  gens: Sequence[torch.Generator | None]) -> list[int]:
+    """choose_token for every row of logits [n, vocab] (row i drawing from gens[i]); greedy in one argmax."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1).tolist()  # the first maximal index, as a row's argmax gives
+    return [choose_token(logits[row], temperature, top_p, g) for row, g in enumerate(gens)]
+
+
+def choose_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """One decoding choice. logits: [vocab] fp32 -> a token id: the argmax at temperature 0, else a draw
+    from softmax(logits / temperature) restricted to the top_p nucleus, from `gen`."""
     if temperature == 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -138,19 +179,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: LoRAAda
     seed + prompt index (seed None: 0), so the same call gives the same tokens. A sequence stops
     early at a token of `stop_tokens` (which is kept). pool: a reusable decode_pool(model).
     """
-    check_sequences(prompts, model.limits, what="prompt")
-    top = _check_top(top)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise InputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and 0.0 <= temperature <= 100.0):
-        raise InputError(f"temperature must be a number in [0, 100], got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    limit = model.limits.max_positions
-    for s, p in enumerate(prompts):
-        if len(p) + max_tokens > limit:
-            raise InputError(f"prompt {s} ({len(p)} tokens) + max_tokens {max_tokens} is more than the model's "
-                             f"{limit} positions")
+    top = check_decode_args(model, prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top=top)
     out = [Generation() for _ in prompts]
     if max_tokens == 0 or not prompts:
         return out
@@ -176,18 +205,16 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], adapter: LoRAAda
     active = list(range(len(prompts)))
     cur = list(lens)
     for step in range(max_tokens):
-        logp = torch.log_softmax(logits, dim=-1)
-        if top:
-            tv, ti = torch.topk(logp, top, dim=-1)
+        toks = choose_tokens(logits, float(temperature), float(top_p), [gens[s] for s in active])
+        lps, top_ids, top_lps = token_logprobs_of(logits, toks, top)
         still = []
-        for row, s in enumerate(active):
-            tok = _choose(logits[row], float(temperature), float(top_p), gens[s])
+        for row, (s, tok) in enumerate(zip(active, toks)):
             g = out[s]
             g.tokens.append(tok)
-            g.logprobs.append(float(logp[row, tok]))
+            g.logprobs.append(lps[row])
             if top:
-                g.top_ids.append(ti[row].tolist())
-                g.top_logprobs.append(tv[row].tolist())
+                g.top_ids.append(top_ids[row])
+                g.top_logprobs.append(top_lps[row])
             if tok in stop:
                 g.finish_reason = "stop"
             elif step + 1 < max_tokens:

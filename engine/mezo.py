@@ -4,6 +4,11 @@
     g_i   = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps)
     theta <- theta - lr_t * (mean_i g_i z_i + weight_decay * theta)
 
+With `MeZOConfig.reward` set the objective is a reward on generated text instead (docs/design.md,
+"Rewards on generated text"): a step decodes its RewardExamples under the 2q copies in one batched
+decode, scores every (copy, prompt), and its estimator (MeZO on -R, or evolution strategies with
+fitness shaping: engine/estimators.py) gives the g_i of the same update.
+
 The run is a pure function of its config and data: seed(t, i) hashes (MeZOConfig.seed, t, i), so a
 checkpoint is the adapter plus the step counter, and `perturbation(t, i)` rebuilds any z.
 """
@@ -16,7 +21,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,10 +30,13 @@ from flashzo.kernels.errors import InputError
 
 from . import distributed, invariant
 from .batch import SHARING, BatchStats, Copy, SignedPair, pair_copies
+from .estimators import copy_fitness, mean, pair_grads, signal
 from .example import Example, check_examples, is_int
 from .lora import ADAPTER_CONFIG, LoRAAdapter, LoRAConfig
 from .loss import PairLoss, copy_losses, pair_losses
 from .model import CausalLM
+from .reward_calls import RewardError, RewardProblem
+from .reward_objective import RewardConfig, RewardExample, Scorer, check_reward_examples, copy_rewards, evaluate_rewards
 
 SCHEDULES = ("constant", "linear", "cosine")
 STATE_FILE = "trainer_state.json"
@@ -40,8 +48,9 @@ class MeZOConfig:
     """A MeZO run's hyperparameters: learning rate and its schedule, perturbation size `eps`, weight
     decay, `num_perturbations` (q) per step, the `seed` every perturbation's seed derives from, how
     many non-finite steps in a row stop training, the batch's sharing mode, the split over
-    torch.distributed ranks (`parallel`) and the batch-invariant mode (None: the process's mode when
-    the trainer is made)."""
+    torch.distributed ranks (`parallel`), the batch-invariant mode (None: the process's mode when
+    the trainer is made), and `reward`: a RewardConfig makes the run optimize a reward on generated
+    text (engine/reward_objective.py) instead of the examples' loss."""
 
     lr: float
     eps: float = 1e-3
@@ -57,8 +66,16 @@ class MeZOConfig:
     # Batch-invariant numerics (engine/invariant.py) for every forward of the run; None: the process's
     # mode when the trainer is made. The trainer's config holds the mode it took, and so does its checkpoint.
     batch_invariant: bool | None = None
+    reward: RewardConfig | None = None  # a dict (as a checkpoint stores it) is read as a RewardConfig
 
     def __post_init__(self):
+        if isinstance(self.reward, dict):
+            try:
+                self.reward = RewardConfig(**self.reward)
+            except TypeError as e:
+                raise InputError(f"reward: {e}") from None
+        if self.reward is not None and not isinstance(self.reward, RewardConfig):
+            raise InputError(f"reward must be a RewardConfig or None, got {type(self.reward).__name__}")
         for name in ("lr", "eps", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -92,6 +109,12 @@ class MeZOConfig:
         if self.parallel is not None and self.parallel not in distributed.PARALLEL:
             raise InputError(f"parallel must be None or one of {distributed.PARALLEL}, got {self.parallel!r}")
 
+    def to_dict(self) -> dict:
+        """The config as JSON (as checkpoints store it; MeZOConfig(**d) reads it back)."""
+        d = dataclasses.asdict(dataclasses.replace(self, reward=None))
+        d["reward"] = self.reward.to_dict() if self.reward is not None else None
+        return d
+
     def lr_at(self, step: int) -> float:
         """The learning rate of step `step` (0-based)."""
         if self.warmup_steps and step < self.warmup_steps:
@@ -120,11 +143,22 @@ def perturbation_seed(seed: int, step: int, i: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+_SAMPLING = 0x5A4D504C494E47  # separates the sampling seeds' stream from the perturbations'
+EVAL_STEP = (1 << 63) - 1  # the step an evaluation's sampling seeds are drawn at (the same at every evaluation)
+
+
+def sampling_seed(seed: int, step: int, example: int) -> int:
+    """The seed of example `example`'s sampling generator at step `step` of a reward run (every copy of the
+    example draws from it: common random numbers); a pure function, like perturbation_seed."""
+    return perturbation_seed(int(seed) ^ _SAMPLING, step, example)
+
+
 @dataclass
 class StepResult:
     """What `MeZOTrainer.step` returns: the step's losses (per perturbation, for each sign), its
-    projected gradients, the learning rate it used, whether it was skipped (a non-finite loss), the
-    rows it computed and the bytes it exchanged with other ranks."""
+    projected gradients, the learning rate it used, whether it was skipped (a non-finite loss, or a
+    reward that failed), the rows it computed and the bytes it exchanged with other ranks; for a
+    reward run also its rewards, their signal and the failed reward calls."""
 
     loss: float  # mean of loss_plus and loss_minus over perturbations
     loss_plus: list[float]
@@ -135,10 +169,22 @@ class StepResult:
     skipped: bool = False  # a non-finite loss: no update was applied
     tokens: int = 0  # rows computed by the forward (by all ranks together under torch.distributed)
     bytes_exchanged: int = 0  # payload this rank sent + received for the step (0 in a single process)
+    # A reward run (MeZOConfig.reward): loss = -reward, loss_plus[i] = -rewards_plus[i] ...
+    reward: float | None = None  # the mean reward over every copy and prompt of the step
+    rewards_plus: list[float] = field(default_factory=list)  # per perturbation: the + copy's mean reward
+    rewards_minus: list[float] = field(default_factory=list)
+    signal: float | None = None  # the share of prompts whose copies got different rewards (0: no update)
+    generated: int = 0  # tokens generated by the step's copies
+    reward_problems: list[RewardProblem] = field(default_factory=list)  # calls that gave no value: skipped
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after MeZOConfig.max_nonfinite_steps consecutive steps with a non-finite loss."""
+    """Raised after MeZOConfig.max_nonfinite_steps consecutive steps with a non-finite loss (or, in a reward
+    run, a reward call that failed: `problems` lists the last step's)."""
+
+    def __init__(self, message: str, problems: Sequence[RewardProblem] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 @dataclass
@@ -152,7 +198,9 @@ class _Counters:
 class MeZOTrainer:
     """MeZO on LoRA adapters of a flashzo model (any family: engine/model.py's CausalLM)."""
 
-    def __init__(self, model: CausalLM, lora: LoRAConfig | LoRAAdapter, config: MeZOConfig):
+    def __init__(self, model: CausalLM, lora: LoRAConfig | LoRAAdapter, config: MeZOConfig, *,
+                 decode: Callable[[list[int]], str] | None = None):
+        """decode: a reward run's token ids -> text (the tokenizer's decode); None: its reward gets token ids."""
         if not isinstance(model, CausalLM):
             raise InputError(f"model must be a flashzo model (OPTModel ...), got {type(model).__name__}")
         if not isinstance(config, MeZOConfig):
@@ -174,6 +222,13 @@ class MeZOTrainer:
         # What the application says defines the run (flashzo train: its options and data fingerprints;
         # src/flashzo/record.py): any JSON object, saved in the checkpoint and given back by resume().
         self.run_info: dict | None = None
+        # A reward run's calls (engine/reward_objective.py): the reward resolved (imported) here, before any work.
+        self.scorer = Scorer(config.reward, decode) if config.reward is not None else None
+
+    def close(self) -> None:
+        """Stop a reward run's worker process (it also stops when the trainer is garbage-collected)."""
+        if self.scorer is not None:
+            self.scorer.caller.close()
 
     # Seeds and perturbations ----------------------------------------------------------------------
     @property
@@ -204,7 +259,9 @@ class MeZOTrainer:
 
     def step(self, examples: Sequence[Example]) -> StepResult:
         """One step on the global batch `examples` (under torch.distributed every rank passes the same),
-        in the run's batch-invariant mode."""
+        in the run's batch-invariant mode. A reward run (MeZOConfig.reward) steps on RewardExamples."""
+        if self.config.reward is not None:
+            return self._reward_step(examples)
         with invariant.batch_invariant_mode(self.config.batch_invariant):
             check_examples(examples, self.model.limits)
             ex = self.exchange
@@ -259,35 +316,121 @@ class MeZOTrainer:
         grads = [p.projected_grad(cfg.eps) for p in losses]
         loss = (sum(plus) + sum(minus)) / (2 * len(plus))
         lr = cfg.lr_at(t)
-        finite = all(math.isfinite(x) for x in plus + minus + grads)
-        skipped = not finite
-        if finite:
-            before = self.adapter.buffer.clone()
-            coeffs = [g / len(grads) for g in grads]
-            zo_update_(self.adapter.buffer, self.seeds(t), coeffs, lr=lr, weight_decay=cfg.weight_decay)
-            if not bool(torch.isfinite(self.adapter.buffer).all()):  # an overflowing update: undo it
-                self.adapter.buffer.copy_(before)
-                skipped = True
-        self.counters.step += 1
+        skipped = not all(math.isfinite(x) for x in plus + minus + grads) or not self._update(grads, t, lr)
         result = StepResult(loss, plus, minus, grads, step=t, lr=lr, skipped=skipped, tokens=tokens)
-        if skipped:
-            self.counters.nonfinite_total += 1
-            self.counters.nonfinite_consecutive += 1
-            if self.counters.nonfinite_consecutive >= cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.counters.nonfinite_consecutive} consecutive steps (last: step {t}) had a non-finite "
-                    f"loss or update (loss_plus={plus}, loss_minus={minus}); the adapter holds the last finite "
-                    "state. Lower lr or eps, or check the data.")
-        else:
-            self.counters.nonfinite_consecutive = 0
+        self._count(result, f"a non-finite loss or update (loss_plus={plus}, loss_minus={minus})")
         return result
+
+    def _update(self, grads: Sequence[float], t: int, lr: float) -> bool:
+        """theta -= lr (mean_i g_i z_i + wd theta); False (and theta unchanged) if that overflows."""
+        before = self.adapter.buffer.clone()
+        coeffs = [g / len(grads) for g in grads]
+        zo_update_(self.adapter.buffer, self.seeds(t), coeffs, lr=lr, weight_decay=self.config.weight_decay)
+        if not bool(torch.isfinite(self.adapter.buffer).all()):  # an overflowing update: undo it
+            self.adapter.buffer.copy_(before)
+            return False
+        return True
+
+    def _count(self, result: StepResult, what: str) -> None:
+        """Advance the step; count a skipped one, and stop after max_nonfinite_steps of them in a row."""
+        self.counters.step += 1
+        if not result.skipped:
+            self.counters.nonfinite_consecutive = 0
+            return
+        self.counters.nonfinite_total += 1
+        self.counters.nonfinite_consecutive += 1
+        if self.counters.nonfinite_consecutive >= self.config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.counters.nonfinite_consecutive} consecutive steps (last: step {result.step}) had {what}; "
+                "the adapter holds the last finite state. "
+                + ("Fix the reward." if result.reward_problems else "Lower lr or eps, or check the data."),
+                result.reward_problems)
+
+    # Rewards on generated text --------------------------------------------------------------------
+    def _reward_step(self, examples: Sequence[RewardExample]) -> StepResult:
+        cfg = self.config
+        with invariant.batch_invariant_mode(cfg.batch_invariant):
+            check_reward_examples(examples, self.model.limits, cfg.reward)
+            self.scorer.probe(examples[0], "batch[0]")
+            ex = self.exchange
+            if ex is None:
+                rewards, problems, stats = self._rewards(examples, list(range(len(examples))),
+                                                         range(cfg.num_perturbations))
+                return self.apply_rewards(rewards, problems, tokens=stats["rows"], generated=stats["generated"])
+            before = ex.traffic.bytes_sent.get("step", 0) + ex.traffic.bytes_received.get("step", 0)
+            rewards, problems, (tokens, generated) = distributed.step_rewards(
+                ex, cfg.parallel, self._rewards, examples, q=cfg.num_perturbations, step=self.counters.step,
+                checksum=float(self.adapter.buffer.sum(dtype=torch.float64)))
+            result = self.apply_rewards(rewards, problems, tokens=tokens, generated=generated)
+            result.bytes_exchanged = ex.traffic.bytes_sent["step"] + ex.traffic.bytes_received["step"] - before
+            return result
+
+    def _rewards(self, examples: Sequence[RewardExample], example_ids: Sequence[int], perturbations: Sequence[int]):
+        """(`R[c][p]`, problems, the decode's row counts) of the current step's copies of some perturbations
+        (+, - for each) on some examples of the global batch (`example_ids`: their indices there)."""
+        t, pairs = self.counters.step, self.pairs()
+        return copy_rewards(self.model, self.adapter, examples, pair_copies([pairs[i] for i in perturbations]),
+                            eps=self.config.eps, scorer=self.scorer,
+                            prompt_seeds=[sampling_seed(self.config.seed, t, e) for e in example_ids],
+                            example_ids=example_ids, copy_ids=[2 * i + s for i in perturbations for s in (0, 1)])
+
+    def apply_rewards(self, rewards: Sequence[Sequence[float | None]], problems: Sequence[RewardProblem] = (), *,
+                      tokens: int = 0, generated: int = 0) -> StepResult:
+        """Turn the current step's rewards `R[c][p]` (2q copies in pair order, + then -; None: a failed call)
+        into the update of the run's estimator (engine/estimators.py); a step with a failed call is skipped."""
+        cfg, t = self.config, self.counters.step
+        q = cfg.num_perturbations
+        if len(rewards) != 2 * q or not rewards[0] or any(len(row) != len(rewards[0]) for row in rewards):
+            raise InputError(f"apply_rewards needs {2 * q} rows of rewards (one per copy) of one length")
+        lr = cfg.lr_at(t)
+        failed = bool(problems) or any(v is None for row in rewards for v in row)
+        if failed:
+            f = [math.nan if any(v is None for v in row) else mean(row) for row in rewards]
+            grads, reward, sig = [math.nan] * q, math.nan, None
+        else:
+            f = copy_fitness(rewards)
+            grads = pair_grads(rewards, cfg.reward.estimator, cfg.reward.shaping, cfg.eps)
+            reward, sig = mean([v for row in rewards for v in row]), signal(rewards)
+        skipped = failed or not all(math.isfinite(g) for g in grads) or not self._update(grads, t, lr)
+        result = StepResult(-reward, [-x for x in f[0::2]], [-x for x in f[1::2]], grads, step=t, lr=lr,
+                            skipped=skipped, tokens=tokens, reward=reward, rewards_plus=f[0::2],
+                            rewards_minus=f[1::2], signal=sig, generated=generated, reward_problems=list(problems))
+        what = f"a failed reward call (first: {problems[0]})" if problems else \
+            "a failed reward call (on another rank)" if failed else "a non-finite update"
+        self._count(result, what)
+        return result
+
+    def _evaluate_rewards(self, examples: Sequence[RewardExample], batch_size: int) -> dict:
+        check_reward_examples(examples, self.model.limits, self.config.reward, what="eval set")
+        self.scorer.probe(examples[0], "eval set[0]")
+
+        def records(ids: Sequence[int]) -> list[dict]:
+            return evaluate_rewards(self.model, self.adapter, [examples[i] for i in ids], scorer=self.scorer,
+                                    prompt_seeds=[sampling_seed(self.config.seed, EVAL_STEP, i) for i in ids],
+                                    example_ids=list(ids), batch_size=batch_size)
+
+        ex = self.exchange
+        recs = records(range(len(examples))) if ex is None else \
+            distributed.gather_records(ex, records, len(examples))
+        failed = [r["problem"] for r in recs if r["reward"] is None]
+        if failed:
+            raise RewardError(f"evaluate: {len(failed)} reward call(s) failed; first: {failed[0]}", [])
+        return {"reward": mean([r["reward"] for r in recs]), "num_examples": len(examples), "generations": recs}
 
     # Evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict:
         """As evaluate(), in the run's mode; under torch.distributed each rank scores a shard and the sums
-        are combined (exactly: the result does not depend on the number of ranks)."""
+        are combined (exactly: the result does not depend on the number of ranks).
+
+        A reward run (MeZOConfig.reward) evaluates RewardExamples: each is decoded with the adapter
+        (greedy at temperature 0; sampling from seeds that are the same at every evaluation) and
+        scored; returns {"reward": the mean, "num_examples", "generations": per example
+        {"completion", "tokens", "finish_reason", "reward"}}. A reward call that fails raises
+        RewardError (an evaluation cannot be skipped)."""
         with invariant.batch_invariant_mode(self.config.batch_invariant):
+            if self.config.reward is not None:
+                return self._evaluate_rewards(examples, batch_size)
             ex = self.exchange
             if ex is None:
                 return evaluate(self.model, self.adapter, examples, batch_size=batch_size,
@@ -305,7 +448,7 @@ class MeZOTrainer:
             "step": c.step,
             "nonfinite_total": c.nonfinite_total,
             "nonfinite_consecutive": c.nonfinite_consecutive,
-            "mezo_config": dataclasses.asdict(self.config),
+            "mezo_config": self.config.to_dict(),
             "lora_config": dataclasses.asdict(self.adapter.config),
             "lr_next": self.config.lr_at(c.step),
         }
@@ -348,15 +491,22 @@ class MeZOTrainer:
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def resume(cls, path: str, model: CausalLM, **overrides) -> "MeZOTrainer":
+    def resume(cls, path: str, model: CausalLM, *, decode: Callable[[list[int]], str] | None = None,
+               **overrides) -> "MeZOTrainer":
         """A trainer that continues the run saved at `path` (bit-identically on the same device).
 
-        overrides: MeZOConfig fields this launch sets (`parallel`; `total_steps` to extend a run).
+        overrides: MeZOConfig fields this launch sets (`parallel`; `total_steps` to extend a run;
+        `reward`: the callable of a reward run whose reward was a callable that cannot be imported by its
+        recorded name, which replaces the recorded reward only). decode: as MeZOTrainer's.
         A checkpoint that is not one flashzo wrote (edited, truncated) is refused with an InputError.
         """
         path, state = read_state(path)
         # A checkpoint that records no mode was trained before batch-invariant numerics existed.
         stored = {"batch_invariant": False, **state["mezo_config"]}
+        if "reward" in overrides and not isinstance(overrides["reward"], (RewardConfig, type(None))):
+            if not isinstance(stored.get("reward"), dict):
+                raise InputError(f"{path} is not a reward run: reward= has nothing to replace")
+            stored["reward"] = {**stored["reward"], "reward": overrides.pop("reward")}
         try:
             config = MeZOConfig(**dict(stored, **overrides))
         except TypeError as e:
@@ -366,7 +516,7 @@ class MeZOTrainer:
         if adapter.config != lora:
             raise InputError(f"{path}: its {ADAPTER_CONFIG} ({_lora_fields(adapter.config)}) disagrees with "
                              f"{STATE_FILE}'s lora_config ({_lora_fields(lora)})")
-        trainer = cls(model, adapter, config)
+        trainer = cls(model, adapter, config, decode=decode)
         trainer.counters = _Counters(step=state["step"], nonfinite_total=state.get("nonfinite_total", 0),
                                      nonfinite_consecutive=state.get("nonfinite_consecutive", 0))
         trainer.run_info = state.get("run_info")
@@ -502,6 +652,8 @@ def score_together(trainers: Sequence[MeZOTrainer], batches: Sequence[Sequence[E
         raise InputError("trainers is empty")
     model = trainers[0].model
     for j, tr in enumerate(trainers):
+        if tr.config.reward is not None:
+            raise InputError(f"trainer {j} is a reward run; reward runs step on their own (trainer.step)")
         if tr.model is not model:
             raise InputError(f"trainer {j} uses another model; step_together needs one shared model")
         if tr.config.eps != trainers[0].config.eps:

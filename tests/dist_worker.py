@@ -101,6 +101,35 @@ def run_case(model, parallel, task, q, n, *, steps=STEPS, batch_invariant=False)
             "eval": tr.evaluate(make_examples(task, EVAL_SIZE, seed=99), batch_size=4)}
 
 
+# Reward runs (engine/estimators.py), batch-invariant: (name, parallel, estimator, q, examples per step)
+REWARD_CASES = [("rewards-perturbations-es-q3", "perturbations", "es", 3, 5),
+                ("rewards-batch-mezo-q2", "batch", "mezo", 2, 5),
+                ("rewards-llama-batch-es-q2", "batch", "es", 2, 3)]
+
+
+def run_reward_case(model, parallel, estimator, q, n, *, steps=STEPS):
+    """A reward run's steps and evaluation (tests/reward_funcs.py's first_token_in on odd token ids)."""
+    import reward_funcs
+
+    from flashzo import LoRAConfig, MeZOConfig, MeZOTrainer
+    from flashzo.engine.reward_objective import RewardConfig, RewardExample
+
+    g = torch.Generator().manual_seed(q)
+    examples = [RewardExample(torch.randint(3, TINY["vocab_size"], (int(torch.randint(2, 6, (1,), generator=g)),),
+                                            generator=g).tolist(), reference=list(range(3, 96, 2)))
+                for _ in range(3 * n)]
+    cfg = MeZOConfig(lr=0.05, eps=0.1, num_perturbations=q, seed=5, parallel=parallel, batch_invariant=True,
+                     reward=RewardConfig(reward_funcs.first_token_in, estimator=estimator, max_tokens=2))
+    tr = MeZOTrainer(model, LoRAConfig(r=2, target_modules=("q_proj", "v_proj"), layers=(1,), seed=3), cfg)
+    res = [tr.step(batch_of(examples, t, n)) for t in range(steps)]
+    out = {"rewards_plus": [r.rewards_plus for r in res], "rewards_minus": [r.rewards_minus for r in res],
+           "grads": [r.projected_grads for r in res], "generated": [r.generated for r in res],
+           "bytes": [r.bytes_exchanged for r in res], "adapter": tr.adapter.buffer.clone(),
+           "eval": tr.evaluate(examples[:7], batch_size=3)}
+    tr.close()
+    return out
+
+
 def main(spec_path: str, rank: int, world: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     with open(spec_path) as f:
@@ -130,6 +159,12 @@ def scenario_invariant(rank, world, spec):
     models = {f: make_model(f) for f in ("opt", "llama")}
     return {"cases": {name: run_case(models[family_of_case(name)], par, task, q, n, batch_invariant=True)
                       for name, par, task, q, n in INVARIANT_CASES}}
+
+
+def scenario_rewards(rank, world, spec):
+    models = {f: make_model(f) for f in ("opt", "llama")}
+    return {"cases": {name: run_reward_case(models["llama" if "llama" in name else "opt"], par, est, q, n)
+                      for name, par, est, q, n in REWARD_CASES}}
 
 
 def scenario_fault(rank, world, spec):
@@ -225,6 +260,7 @@ class Launch:
 
 
 SCENARIOS = {"equivalence": scenario_equivalence, "invariant": scenario_invariant, "fault": scenario_fault,
+             "rewards": scenario_rewards,
              "train_and_save": scenario_train_and_save}
 
 if __name__ == "__main__":

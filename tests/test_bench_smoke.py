@@ -75,3 +75,15 @@ def test_quant_model_benchmark_smoke(tmp_path):
     assert memory["int4"]["weights_mib"] < memory["int8"]["weights_mib"] < memory["fp32"]["weights_mib"]
     repacked = [r for r in rows if r["kind"] == "logprobs" and r["source"] == "gguf repacked"]
     assert all(r["bit_exact"] for r in repacked)  # empty without the real model installed
+
+
+def test_reward_decode_benchmark_smoke(tmp_path):
+    out = run("bench_reward_decode.py", "--smoke", "--out-dir", str(tmp_path))
+    assert {"reward_decode_smoke.json", "reward_decode_smoke.md", "reward_decode_smoke.png"} <= set(
+        os.listdir(tmp_path))
+    assert "perturbed/plain" in out
+
+
+def test_reward_calls_benchmark_smoke(tmp_path):
+    out = run("bench_reward_calls.py", "--smoke", "--out-dir", str(tmp_path))
+    assert "reward_calls_smoke.json" in os.listdir(tmp_path) and "worker us/call" in out

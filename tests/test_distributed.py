@@ -100,6 +100,28 @@ def test_batch_invariant_runs_equal_the_single_process_bit_for_bit(tmp_path):
             assert got["bytes"] == [2 * 8 * per_rank] * W.STEPS, name
 
 
+def test_reward_runs_on_two_ranks_equal_one_process_bit_for_bit(tmp_path):
+    """A reward run (batch-invariant) split over 2 ranks, by perturbations or by examples: every copy decodes
+    the bits it decodes alone, every rank assembles the same rewards, so the trajectory and the evaluation
+    are the single process's, bit for bit."""
+    run = W.Launch(tmp_path, "rewards")
+    models = {f: W.make_model(f) for f in ("opt", "llama")}
+    ref = {name: W.run_reward_case(models["llama" if "llama" in name else "opt"], par, est, q, n)
+           for name, par, est, q, n in W.REWARD_CASES}
+    results, logs = run.results(wait_s=180)
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}\n{logs[r][-3000:]}"
+    for name, parallel, _, q, n in W.REWARD_CASES:
+        for res in results:
+            got = res["cases"][name]
+            for key in ("rewards_plus", "rewards_minus", "grads", "generated", "eval"):
+                assert got[key] == ref[name][key], (name, key)
+            assert torch.equal(got["adapter"], ref[name]["adapter"]), name
+            per_rank = 6 + (2 * math.ceil(q / 2) * n if parallel == "perturbations" else 2 * q * math.ceil(n / 2))
+            assert got["bytes"] == [2 * 8 * per_rank] * W.STEPS, name
+        assert any(g != 0 for gs in ref[name]["grads"] for g in gs), name  # the runs moved
+
+
 @pytest.mark.parametrize("case", W.CASES, ids=[c[0] for c in W.CASES])
 def test_bytes_per_step_are_o_of_q(equivalence, case):
     """One all_gather of float64 per step: 5 header scalars + 2*ceil(q/W) losses or 4q sums and counts,

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # what static readers (type checkers, the API reference) see
     from flashzo.engine.distributed import DistributedError, init_distributed
     from flashzo.engine.invariant import batch_invariant_mode, is_batch_invariant, set_batch_invariant
     from flashzo.engine.mezo import MeZOConfig, MeZOTrainer, NonFiniteLossError, StepResult, evaluate, step_together
+    from flashzo.engine.reward_calls import RewardError, RewardProblem
+    from flashzo.engine.reward_objective import RewardConfig, RewardExample
     from flashzo.kernels.errors import InputError
     from flashzo.tasks import synthetic_task
 
@@ -46,6 +48,8 @@ _SOURCES = {
     **dict.fromkeys(("batch_invariant_mode", "is_batch_invariant", "set_batch_invariant"), "flashzo.engine.invariant"),
     **dict.fromkeys(("MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "StepResult", "evaluate", "step_together"),
                     "flashzo.engine.mezo"),
+    **dict.fromkeys(("RewardError", "RewardProblem"), "flashzo.engine.reward_calls"),
+    **dict.fromkeys(("RewardConfig", "RewardExample"), "flashzo.engine.reward_objective"),
     "InputError": "flashzo.kernels.errors",
     "load_jsonl": "flashzo.data",
     "synthetic_task": "flashzo.tasks",
@@ -53,7 +57,8 @@ _SOURCES = {
 
 __all__ = [
     "CausalLM", "DistributedError", "Example", "InputError", "LlamaConfig", "LlamaModel", "LoRAAdapter", "LoRAConfig",
-    "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "StepResult", "batch_invariant_mode",
+    "MeZOConfig", "MeZOTrainer", "NonFiniteLossError", "OPTConfig", "OPTModel", "RewardConfig", "RewardError",
+    "RewardExample", "RewardProblem", "StepResult", "batch_invariant_mode",
     "evaluate", "init_distributed", "is_batch_invariant", "load_jsonl", "load_model", "load_opt", "save_model",
     "save_opt", "set_batch_invariant", "step_together", "synthetic_task", "__version__",
 ]
