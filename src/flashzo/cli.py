@@ -167,8 +167,8 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
                    help="batch-invariant numerics: every example's losses, hence the run, bit-identical whatever "
-                        "else shares its forward (docs/design.md, \"Batch invariance\"; default off: see the "
-                        "README for its cost)")
+                        "else shares its forward (docs/batch-invariance.md; default off: it costs part of a "
+                        "step, measured in docs/benchmarks.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op CPU threads (default: torch's; fewer is faster on a busy machine)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -270,10 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 # The demo's defaults. MeZO's noise grows with the number of trained parameters, so both train small
 # adapters. SmolLM2-135M: rank 2 on v_proj and o_proj of the top 4 of 30 layers (15,360 parameters), which
 # act on what the model already knows about the word at the last position; layers 0-25 then run once for
-# both signs (the trunk fork), and held-out accuracy rises from ~0.62 to >= 0.9 in 40-60 steps
-# (tests/test_real_model.py). opt-tiny: rank 1 on v_proj of layer 0 (128 parameters), which reads the
-# review's word embeddings and whose values attention averages to the last position: ~100% held-out
-# accuracy in 100-150 steps (tests/test_convergence.py).
+# both signs (the trunk fork); tests/test_real_model.py asserts the held-out gain of these defaults.
+# opt-tiny: rank 1 on v_proj of layer 0 (128 parameters), which reads the review's word embeddings and
+# whose values attention averages to the last position; tests/test_convergence.py asserts that it learns.
 DEMO = {
     "real": dict(steps=60, batch_size=16, lr=3e-2, eps=1e-2, lora_r=2, eval_every=30,
                  target_modules="v_proj,o_proj", lora_layers="26,27,28,29"),
