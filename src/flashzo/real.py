@@ -127,30 +127,21 @@ def pydoc_task(tokenizer, *, chunk: int = 64, seed: int = 0, held_out: float = 0
 # Measured on this task with SmolLM2-135M (greedy, 256 held-out words): zero-shot templates answer almost
 # never with a label word; this 8-shot prompt answers right ~70% of the time before training. A 0/1 reward
 # of greedy text needs perturbations that flip answers: with a fresh adapter (B = 0) eps 1e-2 flips none,
-# eps 0.1 flips ~18% of (copy, word) answers. ES (z-scores, lr 5e-2) or MeZO (lr 0.1) at eps 0.1, q = 4,
-# 32 words a step raised the held-out reward by >= 0.10 in 20-30 steps.
+# eps 0.1 flips ~18% of (copy, word) answers. ES (z-scores) or MeZO at eps 0.1, lr 0.1, q = 4, 32 words a
+# step raised the held-out reward from 0.754 to 0.836 (ES) / 0.820 (MeZO) in 20 steps (flashzo demo --reward;
+# ES at lr 5e-2: 0.789).
 SHOTS = (("happy", 1), ("awful", 0), ("love", 1), ("hate", 0), ("wonderful", 1), ("sad", 0), ("nice", 1),
          ("ugly", 0))
 LABEL_WORDS = ("terrible", "great")  # label 0, label 1
 REWARD_HELD_OUT = 256
 REWARD_SETTINGS = dict(lora_r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), lora_layers=(26, 27, 28, 29),
-                       eps=0.1, lr=5e-2, num_perturbations=4, batch_size=32, estimator="es", shaping="zscore",
+                       eps=0.1, lr=0.1, num_perturbations=4, batch_size=32, estimator="es", shaping="zscore",
                        max_tokens=3, mezo_lr=0.1)
 
 
 def few_shot_prefix(shots=SHOTS) -> str:
     """The demonstrations, one `word -> label` per line: "happy -> great\\nawful -> terrible\\n..."."""
     return "".join(f"{w} -> {LABEL_WORDS[label]}\n" for w, label in shots)
-
-
-def newline_tokens(tokenizer) -> list[int]:
-    """The ids of the tokenizer's tokens that are whitespace holding a newline (a completion stops there)."""
-    out = []
-    for i in range(len(tokenizer)):
-        text = tokenizer.decode([i])
-        if "\n" in text and not text.strip():
-            out.append(i)
-    return out
 
 
 @dataclass
@@ -196,9 +187,10 @@ def reward_task(tokenizer, *, seed: int = 0, held_out: int = REWARD_HELD_OUT, th
     shuffled with `random.Random(seed)`; the first `held_out` are held out, the rest train (no held-out
     word is trained on). A word's prompt is `few_shot_prefix() + f"{word} ->"` (no BOS token), its
     reference "great" (a positive word) or "terrible", scored by the built-in "label_word" reward: 1.0
-    when the completion's first word is the reference. estimator: "es" (z-scores, lr 5e-2) or "mezo"
-    (MeZO on -R, lr 0.1); both at eps 0.1, 4 pairs, 32 prompts a step.
+    when the completion's first word is the reference. estimator: "es" (z-scores) or "mezo" (MeZO on
+    -R); both at lr 0.1, eps 0.1, 4 pairs, 32 prompts a step.
     """
+    from flashzo.data import stop_tokens
     from flashzo.engine.lora import LoRAConfig
     from flashzo.engine.reward_objective import RewardConfig, RewardExample
 
@@ -220,12 +212,10 @@ def reward_task(tokenizer, *, seed: int = 0, held_out: int = REWARD_HELD_OUT, th
                                      reference=LABEL_WORDS[label], prompt_text=text))
         return out
 
-    stops = newline_tokens(tokenizer)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
+    stops = stop_tokens(tokenizer, newline=True)
     es = estimator == "es"
     reward = RewardConfig("label_word", estimator=estimator, shaping="zscore" if es else None, max_tokens=max_tokens,
-                          temperature=0.0, stop_tokens=tuple(sorted(stops)))
+                          temperature=0.0, stop_tokens=stops)
     s = REWARD_SETTINGS
     lora = LoRAConfig(r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["target_modules"],
                       layers=s["lora_layers"])
