@@ -23,6 +23,9 @@ from flashzo.errors import InputError
 
 TEMPLATE_NAMES = ("sst2", "rte", "copa")
 OBJECTIVES = ("loss", "reward")  # the log-likelihood of the data's targets, or a reward of generated text
+# The options of the reward objective (a loss run leaves them at their defaults)
+REWARD_OPTIONS = ("objective", "reward", "estimator", "shaping", "max_tokens", "temperature", "top_p", "stop_newline",
+                  "reward_time_limit")
 KEEP_BEST = ("loss", "accuracy", "reward")  # the eval metric a run's best checkpoint is kept by
 # What a resumed run may change (the rest defines what it computes).
 RESUMABLE = ("steps", "eval_every", "save_every", "eval_batch_size")
