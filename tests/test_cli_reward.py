@@ -194,3 +194,26 @@ def test_bad_reward_input_is_one_line(checkpoint, tmp_path, lines, flags, needle
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle.format(data=data) in err, err
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "m", "--train", "t.jsonl", "--out", "o", "--max-tokens", "4"],
+     "--max-tokens 4 is for the reward objective (--objective reward)"),
+    (["train", "--model", "m", "--train", "t.jsonl", "--out", "o", "--reward", "f1"],
+     "--reward 'f1' is for the reward objective (--objective reward)"),
+    (["train", "--model", "m", "--train", "t.jsonl", "--out", "o", "--objective", "reward"],
+     "--reward must name the reward of the reward objective"),
+    (["train", "--model", "m", "--train", "t.jsonl", "--out", "o", "--objective", "reward", "--reward", "f1",
+      "--keep-best", "loss"], "a reward run's evals have a reward (keep_best reward)"),
+    (["train", "--model", "m", "--train", "t.jsonl", "--out", "o", "--objective", "reward", "--reward", "f1",
+      "--estimator", "mezo", "--shaping", "centered_ranks"], "--shaping 'centered_ranks' is for the 'es' estimator"),
+    (["demo", "--reward", "--tiny"], "--reward and --tiny"),
+    (["demo", "--estimator", "mezo"], "--estimator is for the reward demo (--reward)"),
+])
+def test_reward_flags_are_checked_before_loading(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tmp_path / "m").mkdir()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err

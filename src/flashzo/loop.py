@@ -548,6 +548,8 @@ def plot_history(history: dict, path: str) -> None:
         key = "reward" if "reward" in ev[0] else "accuracy" if "accuracy" in ev[0] else "loss"
         ax[1].plot([e["step"] for e in ev], [e[key] for e in ev], marker="o")
         ax[1].set_ylabel(f"held-out {key}")
+        if key == "reward" and all(0 <= e["reward"] <= 1 for e in ev):
+            ax[1].set_ylim(0, 1)
         if key == "accuracy":
             ax[1].set_ylim(0, 1)
             ax[1].axhline(0.5, color="gray", ls="--", lw=0.8, label="chance (2 classes)")

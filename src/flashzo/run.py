@@ -112,6 +112,9 @@ class RunOptions:
         if self.objective == "loss":
             if self.reward is not None:
                 raise InputError(f"reward {self.reward!r} is for the reward objective (--objective reward)")
+            for name in REWARD_OPTIONS[2:]:
+                if getattr(self, name) != getattr(RunOptions, name):
+                    raise InputError(f"{name} {getattr(self, name)!r} is for the reward objective (--objective reward)")
             if self.keep_best == "reward":
                 raise InputError("keep_best 'reward' is for the reward objective (--objective reward)")
             return
