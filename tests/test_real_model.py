@@ -154,7 +154,7 @@ def test_reward_task_is_built_from_the_lexicon(smol):
     assert task.prefix.count("\n") == 8 and task.prefix.startswith("happy -> great\nawful -> terrible\n")
     nl = tok("\n", add_special_tokens=False)["input_ids"]
     assert len(nl) == 1 and nl[0] in task.reward.stop_tokens and tok.eos_token_id in task.reward.stop_tokens
-    assert all(not tok.decode([t]).strip() for t in task.reward.stop_tokens)
+    assert all(not tok.decode([t]).strip() for t in task.reward.stop_tokens if t != tok.eos_token_id)
     assert (task.reward.reward, task.reward.estimator, task.reward.max_tokens, task.reward.temperature) == \
         ("label_word", "es", 3, 0.0)
     assert (task.lora.r, task.lora.alpha, task.lora.target_modules, task.lora.layers) == \
