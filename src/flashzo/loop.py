@@ -7,7 +7,9 @@ run evaluates, checkpoints and ends is `RunSchedule`, which `flashzo serve`'s jo
 What a run writes to its out dir:
 
     log.jsonl      one line per step, written as it is trained: step, loss, loss_plus, loss_minus,
-                   projected_grads, lr, tokens, skipped, seconds (the step's), time (Unix time)
+                   projected_grads, lr, tokens, skipped, seconds (the step's), time (Unix time); a
+                   reward run (MeZOConfig.reward) also reward, rewards_plus, rewards_minus, signal and
+                   generated (its curve is the mean reward, and its evals the held-out mean reward)
     metrics.json   the loss curve, one entry per evaluated step, eval_before / eval_after, the state
     checkpoint/    the resumable checkpoint, every save_every steps and at the end (atomic)
     best/          with keep_best: the checkpoint of the best eval so far (also a PEFT adapter)
@@ -205,9 +207,11 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         history, eval_before = _previous_history(paths.metrics, start) if start else (_empty_history(), None)
         step_log = _StepLog(paths.log, start) if is_main else None
         schedule = RunSchedule(steps, eval_every, save_every, evaluates=bool(eval_set))
+        rewarded = trainer.config.reward is not None
 
         def run_eval() -> dict:
             res = trainer.evaluate(eval_set, batch_size=eval_batch_size)
+            res = {k: v for k, v in res.items() if k != "generations"}  # a reward run's texts: not in the curve
             step = trainer.step_count
             history["eval"] = [e for e in history["eval"] if e["step"] != step] + [{"step": step, **res}]
             if keep_best:
@@ -223,7 +227,8 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
         if progress and is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, initial=start, desc="MeZO", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=steps, initial=start, desc="ES" if rewarded and trainer.config.reward.estimator == "es"
+                       else "MeZO", unit="step", dynamic_ncols=True)
         say = bar.write if bar is not None else log
         t0 = time.perf_counter()
         running, error = None, None
@@ -240,14 +245,18 @@ def fit(trainer: MeZOTrainer, train: Sequence[Example], eval_set: Sequence[Examp
                     stop.in_step = False
                 if step_log is not None:
                     step_log.write(res, time.perf_counter() - t_step)
+                value = res.reward if rewarded else res.loss
                 if not res.skipped:
-                    running = res.loss if running is None else 0.9 * running + 0.1 * res.loss
+                    running = value if running is None else 0.9 * running + 0.1 * value
                 history["step"].append(t)
                 history["loss"].append(res.loss)
                 history["lr"].append(res.lr)
+                if rewarded:
+                    history.setdefault("reward", []).append(res.reward)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan",
+                    shown = f"{running:.4f}" if running is not None else "nan"
+                    bar.set_postfix(**({"reward": shown} if rewarded else {"loss": shown}),
                                     skipped=trainer.counters.nonfinite_total)
                 done = trainer.step_count
                 if schedule.eval_after(done):
@@ -311,10 +320,15 @@ def _check_fit_args(trainer, train, eval_set, steps, batch_size, eval_batch_size
     if not train:
         raise InputError("the training set is empty")
     if keep_best is not None:
-        if keep_best not in ("loss", "accuracy"):
-            raise InputError(f"keep_best must be 'loss' or 'accuracy', got {keep_best!r}")
+        if keep_best not in ("loss", "accuracy", "reward"):
+            raise InputError(f"keep_best must be 'loss', 'accuracy' or 'reward', got {keep_best!r}")
         if not eval_set:
             raise InputError("keep_best needs an eval set")
+        if (keep_best == "reward") != (trainer.config.reward is not None):
+            raise InputError("keep_best 'reward' is for a reward run, whose evals have no loss or accuracy" if
+                             trainer.config.reward is not None else "keep_best 'reward' needs a reward run")
+        if keep_best == "reward":
+            return
         if keep_best == "accuracy" and not eval_set[0].is_classification:
             raise InputError("keep_best 'accuracy' needs classification eval data (LM evals have a loss)")
 
@@ -429,7 +443,7 @@ def _previous_history(path: str, start: int) -> tuple[dict, dict | None]:
         hist = old["history"]
         steps = hist["step"]
         keep = [i for i, s in enumerate(steps) if s < start]
-        history = {k: [hist[k][i] for i in keep] for k in ("step", "loss", "lr")}
+        history = {k: [hist[k][i] for i in keep] for k in ("step", "loss", "lr", "reward") if k in hist}
         history["eval"] = [e for e in hist["eval"] if e["step"] <= start]
         before = old.get("eval_before")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -463,6 +477,9 @@ class _StepLog:
         rec = {"step": res.step, "loss": res.loss, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus,
                "projected_grads": res.projected_grads, "lr": res.lr, "tokens": res.tokens, "skipped": res.skipped,
                "seconds": round(seconds, 6), "time": round(time.time(), 3)}
+        if res.reward is not None or res.rewards_plus:  # a reward run
+            rec.update(reward=res.reward, rewards_plus=res.rewards_plus, rewards_minus=res.rewards_minus,
+                       signal=res.signal, generated=res.generated)
         with writing(self.path):  # a line cut short by a full disk is dropped on resume, as after a kill
             self._f.write(json.dumps(_finite(rec)) + "\n")
             self._f.flush()
@@ -488,7 +505,8 @@ def _quiet(_msg: str) -> None:
 
 
 def _fmt(res: dict) -> str:
-    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                     if k != "generations")
 
 
 def _write_metrics(path: str, history: dict, trainer: MeZOTrainer, extra: dict | None,
@@ -513,26 +531,31 @@ def plot_history(history: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps, loss = history["step"], history["loss"]
-    ax[0].plot(steps, loss, lw=0.6, alpha=0.4, label="step loss")
+    rewarded = "reward" in history
+    steps, loss = history["step"], history["reward" if rewarded else "loss"]
+    # a skipped step's value is NaN (None once read back from JSON): not plotted
+    loss = [math.nan if v is None else v for v in loss]
+    ax[0].plot(steps, loss, lw=0.6, alpha=0.4, label="step reward" if rewarded else "step loss")
     if loss:
         k = max(1, len(loss) // 25)
         smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
         ax[0].plot(steps, smooth, lw=1.8, label=f"mean of {k}")
     ax[0].set_xlabel("step")
-    ax[0].set_ylabel("training loss (mean of +eps/-eps)")
+    ax[0].set_ylabel("training reward (mean over the 2q copies)" if rewarded else "training loss (mean of +eps/-eps)")
     ax[0].legend()
     ev = history["eval"]
     if ev:
-        key = "accuracy" if "accuracy" in ev[0] else "loss"
+        key = "reward" if "reward" in ev[0] else "accuracy" if "accuracy" in ev[0] else "loss"
         ax[1].plot([e["step"] for e in ev], [e[key] for e in ev], marker="o")
         ax[1].set_ylabel(f"held-out {key}")
+        if key == "reward" and all(0 <= e["reward"] <= 1 for e in ev):
+            ax[1].set_ylim(0, 1)
         if key == "accuracy":
             ax[1].set_ylim(0, 1)
             ax[1].axhline(0.5, color="gray", ls="--", lw=0.8, label="chance (2 classes)")
             ax[1].legend()
     ax[1].set_xlabel("step")
-    fig.suptitle("flashzo MeZO training")
+    fig.suptitle("flashzo training on a reward of generated text" if rewarded else "flashzo MeZO training")
     fig.tight_layout()
     tmp = path + ".tmp"
     with writing(path):

@@ -6,6 +6,11 @@ and the `label`; an LM line holds the negative log-likelihood of every target to
 mean and its exponential (`perplexity`). Every line names the data file's `line`. The summary
 ({"loss", "accuracy" | "perplexity", "num_examples"}) comes from the same forwards, through the
 same loss code as `flashzo.evaluate`, so the two cannot disagree.
+
+With a reward (`flashzo eval --reward`), every line holds what the adapter generated for the prompt
+(greedy, or sampled from the seeds a reward run's evaluation uses): the `completion` as the reward
+saw it, its `tokens`, the `finish_reason`, the `answer` and the `reward`; the summary is the mean
+reward ({"reward", "num_examples"}), as a reward run's evaluation computes it.
 """
 
 from __future__ import annotations
@@ -73,3 +78,42 @@ def write_predictions(model, adapter, dataset: Dataset, path: str, *, batch_size
         for rec in predictions(model, adapter, dataset, batch_size=batch_size, sums=sums):
             f.write(json.dumps(rec) + "\n")
     return eval_result(kind, sums[0], sums[1], sums[2], len(dataset.examples))
+
+
+def reward_predictions(model, adapter, dataset: Dataset, config, decode, *, batch_size: int = 32) -> list[dict]:
+    """One record per example of a reward dataset (RewardExamples), in file order: the line, the answer, the
+    completion, its tokens, finish_reason and reward (None with "problem" where the reward call failed)."""
+    from flashzo.engine.mezo import EVAL_STEP, sampling_seed
+    from flashzo.engine.reward_objective import Scorer, check_reward_examples, evaluate_rewards
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    examples = dataset.examples
+    check_reward_examples(examples, model.limits, config, what=dataset.path)
+    scorer = Scorer(config, decode)
+    try:
+        scorer.probe(examples[0], f"{dataset.path}:{dataset.lines[0]}")
+        recs = evaluate_rewards(model, adapter, examples, scorer=scorer,
+                                prompt_seeds=[sampling_seed(0, EVAL_STEP, i) for i in range(len(examples))],
+                                example_ids=list(range(len(examples))), batch_size=batch_size)
+    finally:
+        scorer.caller.close()
+    return [{"line": line, "answer": ex.reference, **rec} for line, ex, rec in zip(dataset.lines, examples, recs)]
+
+
+def reward_summary(records: list[dict]) -> dict:
+    """{"reward": the mean over the examples, "num_examples"} (+ "failed" and the first "problem" where a
+    reward call failed: the mean is then over the others)."""
+    done = [r["reward"] for r in records if r["reward"] is not None]
+    out = {"reward": math.fsum(done) / len(done) if done else None, "num_examples": len(records)}
+    failed = [r for r in records if r["reward"] is None]
+    if failed:
+        out.update(failed=len(failed), problem=f"line {failed[0]['line']}: {failed[0].get('problem')}")
+    return out
+
+
+def write_reward_predictions(records: list[dict], path: str) -> None:
+    """Write the records as JSONL to `path`, replaced atomically (as write_predictions)."""
+    with replacing_file(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")

@@ -5,6 +5,9 @@
   package's `vader_lexicon.txt` (each line: word, mean rating in [-4, 4], ...). Words rated <= -1.5
   or >= 1.5 become `"My day was <word>. It was"` -> `" terrible"` / `" great"`; the held-out split is
   by word (no held-out word is ever trained on);
+- a reward task on the same words (`reward_task`): an 8-shot prompt `"happy -> great\n...\n<word> ->"`
+  whose *generated* answer is scored by the built-in "label_word" reward (docs/design.md, "Rewards on
+  generated text"), with the settings that move it (its docstring);
 - an LM task: CPython's own documentation topics (`pydoc_data.topics`, in every Python), cut into
   chunks of tokens, the held-out split by topic.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from dataclasses import dataclass
 
 from flashzo.engine.example import Example
 from flashzo.errors import InputError
@@ -117,3 +121,104 @@ def pydoc_task(tokenizer, *, chunk: int = 64, seed: int = 0, held_out: float = 0
         return out
 
     return chunks(train), chunks(test)
+
+
+# The reward task's few-shot demonstrations, alternating labels (the order of the prompt), and its settings.
+# Measured on this task with SmolLM2-135M (greedy, 256 held-out words): zero-shot templates answer almost
+# never with a label word; this 8-shot prompt answers right ~70% of the time before training. A 0/1 reward
+# of greedy text needs perturbations that flip answers: with a fresh adapter (B = 0) eps 1e-2 flips none,
+# eps 0.1 flips ~18% of (copy, word) answers. ES (z-scores) or MeZO at eps 0.1, lr 0.1, q = 4, 32 words a
+# step raised the held-out reward from 0.754 to 0.836 (ES) / 0.820 (MeZO) in 20 steps (flashzo demo --reward;
+# ES at lr 5e-2: 0.789).
+SHOTS = (("happy", 1), ("awful", 0), ("love", 1), ("hate", 0), ("wonderful", 1), ("sad", 0), ("nice", 1),
+         ("ugly", 0))
+LABEL_WORDS = ("terrible", "great")  # label 0, label 1
+REWARD_HELD_OUT = 256
+REWARD_SETTINGS = dict(lora_r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), lora_layers=(26, 27, 28, 29),
+                       eps=0.1, lr=0.1, num_perturbations=4, batch_size=32, estimator="es", shaping="zscore",
+                       max_tokens=3, mezo_lr=0.1)
+
+
+def few_shot_prefix(shots=SHOTS) -> str:
+    """The demonstrations, one `word -> label` per line: "happy -> great\\nawful -> terrible\\n..."."""
+    return "".join(f"{w} -> {LABEL_WORDS[label]}\n" for w, label in shots)
+
+
+@dataclass
+class RewardTask:
+    """The rated-words reward task with its recommended settings.
+
+    train, held_out: flashzo.RewardExample lists (prompt ids, reference "great"/"terrible", prompt_text
+    the prompt as text); train_words, held_out_words: their (word, label); prefix: the few-shot text
+    every prompt starts with; reward: the RewardConfig ("label_word", ES with z-scores, max_tokens 3,
+    greedy, stop at a newline or the end-of-text token); lora: the LoRAConfig (r 8, alpha 16, q_proj and
+    v_proj of layers 26-29); eps, lr, num_perturbations, batch_size: one step's settings (`mezo_config`).
+    """
+
+    train: list
+    held_out: list
+    train_words: list
+    held_out_words: list
+    prefix: str
+    reward: object  # RewardConfig
+    lora: object  # LoRAConfig
+    eps: float
+    lr: float
+    num_perturbations: int
+    batch_size: int
+
+    def mezo_config(self, **overrides):
+        """The MeZOConfig of the recommended run (any field overridden by keyword)."""
+        from flashzo.engine.mezo import MeZOConfig
+
+        kw = dict(lr=self.lr, eps=self.eps, num_perturbations=self.num_perturbations, seed=0, reward=self.reward)
+        return MeZOConfig(**{**kw, **overrides})
+
+
+def reward_task(tokenizer, *, seed: int = 0, held_out: int = REWARD_HELD_OUT, threshold: float = THRESHOLD,
+                estimator: str = "es", max_tokens: int = REWARD_SETTINGS["max_tokens"]) -> RewardTask:
+    """The rated-words task as a reward on generated text, built at run time from the installed lexicon.
+
+    reward_task(tokenizer, *, seed=0, held_out=256, threshold=1.5, estimator="es", max_tokens=3) -> RewardTask
+
+    tokenizer: SmolLM2's (`flashzo.engine.gguf.gguf_tokenizer(smollm2_path())`), or any tokenizer called
+    as `tokenizer(text, add_special_tokens=False)["input_ids"]` with `decode` and `len`.
+    Every word rated <= -threshold or >= threshold (`rated_words`), less the demonstrations' words, is
+    shuffled with `random.Random(seed)`; the first `held_out` are held out, the rest train (no held-out
+    word is trained on). A word's prompt is `few_shot_prefix() + f"{word} ->"` (no BOS token), its
+    reference "great" (a positive word) or "terrible", scored by the built-in "label_word" reward: 1.0
+    when the completion's first word is the reference. estimator: "es" (z-scores) or "mezo" (MeZO on
+    -R); both at lr 0.1, eps 0.1, 4 pairs, 32 prompts a step.
+    """
+    from flashzo.data import stop_tokens
+    from flashzo.engine.lora import LoRAConfig
+    from flashzo.engine.reward_objective import RewardConfig, RewardExample
+
+    if estimator not in ("es", "mezo"):
+        raise InputError(f"estimator must be 'es' or 'mezo', got {estimator!r}")
+    shot_words = {w for w, _ in SHOTS}
+    words = [(w, label) for w, label in rated_words(threshold) if w not in shot_words]
+    random.Random(seed).shuffle(words)
+    if not 0 < held_out < len(words):
+        raise InputError(f"held_out must be in 1..{len(words) - 1} (the task has {len(words)} words), got {held_out}")
+    test, train = words[:held_out], words[held_out:]
+    prefix = few_shot_prefix()
+
+    def examples(ws):
+        out = []
+        for w, label in ws:
+            text = f"{prefix}{w} ->"
+            out.append(RewardExample(prompt=tokenizer(text, add_special_tokens=False)["input_ids"],
+                                     reference=LABEL_WORDS[label], prompt_text=text))
+        return out
+
+    stops = stop_tokens(tokenizer, newline=True)
+    es = estimator == "es"
+    reward = RewardConfig("label_word", estimator=estimator, shaping="zscore" if es else None, max_tokens=max_tokens,
+                          temperature=0.0, stop_tokens=stops)
+    s = REWARD_SETTINGS
+    lora = LoRAConfig(r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["target_modules"],
+                      layers=s["lora_layers"])
+    return RewardTask(train=examples(train), held_out=examples(test), train_words=train, held_out_words=test,
+                      prefix=prefix, reward=reward, lora=lora, eps=s["eps"], lr=s["lr"] if es else s["mezo_lr"],
+                      num_perturbations=s["num_perturbations"], batch_size=s["batch_size"])

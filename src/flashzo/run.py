@@ -22,7 +22,11 @@ from flashzo.engine.mezo import SCHEDULES, MeZOConfig
 from flashzo.errors import InputError
 
 TEMPLATE_NAMES = ("sst2", "rte", "copa")
-KEEP_BEST = ("loss", "accuracy")  # the eval metric a run's best checkpoint is kept by
+OBJECTIVES = ("loss", "reward")  # the log-likelihood of the data's targets, or a reward of generated text
+# The options of the reward objective (a loss run leaves them at their defaults)
+REWARD_OPTIONS = ("objective", "reward", "estimator", "shaping", "max_tokens", "temperature", "top_p", "stop_newline",
+                  "reward_time_limit")
+KEEP_BEST = ("loss", "accuracy", "reward")  # the eval metric a run's best checkpoint is kept by
 # What a resumed run may change (the rest defines what it computes).
 RESUMABLE = ("steps", "eval_every", "save_every", "eval_batch_size")
 EPS_MIN = 2.0 ** -126  # float32's smallest normal number: the least eps a run accepts
@@ -50,6 +54,18 @@ class RunOptions:
     keep_best: str | None = None  # None, or keep the checkpoint of the best eval "loss" / "accuracy"
     # batch-invariant numerics (engine/invariant.py): every row's bits independent of the other rows
     batch_invariant: bool = False
+    # objective "reward": a reward of generated text (engine/reward_objective.py's RewardConfig: the reward, a
+    # built-in or "module:function", its estimator and shaping, the generation, a call's time limit); the
+    # completion also stops at the tokenizer's end-of-text token, and with stop_newline at a newline
+    objective: str = "loss"
+    reward: str | None = None
+    estimator: str = "es"
+    shaping: str | None = None  # None: "zscore" for "es"
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_newline: bool = False
+    reward_time_limit: float = 10.0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -86,6 +102,52 @@ class RunOptions:
             raise InputError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.keep_best is not None and self.keep_best not in KEEP_BEST:
             raise InputError(f"keep_best must be None or one of {KEEP_BEST}, got {self.keep_best!r}")
+        self._check_reward()
+
+    def _check_reward(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not isinstance(self.stop_newline, bool):
+            raise InputError(f"stop_newline must be true or false, got {self.stop_newline!r}")
+        if self.objective == "loss":
+            if self.reward is not None:
+                raise InputError(f"reward {self.reward!r} is for the reward objective (--objective reward)")
+            for name in REWARD_OPTIONS[2:]:
+                if getattr(self, name) != getattr(RunOptions, name):
+                    raise InputError(f"{name} {getattr(self, name)!r} is for the reward objective (--objective reward)")
+            if self.keep_best == "reward":
+                raise InputError("keep_best 'reward' is for the reward objective (--objective reward)")
+            return
+        if self.reward is None:
+            raise InputError("reward must name the reward of the reward objective (a built-in or module:function)")
+        if not isinstance(self.reward, str):
+            raise InputError(f"reward must be a built-in's name or 'module:function', got {self.reward!r}")
+        if self.keep_best in ("loss", "accuracy"):
+            raise InputError(f"keep_best {self.keep_best!r}: a reward run's evals have a reward (keep_best reward)")
+        for name in ("max_tokens",):
+            if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+                raise InputError(f"{name} must be an integer, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p", "reward_time_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        self.reward_config()  # the rest is RewardConfig's to check
+
+    def reward_config(self, stop_tokens=()):
+        """The RewardConfig of a reward run (None for the loss objective); stop_tokens: the token ids the
+        completion stops at (the application's tokenizer knows them)."""
+        if self.objective != "reward":
+            return None
+        from flashzo.engine.reward_objective import RewardConfig
+
+        try:
+            return RewardConfig(self.reward, estimator=self.estimator, shaping=self.shaping,
+                                max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                stop_tokens=tuple(stop_tokens), time_limit_s=self.reward_time_limit)
+        except InputError as e:  # RewardConfig names its fields: name the options
+            msg = str(e).replace("time_limit_s", "reward_time_limit")
+            raise InputError(msg) from None
 
     # Names ------------------------------------------------------------------------------------------
     @classmethod
@@ -151,11 +213,12 @@ class RunOptions:
         return LoRAConfig(r=self.lora_r, alpha=self.alpha, target_modules=self.target_modules,
                           layers=self.lora_layers, seed=self.seed)
 
-    def mezo_config(self, *, parallel: str | None = None) -> MeZOConfig:
+    def mezo_config(self, *, parallel: str | None = None, stop_tokens=()) -> MeZOConfig:
+        """The run's MeZOConfig (a reward run's completions stopping at `stop_tokens`)."""
         return MeZOConfig(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                           num_perturbations=self.num_perturbations, seed=self.seed, lr_schedule=self.lr_schedule,
                           warmup_steps=self.warmup_steps, total_steps=self.steps, parallel=parallel,
-                          batch_invariant=self.batch_invariant)
+                          batch_invariant=self.batch_invariant, reward=self.reward_config(stop_tokens))
 
 
 def _modules(value) -> tuple[str, ...]:

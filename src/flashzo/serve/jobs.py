@@ -2,8 +2,11 @@
 OpenAI's job object, and OpenAI's `hyperparameters` mapped onto flashzo's.
 
 A job's hyperparameters are exactly `flashzo train`'s options (flashzo.run.RunOptions, the flags with
-underscores), given as `method = {"type": "mezo", "mezo": {"hyperparameters": {...}}}`. OpenAI's
-three are accepted there or in the top-level `hyperparameters`, and mapped:
+underscores), given as `method = {"type": "mezo", "mezo": {"hyperparameters": {...}}}`; a job that
+trains on a reward of generated text is `{"type": "reward", "reward": {"hyperparameters": {...}}}`
+with the reward objective's options too (`reward`: a built-in's name; a module:function is refused:
+a server runs no code of a request's). OpenAI's three are accepted there or in the top-level
+`hyperparameters`, and mapped:
 
     batch_size                 -> batch_size (examples per step)
     learning_rate_multiplier   -> lr = multiplier x flashzo's default lr (RunOptions.lr, 1e-4)
@@ -65,11 +68,21 @@ def run_options(method: Method | None, hyperparameters: OpenAIHyperparameters | 
         method = typed(Method, method, "method")
     if isinstance(hyperparameters, dict):
         hyperparameters = typed(OpenAIHyperparameters, hyperparameters, "hyperparameters")
-    if method is not None and method.type != "mezo":
-        raise ServeError(400, f"method.type must be \"mezo\" (flashzo trains with MeZO), got {method.type!r}",
-                         param="method.type", code="invalid_method")
-    given = method.mezo.hyperparameters if method is not None and method.mezo is not None else None
+    if method is not None and method.type not in ("mezo", "reward"):
+        raise ServeError(400, "method.type must be \"mezo\" (MeZO on the data's loss) or \"reward\" (a reward of "
+                         f"generated text), got {method.type!r}", param="method.type", code="invalid_method")
+    kind = method.type if method is not None else "mezo"
+    other = "reward" if kind == "mezo" else "mezo"
+    if method is not None and getattr(method, other) is not None:
+        raise ServeError(400, f"method.{other} is given but method.type is {kind!r}", param=f"method.{other}",
+                         code="invalid_method")
+    section = getattr(method, kind) if method is not None else None
+    given = section.hyperparameters if section is not None else None
     hps = given.given() if given is not None else {}
+    where_hps = f"method.{kind}.hyperparameters"
+    if kind == "reward":
+        _check_served_reward(hps, where_hps)
+        hps["objective"] = "reward"
     top = hyperparameters.given() if hyperparameters is not None else {}
     openai = {}
     for name in OPENAI_HYPERPARAMETERS:
@@ -77,7 +90,7 @@ def run_options(method: Method | None, hyperparameters: OpenAIHyperparameters | 
         if name in top:
             values.append(("hyperparameters", top[name]))
         if name in hps and (name != "batch_size" or _auto(hps[name])):  # batch_size is flashzo's own too
-            values.append(("method.mezo.hyperparameters", hps.pop(name)))
+            values.append((where_hps, hps.pop(name)))
         if len({repr(v) for _, v in values if not _auto(v) and v is not None}) > 1:
             raise ServeError(400, f"{name} is given twice with different values", param=f"hyperparameters.{name}",
                              code="invalid_hyperparameter")
@@ -88,7 +101,7 @@ def run_options(method: Method | None, hyperparameters: OpenAIHyperparameters | 
     if "batch_size" in openai:
         if "batch_size" in hps and hps["batch_size"] != openai["batch_size"]:
             raise ServeError(400, f"batch_size is given twice: {openai['batch_size']!r} in hyperparameters and "
-                             f"{hps['batch_size']!r} in method.mezo.hyperparameters",
+                             f"{hps['batch_size']!r} in {where_hps}",
                              param="hyperparameters.batch_size", code="invalid_hyperparameter")
         hps["batch_size"] = openai["batch_size"]
     if "learning_rate_multiplier" in openai:
@@ -102,25 +115,44 @@ def run_options(method: Method | None, hyperparameters: OpenAIHyperparameters | 
                          param="hyperparameters.n_epochs")
     if seed is not None:
         if "seed" in hps and hps["seed"] != seed:
-            raise ServeError(400, f"seed is given twice: {seed!r} and {hps['seed']!r} in method.mezo.hyperparameters",
+            raise ServeError(400, f"seed is given twice: {seed!r} and {hps['seed']!r} in {where_hps}",
                              param="seed")
         hps["seed"] = seed
     if hps.get("batch_invariant") is None:
         hps.pop("batch_invariant", None)
-    opts = RunOptions.from_dict({"batch_invariant": batch_invariant, **hps}, what="method.mezo.hyperparameters")
+    opts = RunOptions.from_dict({"batch_invariant": batch_invariant, **hps}, what=where_hps)
     for name, most in LIMITS.items():
         if getattr(opts, name) > most:
-            raise InputError(f"method.mezo.hyperparameters: {name} must be <= {most} on this server, got "
-                             f"{getattr(opts, name)}")
-    opts.mezo_config()  # its checks (schedules need steps ...)
+            raise InputError(f"{where_hps}: {name} must be <= {most} on this server, got {getattr(opts, name)}")
+    try:
+        opts.mezo_config()  # its checks (schedules need steps, a reward's settings ...)
+    except InputError as e:
+        raise InputError(f"{where_hps}: {e}") from None
     LoRAAdapter.empty(opts.lora_config(), model.config, device="meta")  # modules and layers of this model
     _check_numbers(opts, model)
     if opts.keep_best is not None and not has_validation:
         raise ServeError(400, f"keep_best {opts.keep_best!r} needs a validation_file (the best checkpoint is the "
-                         "best evaluation's)", param="method.mezo.hyperparameters.keep_best",
+                         "best evaluation's)", param=f"{where_hps}.keep_best",
                          code="invalid_hyperparameter")
+    if kind == "reward" and model.limits.max_positions <= opts.max_tokens:
+        raise ServeError(400, f"{where_hps}: max_tokens {opts.max_tokens} leaves no room for a prompt in the model's "
+                         f"{model.limits.positions}", param=f"{where_hps}.max_tokens", code="invalid_hyperparameter")
     return opts.to_dict(), n_epochs
 
+
+def _check_served_reward(hps: dict, where: str) -> None:
+    """A reward job names a built-in reward: the server imports and runs no code a request names."""
+    from flashzo.engine.rewards import REWARDS
+
+    reward = hps.get("reward")
+    if reward is None:
+        raise ServeError(400, f"{where}.reward is required: one of {', '.join(REWARDS)}", param=f"{where}.reward",
+                         code="invalid_hyperparameter")
+    if reward not in REWARDS:
+        what = "a module:function reward runs code of the request's, which a server refuses" if ":" in reward \
+            else "not a built-in reward"
+        raise ServeError(400, f"{where}.reward {reward!r}: {what}; this server's rewards are the built-ins: "
+                         f"{', '.join(REWARDS)}", param=f"{where}.reward", code="invalid_hyperparameter")
 
 def _check_numbers(opts: RunOptions, model) -> None:
     """Refuse what would put an infinity into the job's object or the model's forward."""
@@ -194,10 +226,23 @@ def job_object(row: dict) -> dict:
         "training_file": spec["training_file"], "validation_file": spec.get("validation_file"),
         "error": row["error"], "seed": opts["seed"], "suffix": spec.get("suffix"),
         "user_provided_suffix": spec.get("suffix"), "hyperparameters": hyper,
-        "method": {"type": "mezo", "mezo": {"hyperparameters": opts}}, "integrations": [],
+        "method": _method(opts), "integrations": [],
         "metadata": spec.get("metadata"), "estimated_finish": None,
         "flashzo": {"step": row["step"], "steps": opts["steps"], "started_at": row["started_at"]},
     }
+
+
+def _method(opts: dict) -> dict:
+    """A job's method as it was given: its type and hyperparameters (a reward job's without the objective)."""
+    if opts.get("objective", "loss") == "reward":
+        from flashzo.run import REWARD_OPTIONS
+
+        keep = ("reward", "estimator", "shaping", "max_tokens", "temperature", "top_p", "stop_newline")
+        return {"type": "reward", "reward": {"hyperparameters": {k: v for k, v in opts.items()
+                                                                 if k not in REWARD_OPTIONS or k in keep}}}
+    from flashzo.run import REWARD_OPTIONS
+
+    return {"type": "mezo", "mezo": {"hyperparameters": {k: v for k, v in opts.items() if k not in REWARD_OPTIONS}}}
 
 
 def event_object(row: dict) -> dict:

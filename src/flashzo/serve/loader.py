@@ -137,10 +137,11 @@ class Loader:
                 self._busy.discard(job_id)
             self._on_ready()
 
-    def _examples(self, served, file_id: str, template: str | None, param: str) -> Examples:
+    def _examples(self, served, file_id: str, template: str | None, param: str, reward=None) -> Examples:
         """The examples of a stored file (shared with every job that read it with this model and
-        template); ServeError with OpenAI's (message, param, code) fields."""
-        key = (file_id, served.name, template)
+        template, or this reward config: a reward job's RewardExamples); ServeError with OpenAI's
+        (message, param, code) fields."""
+        key = (file_id, served.name, template, reward)
         with self._lock:
             cached = self._cache.get(key)
         if cached is not None:
@@ -151,7 +152,7 @@ class Loader:
         name, path = f"{file_id} ({row['filename']})", self.store.file_path(file_id)
         tokenizer = _Locked(served.tokenizer, served.tokenizer_lock) if served.tokenizer is not None else None
         try:
-            ds = read_dataset(path, tokenizer, template=template, limits=served.model.limits)
+            ds = read_dataset(path, tokenizer, template=template, limits=served.model.limits, reward=reward)
         except DataError as e:
             lines = [f"{name} line {line}: {msg}" if line else f"{name}: {msg}" for line, msg in e.problems]
             more = "\n... (the first problems only)" if len(e.problems) >= MAX_ERRORS else ""
@@ -175,8 +176,9 @@ class Loader:
             raise InputError(f"model {row['model']!r} is not served any more (restart with --model "
                              f"{row['model']}=PATH)")
         spec = row["spec"]
-        train = self._examples(served, spec["training_file"], template, "training_file")
-        held_out = self._examples(served, spec["validation_file"], template, "validation_file") \
+        reward = reward_config(served, RunOptions.from_dict(row["options"]))
+        train = self._examples(served, spec["training_file"], template, "training_file", reward)
+        held_out = self._examples(served, spec["validation_file"], template, "validation_file", reward) \
             if spec.get("validation_file") else None
         return train, held_out
 
@@ -230,6 +232,18 @@ class Loader:
         error = {"code": getattr(e, "code", None) or "invalid_training_file", "message": message,
                  "param": getattr(e, "param", None) or "training_file"}
         self.store.fail_job(job_id, error, only_if=only_if)
+
+
+def reward_config(served, opts: RunOptions):
+    """A reward job's RewardConfig, its completions stopping at the served tokenizer's end-of-text token
+    (and newlines with stop_newline); None for a loss job."""
+    if opts.objective != "reward":
+        return None
+    from flashzo.data import stop_tokens
+
+    with served.tokenizer_lock:
+        stops = stop_tokens(served.tokenizer, newline=opts.stop_newline)
+    return opts.reward_config(stops)
 
 
 def _check_keep_best(opts: RunOptions, held_out) -> None:

@@ -78,11 +78,30 @@ class MezoMethod(BaseModel):
     hyperparameters: Optional[MezoHyperparameters] = None
 
 
+class RewardHyperparameters(MezoHyperparameters):
+    """A reward job's: flashzo train's options and those of its reward objective (a built-in reward only)."""
+
+    reward: Optional[str] = None
+    estimator: Optional[str] = None
+    shaping: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop_newline: Optional[bool] = None
+
+
+class RewardMethod(BaseModel):
+    model_config = STRICT
+
+    hyperparameters: Optional[RewardHyperparameters] = None
+
+
 class Method(BaseModel):
     model_config = STRICT
 
     type: str
     mezo: Optional[MezoMethod] = None
+    reward: Optional[RewardMethod] = None
 
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -208,13 +227,16 @@ def describe(errors: list[dict], params: tuple[str, ...]) -> tuple[int, str, str
 
 def _unknown(path: list[str]) -> str:
     where, name = ".".join(path[:-1]), path[-1]
-    if where == "method.mezo.hyperparameters":
-        from flashzo.run import RunOptions
+    if where in ("method.mezo.hyperparameters", "method.reward.hyperparameters"):
+        from flashzo.run import REWARD_OPTIONS, RunOptions
 
-        known = ", ".join(RunOptions.names() + ("n_epochs", "learning_rate_multiplier"))
+        names = [n for n in RunOptions.names() if n not in REWARD_OPTIONS or
+                 (where.startswith("method.reward") and n not in ("objective", "reward_time_limit"))]
+        known = ", ".join(names + ["n_epochs", "learning_rate_multiplier"])
         return f"{where}: unknown option {name} (known: {known})"
     if where == "hyperparameters":
         return (f"hyperparameters: unknown hyperparameter {name} (known: n_epochs, batch_size, "
                 "learning_rate_multiplier; flashzo's own go in method.mezo.hyperparameters)")
-    known = {"method": "type, mezo", "method.mezo": "hyperparameters"}.get(where)
+    known = {"method": "type, mezo, reward", "method.mezo": "hyperparameters",
+             "method.reward": "hyperparameters"}.get(where)
     return f"{where}: unknown field {name}" + (f" (known: {known})" if known else "")

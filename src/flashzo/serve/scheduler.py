@@ -48,7 +48,7 @@ from flashzo.loop import BEST_DIR, CHECKPOINT_DIR, RunSchedule, batch_for_step, 
 from flashzo.run import RunOptions
 
 from . import jobs as J
-from .loader import Loader
+from .loader import Loader, reward_config
 from .results import CSV_COLUMNS, ResultFiles, write_csv, write_tar
 from .store import DiskFull, Store, is_disk_full, now
 
@@ -74,6 +74,9 @@ class RunningJob:
         tr = trainer
         self.key = (served.name, tr.config.eps, tr.adapter.structure(), tr.adapter.config.scaling, tr.config.sharing,
                     tr.config.batch_invariant)
+        self.rewarded = tr.config.reward is not None
+        if self.rewarded:  # a reward job decodes its copies in a step of its own (score_together scores losses)
+            self.key = ("reward", self.id)
 
     @property
     def step(self) -> int:
@@ -85,7 +88,16 @@ class RunningJob:
 
 
 def _sequence_tokens(examples) -> int:
-    return sum(len(toks) for ex in examples for toks, _ in ex.sequences())
+    return sum(len(ex.prompt) if not hasattr(ex, "sequences") else sum(len(toks) for toks, _ in ex.sequences())
+               for ex in examples)
+
+
+def _locked_decode(served):
+    """The served tokenizer's decode, under its lock (the HTTP threads share the tokenizer)."""
+    def decode(ids):
+        with served.tokenizer_lock:
+            return served.tokenizer.decode(ids)
+    return decode
 
 
 class Scheduler:
@@ -362,10 +374,16 @@ class Scheduler:
             job_dir = self.store.job_dir(job_id)
             ckpt = os.path.join(job_dir, CHECKPOINT_DIR)
             resumed = os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old")
+            reward = reward_config(served, opts)
+            decode = None
+            if reward is not None:
+                decode = _locked_decode(served)
             if resumed:
-                trainer = MeZOTrainer.resume(ckpt, served.model)
+                trainer = MeZOTrainer.resume(ckpt, served.model, decode=decode)
             else:
-                trainer = MeZOTrainer(served.model, opts.lora_config(), opts.mezo_config())
+                trainer = MeZOTrainer(served.model, opts.lora_config(), opts.mezo_config(stop_tokens=reward.stop_tokens
+                                                                                         if reward else ()),
+                                      decode=decode)
         except Exception as e:
             if not isinstance(e, InputError):
                 log.error("starting %s failed:\n%s", job_id, traceback.format_exc())
@@ -406,6 +424,9 @@ class Scheduler:
         return jobs[:self.max_jobs_per_forward]
 
     def _step_group(self, jobs: list[RunningJob]) -> None:
+        if jobs[0].rewarded:
+            self._step_reward(jobs[0])
+            return
         batches = [batch_for_step(j.train, j.opts.batch_size, j.step, j.trainer.config.seed) for j in jobs]
         t0 = time.perf_counter()
         try:
@@ -440,9 +461,27 @@ class Scheduler:
             except Exception as e:
                 self._fail(j, e)
 
+    def _step_reward(self, job: RunningJob) -> None:
+        """A reward job's step (trainer.step: its copies decoded in one batched decode) and its bookkeeping."""
+        batch = batch_for_step(job.train, job.opts.batch_size, job.step, job.trainer.config.seed)
+        t0 = time.perf_counter()
+        try:
+            res = job.trainer.step(batch)
+        except NonFiniteLossError as e:
+            self._fail(job, e, code="non_finite_loss")
+            return
+        except Exception as e:
+            self._fail(job, e)
+            return
+        self.metrics.step(job.served.name, 1, time.perf_counter() - t0, res.tokens, res.tokens)  # the decode's rows
+        try:
+            self._after_step(job, batch, res, None, None)
+        except Exception as e:
+            self._fail(job, e)
+
     def _after_step(self, job: RunningJob, batch, res, correct, n) -> None:
         """fit()'s bookkeeping after a step, as records: the metrics row, then what the schedule asks."""
-        acc = sum(correct) / (len(correct) * n) if batch[0].is_classification else None
+        acc = sum(correct) / (len(correct) * n) if correct is not None and batch[0].is_classification else None
         one = lambda xs: xs[0] if len(xs) == 1 else xs
         done = job.step
         row = {"step": done, "train_loss": res.loss, "train_accuracy": acc, "valid_loss": None,
@@ -468,8 +507,13 @@ class Scheduler:
         the stored row of the job's step; with keep_best, the best checkpoint."""
         res = job.trainer.evaluate(job.held_out, batch_size=job.opts.eval_batch_size)
         step = job.step
-        out = {"valid_loss": res["loss"], "valid_mean_token_accuracy": res.get("accuracy")}
-        msg = f"Step {step}: validation loss {res['loss']:.6g}"
+        if "reward" in res:  # a reward job: its loss is -reward, as its steps' train_loss
+            res = {k: v for k, v in res.items() if k != "generations"}
+            out = {"valid_loss": -res["reward"], "valid_mean_token_accuracy": None}
+            msg = f"Step {step}: validation mean reward {res['reward']:.6g}"
+        else:
+            out = {"valid_loss": res["loss"], "valid_mean_token_accuracy": res.get("accuracy")}
+            msg = f"Step {step}: validation loss {res['loss']:.6g}"
         if "accuracy" in res:
             msg += f", accuracy {res['accuracy']:.4g}"
         event = (msg, {"type": "metrics", "data": {"step": step, **out}})
