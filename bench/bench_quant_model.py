@@ -7,7 +7,7 @@ Models (every mode side by side in one run):
                  exactly (load_model(quantize=...): int8 holds Q4_1 as int8 g32 asym, int4 as int4 g32
                  asym; the Q8_0 embedding is int8 g32 in both); the three compute the same bits
   opt-1.3b,      the presets' shapes with random weights (normal(0, 0.02)): fp32 from_config, int8 and
-  llama-3.2-1b   int4 from_config(quantize=...): each weight drawn in fp32 and quantized at once
+  llama-3.2-1b   int4 from_config(quantize=...): each weight drawn in fp32 and quantized a block of rows at a time
 
 Each (model, mode) runs in a fresh process, one after the other (a process's freed memory would be
 another measurement's), with MALLOC_MMAP_THRESHOLD_=65536 as bench/bench_step.py. In it, after the

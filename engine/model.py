@@ -43,6 +43,7 @@ from .quantized import (
     QuantSpec,
     TokenEmbedding,
     WeightFormat,
+    copy_rows_,
     install_dense_,
     install_quantized_,
     quantized_weights,
@@ -55,6 +56,18 @@ HEAD_BLOCK = 2**20  # elements of the LM head's weight per GEMM (a quantized hea
 def head_rows(k: int) -> int:
     """Vocabulary rows per GEMM of an LM head over hidden size k (CausalLM.head): a multiple of 64."""
     return max(64, HEAD_BLOCK // max(k, 1) // 64 * 64)
+
+
+def _row_blocks(shape, device, gen):
+    """from_config's draws of one matrix, normal(0, 0.02) from `gen`, in blocks of rows of about
+    HEAD_BLOCK values: yields (first row, the block [rows, *shape[1:]])."""
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    step = max(1, HEAD_BLOCK // max(per_row, 1))
+    for r0 in range(0, shape[0], step):
+        rows = min(step, shape[0] - r0)
+        yield r0, torch.empty((rows, *shape[1:]), dtype=torch.float32, device=device).normal_(0.0, 0.02, generator=gen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,8 +314,8 @@ class CausalLM(nn.Module):
         matrix normal(0, 0.02) (Hugging Face's init), norms' weights 1, biases 0.
 
         quantize: None, "int8", "int4" or a QuantSpec (engine/quantized.py): every weight `quantizable`
-        lists is drawn in fp32 and quantized at once, one at a time (the fp32 model never exists; the
-        draws are the dense model's)."""
+        lists is drawn in fp32 and quantized a block of rows at a time (neither the fp32 model nor an
+        fp32 weight ever exists whole; the draws are the dense model's, drawn in the same blocks)."""
         if isinstance(config, str):
             config = cls.config_class.from_name(config)
         elif not isinstance(config, cls.config_class):
@@ -315,20 +328,24 @@ class CausalLM(nn.Module):
                  for p in m.parameters(recurse=False)}
         gen = torch.Generator(device=device).manual_seed(seed)
         for name, p in list(model.named_parameters()):
+            if name in formats:  # drawn and quantized a block of rows at a time: no fp32 copy of the weight
+                f = formats[name]
+                qw = f.empty(*p.shape, device=device)
+                for r0, block in _row_blocks(p.shape, device, gen):
+                    copy_rows_(qw, r0, quantize_weight(block, f.mode, f.group_size, symmetric=f.symmetric,
+                                                       scale_dtype=f.scale_dtype))
+                install_quantized_(model, name, qw, torch.float32)
+                continue
             t = torch.empty(p.shape, dtype=torch.float32, device=device)
             if id(p) in norms:
                 t.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 t.zero_()
-            else:
-                t.normal_(0.0, 0.02, generator=gen)
-            if name in formats:
-                f = formats[name]
-                qw = quantize_weight(t, f.mode, f.group_size, symmetric=f.symmetric, scale_dtype=f.scale_dtype)
-                install_quantized_(model, name, qw, torch.float32)
-            else:
-                module_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
+            else:  # the same blocks as a quantized weight's, so the two models' draws are one
+                for r0, block in _row_blocks(p.shape, device, gen):
+                    t[r0:r0 + block.shape[0]] = block
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
             del t
         model.quant_spec = spec
         if dtype is not None:

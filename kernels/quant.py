@@ -48,6 +48,7 @@ _DATA_DTYPE = {("int8", True): torch.int8, ("int8", False): torch.uint8, ("int4"
                ("int4", False): torch.uint8}
 _QRANGE = {("int8", True): (-128, 127), ("int8", False): (0, 255), ("int4", True): (-8, 7),
            ("int4", False): (0, 15)}
+_QUANT_BLOCK_ELEMENTS = 2**20  # quantize's rows per block: about this many values (4 MiB in fp32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,29 +208,44 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int | None = None, *, 
         raise InputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
     N, K = weight.shape
     group = check_format(mode, group_size, K, symmetric)
+    lo, hi = _QRANGE[(mode, symmetric)]
+    int4 = mode == "int4"
+    data = torch.empty((N, K // 2 if int4 else K), dtype=_DATA_DTYPE[(mode, symmetric)], device=weight.device)
+    groups = (N, K // group if K else 0)
+    stored = torch.empty(groups, dtype=scale_dtype, device=weight.device)
+    mins = None if symmetric else torch.empty(groups, dtype=scale_dtype, device=weight.device)
+    # rows in blocks: every value depends on its own group only, so the blocks give the whole matrix's
+    # bits, and the fp32 temporaries are a block's, not four copies of a 1 GiB embedding
+    step = max(1, _QUANT_BLOCK_ELEMENTS // max(K, 1))
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        _quantize_rows(weight[r0:r1], group, symmetric, lo, hi, int4, data[r0:r1], stored[r0:r1],
+                       None if mins is None else mins[r0:r1])
+    return QuantizedWeight((N, K), mode, group, symmetric, data, stored, mins)
+
+
+def _quantize_rows(weight, group, symmetric, lo, hi, int4, data, stored, mins) -> None:
+    """quantize's rows [n, K] into their slices of data, stored (the scales) and mins."""
     if not torch.isfinite(weight).all():
         raise InputError("weight has non-finite values: it cannot be quantized")
-    lo, hi = _QRANGE[(mode, symmetric)]
-    w = weight.float().reshape(N, K // group if K else 0, group)  # [N, G, group]
+    n, K = weight.shape
+    w = weight.float().reshape(n, K // group if K else 0, group)  # [n, G, group]
     if symmetric:
-        scale = w.abs().amax(-1) / hi if K else w.new_zeros(N, 0)  # [N, G]
-        mins = None
+        scale = w.abs().amax(-1) / hi if K else w.new_zeros(n, 0)  # [n, G]
     else:
-        wmin = w.amin(-1) if K else w.new_zeros(N, 0)
-        wmax = w.amax(-1) if K else w.new_zeros(N, 0)
+        wmin = w.amin(-1) if K else w.new_zeros(n, 0)
+        wmax = w.amax(-1) if K else w.new_zeros(n, 0)
         scale = (wmax - wmin) / (hi - lo)
-        mins = wmin.to(scale_dtype)
-    stored = scale.to(scale_dtype)
+        mins.copy_(wmin)
+    stored.copy_(scale)
     if not torch.isfinite(stored).all():
-        raise InputError(f"weight's values are too large for {scale_dtype} scales; quantize with "
+        raise InputError(f"weight's values are too large for {stored.dtype} scales; quantize with "
                          "scale_dtype=torch.float32")
     s = stored.float()[..., None]
     safe = torch.where(s == 0, torch.ones_like(s), s)
     shifted = w if symmetric else w - mins.float()[..., None]
-    q = torch.round(shifted / safe).clamp_(lo, hi).reshape(N, K)
-    data = q.to(torch.int8 if (mode, symmetric) == ("int8", True) else torch.uint8) if mode == "int8" \
-        else pack_int4((q - lo).to(torch.uint8))
-    return QuantizedWeight((N, K), mode, group, symmetric, data, stored, mins)
+    q = torch.round(shifted / safe).clamp_(lo, hi).reshape(n, K)
+    data.copy_(pack_int4((q - lo).to(torch.uint8)) if int4 else q.to(data.dtype))
 
 
 def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:

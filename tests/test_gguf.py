@@ -226,6 +226,35 @@ def test_quantized_tensors_are_repacked_into_the_weights_gguf_dequantizes_to(tmp
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("qname", ["F32", "Q4_1"])
+def test_the_metadata_is_freed_before_any_tensor_is_read(tmp_path, monkeypatch, qname):
+    """The reader's metadata fields (a real file's tokenizer: one numpy view per string, 75 MiB for
+    SmolLM2-135M) are dropped once the config is read, so they never sit beside the weights being
+    loaded, dense or quantized; what was read from them before still holds (an F32 file loads into
+    transformers' model: the config and the q/k row permutation, which the architecture decides)."""
+    from flashzo.engine import gguf as gguf_module
+
+    hf = hf_llama(seed=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96)
+    file = write_gguf(hf, tmp_path / "m.gguf", qtype=lambda key, a: Q[qname])
+    fields_seen = []
+    real = gguf_module._release
+
+    def record(reader, tensor):
+        fields_seen.append(len(reader.fields))
+        real(reader, tensor)
+
+    monkeypatch.setattr(gguf_module, "_release", record)
+    for mode in (None, "int4"):
+        fields_seen.clear()
+        load_model(file, quantize=mode)
+        assert fields_seen and set(fields_seen) == {0}, (mode, fields_seen)
+    if qname == "F32":
+        seqs = [[3, 17, 5, 60, 2, 9], [8, 1]]
+        for a, b in zip(load_model(file).token_logprobs(seqs), _logprobs(hf, seqs), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
 def test_a_weight_whose_tensors_cannot_share_one_exact_format_is_refused_before_any_is_read(tmp_path, monkeypatch):
     """Q4_K_M files store attn_v in Q6_K: v (int8 g16 sym) cannot join q and k (Q4_K: g32 asym) in one
     stacked weight exactly, in int4 or int8."""

@@ -4,6 +4,11 @@ quantize's rounding, the torch path against the dequantize-then-F.linear referen
 the batch-invariant mode, the scratch buffer, and every refusal of bad input.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +112,65 @@ def test_quantize_rounds_to_nearest_with_the_standard_scale(fmt):
     lo, hi = (-QMAX[mode] - 1, QMAX[mode]) if sym else (0, 2**bits - 1)
     assert q.min() >= lo and q.max() <= hi
     assert q.max() == hi  # the range is used: some value reaches the top
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_name)
+def test_quantize_in_row_blocks_is_the_whole_matrix_bit_for_bit(fmt, monkeypatch):
+    """quantize works a block of rows at a time (its fp32 temporaries are a block's): 4 rows per block,
+    37 rows (a partial last block), the same bits as one block; a non-finite value in a later block
+    is still refused."""
+    mode, group, sym, sd = fmt
+    N, K = 37, _k_for(fmt)
+    w = _weight(N, K, seed=3)
+    whole = quantize(w, mode, group, symmetric=sym, scale_dtype=sd)
+    seen = []
+    real = quant._quantize_rows
+
+    def record(rows, *a):
+        seen.append(rows.shape[0])
+        return real(rows, *a)
+
+    monkeypatch.setattr(quant, "_QUANT_BLOCK_ELEMENTS", 4 * K)
+    monkeypatch.setattr(quant, "_quantize_rows", record)
+    blocked = quantize(w, mode, group, symmetric=sym, scale_dtype=sd)
+    assert seen == [4] * 9 + [1]
+    for name in ("data", "scales", "mins"):
+        a, b = getattr(whole, name), getattr(blocked, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    w[35, 1] = float("inf")
+    with pytest.raises(InputError, match="non-finite"):
+        quantize(w, mode, group, symmetric=sym, scale_dtype=sd)
+
+
+QUANTIZE_MEMORY = r"""
+import json, sys
+import torch
+from flashzo.kernels import quantize
+torch.set_num_threads(1)
+
+def kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+w = torch.randn(8192, 4096, generator=torch.Generator().manual_seed(0))  # 128 MiB in fp32
+quantize(w[:64], "int4", 32, symmetric=False)  # the libraries' one-time set-up, before the measure
+before = kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident set
+qw = quantize(w, "int4", 32, symmetric=False)
+print(json.dumps({"growth": (kib("VmHWM") - before) * 1024, "weight": w.numel() * 4, "out": qw.nbytes}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_quantize_never_holds_a_float_copy_of_the_matrix():
+    """Peak memory of quantize (the process's resident set, above what it was before the call): the
+    quantized weight plus a block's temporaries, under a quarter of the fp32 matrix (whole-matrix
+    temporaries, the fp32 w - min, its quotient, its rounding, are a matrix each)."""
+    out = subprocess.run([sys.executable, "-c", QUANTIZE_MEMORY], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    m = json.loads(out.stdout)
+    assert m["growth"] <= m["out"] + m["weight"] / 4, m
 
 
 def test_int4_layout_and_pack_unpack():

@@ -11,7 +11,7 @@ of one layer, the logits of the scored tokens and, for a quantized model, one de
 from __future__ import annotations
 
 # mode -> bytes per parameter of llama-3.2-1b's weights (bench/results/quant_model_cpu.md, "bytes/param")
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0011, "int4": 0.6252}
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0010, "int4": 0.6252}
 MODES = {"fp32": "--dtype float32", "bf16": "--dtype bfloat16", "int8": "--quantize int8",
          "int4": "--quantize int4"}
 SIZES = (("135M", 135e6), ("360M", 360e6), ("1B", 1.0e9), ("1.3B", 1.3e9), ("3B", 3.0e9), ("7B", 7.0e9),
