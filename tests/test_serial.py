@@ -20,9 +20,18 @@ def threads(request):
 
 
 def test_every_item_once_each_on_one_thread_in_parallel(threads):
-    seen, lock = [], threading.Lock()
+    # The shares run at the same time: the first piece each thread runs waits until min(threads, 23)
+    # threads are inside one (a run that ran two shares one after the other on one thread would time
+    # out here instead of depending on which thread happened to be free first).
+    seen, lock, entered = [], threading.Lock(), set()
+    barrier = threading.Barrier(min(threads, 23), timeout=60)
 
     def piece(i):
+        with lock:
+            first = threading.get_ident() not in entered
+            entered.add(threading.get_ident())
+        if first:
+            barrier.wait()
         x = torch.randn(300, 300) @ torch.randn(300, 300)  # intra-op work inside the piece
         with lock:
             seen.append((i, torch.get_num_threads(), threading.get_ident(), x.shape))
