@@ -699,12 +699,19 @@ def test_train_on_a_quantized_base_records_it_resumes_it_and_merges_only_dequant
     assert main(["train", "--steps", "3", "--resume", *common]) == 0
     after = json.loads((out / "metrics.json").read_text())["eval_after"]
     capsys.readouterr()
-    # eval on the quantized base gives the run's numbers; on the dense base others
+    # eval on the quantized base gives the run's numbers, the recorded quantization by default; another
+    # quantization is refused in one line
     evals = {}
-    for name, extra in (("quantized", ["--quantize", "int4"]), ("dense", [])):
+    for name, extra in (("quantized", ["--quantize", "int4"]), ("recorded", [])):
         assert main(["eval", "--model", checkpoint, "--adapter", str(out / "adapter"), "--data", ids, *extra]) == 0
-        evals[name] = json.loads(capsys.readouterr().out)["loss"]
-    assert evals["quantized"] == pytest.approx(after["loss"], abs=1e-6) and evals["dense"] != evals["quantized"]
+        captured = capsys.readouterr()
+        evals[name] = json.loads(captured.out)["loss"]
+        assert ("the base held as int4-g32-asym" in captured.err) == (name == "recorded"), captured.err
+    assert evals["quantized"] == pytest.approx(after["loss"], abs=1e-6) and evals["recorded"] == evals["quantized"]
+    assert main(["eval", "--model", checkpoint, "--adapter", str(out / "adapter"), "--data", ids, "--quantize",
+                 "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained on a base quantized as int4-g32-asym" in err, err
     # merge: refused without --dequantize; with it, the dense model of the weights the adapter was trained on
     merged = tmp_path / "merged"
     assert main(["merge", "--model", checkpoint, "--adapter", str(out / "adapter"), "--out", str(merged)]) == 2

@@ -177,7 +177,9 @@ def _bad(tmp_path, name, recs):
     ([{"prompt": "the movie", "answer": "great"}], ["--reward", "reward_funcs:MARKER"],
      "--reward 'reward_funcs:MARKER' is a int, not a callable"),
     ([{"prompt": "the movie", "answer": "great"}], ["--reward", "reward_funcs:always_text"],
-     "reward reward_funcs:always_text, called on batch[0] with its reference as the completion: "),
+     "reward reward_funcs:always_text, called on {data}:1 with its reference as the completion: "),
+    ([{"prompt": "the movie", "answer": "great"}] * 3, ["--max-tokens", "64"],
+     "max_tokens 64 leaves no room for a prompt in the model's 64"),
     ([{"prompt": "the movie", "answer": "great"}], ["--reward", "nope"],
      "--reward 'nope' is neither a built-in"),
 ])
@@ -193,7 +195,7 @@ def test_bad_reward_input_is_one_line(checkpoint, tmp_path, lines, flags, needle
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle.format(data=data) in err, err
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run's folder is made: a rerun is not blocked
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -217,3 +219,37 @@ def test_reward_flags_are_checked_before_loading(tmp_path, capsys, monkeypatch, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_reward_module_beside_the_user_imports_as_the_installed_command_runs(checkpoint, tmp_path):
+    """The installed `flashzo` script starts with its bin/ folder on sys.path, not the current directory:
+    flashzo.cli.main then still imports `--reward mymodule:fn` from the current directory."""
+    (tmp_path / "beside_me.py").write_text("def one(prompt, completion, answer):\n    return 1.0\n")
+    data = reward_data(tmp_path)
+    script = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.', sys.argv[1])]; "
+              "from flashzo.cli import main; sys.exit(main(sys.argv[2:]))")
+    argv = ["train", "--model", checkpoint, "--train", data, "--out", str(tmp_path / "run"), "--objective", "reward",
+            "--reward", "beside_me:one", "--steps", "1", "--batch-size", "2", "--num-perturbations", "1",
+            "--max-tokens", "2", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), *argv], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in log] == [1.0]
+
+
+def test_a_run_whose_every_step_was_skipped_fails_and_says_why(checkpoint, tmp_path, monkeypatch, capsys):
+    """A reward that fails on every generation (but not on the reference): each step is skipped and its
+    log line names the failed calls; the run ends with an error, exit 1."""
+    monkeypatch.syspath_prepend(TESTS)
+    data = reward_data(tmp_path)
+    out = tmp_path / "run"
+    assert train(checkpoint, out, data, "--reward", "reward_funcs:raise_unless_reference", "--steps", "2") == 1
+    captured = capsys.readouterr()
+    assert "flashzo train: error: every step skipped (a reward call failed" in captured.err, captured.err
+    assert json.loads(captured.out[captured.out.index("\n{") + 1:])["nonfinite_steps"] == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in log] == [True, True]
+    assert all(r["reward_problems"] and "raised: ValueError: not the reference" in r["reward_problems"][0]
+               for r in log), log

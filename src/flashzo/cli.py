@@ -693,6 +693,12 @@ def _train(args, plan: _TrainPlan, device) -> int:
         if trainer.config != mezo or trainer.adapter.config != opts.lora_config():
             raise InputError(f"{plan.checkpoint}: its mezo_config or lora_config disagrees with its run_info.options "
                              "(edited?)")
+    if trainer.scorer is not None:  # a reward that fails on the first line is refused before the run is written
+        try:
+            trainer.scorer.probe(train.examples[0], f"{plan.train}:{train.lines[0]}")
+        except BaseException:
+            trainer.close()
+            raise
     trainer.adapter.base_model_name_or_path = os.path.abspath(plan.model)
     model_info = {"path": os.path.abspath(plan.model), "fingerprint": model_fingerprint(plan.model)}
     record = RunRecord("train", opts, model_info, str(model.dtype).replace("torch.", ""),
@@ -730,15 +736,42 @@ def _train(args, plan: _TrainPlan, device) -> int:
                   for d in sorted(getattr(args, "given", ())) if d in ("threads", "device", "no_progress")]
         print(f"resume with: flashzo train --out {shlex.quote(out)} --resume{''.join(' ' + f for f in launch)}")
         return 128 + res["signal"]
-    keys = ("steps_run", "step", "seconds", "steps_per_second", "eval_before", "eval_after", "best", "world_size",
-            "parallel", "traffic")
+    keys = ("steps_run", "step", "seconds", "steps_per_second", "nonfinite_steps", "eval_before", "eval_after", "best",
+            "world_size", "parallel", "traffic")
     print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
+    skipped, ran = res.get("nonfinite_steps", 0), res.get("steps_run", 0)
+    if skipped:
+        what = "a reward call failed or its update was not finite" if opts.objective == "reward" else \
+            "the loss or the update was not finite"
+        print(f"flashzo train: {'error: every step' if skipped >= ran else f'warning: {skipped} of {ran} steps'} "
+              f"skipped ({what}; log.jsonl names each step's problems)", file=sys.stderr)
+        if skipped >= ran:
+            return 1
     return 0
 
 
 # --------------------------------------------------------------------------------------------------
 # eval and merge
 # --------------------------------------------------------------------------------------------------
+
+def _eval_quantization(args, quantize):
+    """The base's quantization for eval: the one the adapter was trained on (adapter_config.json) unless
+    --quantize names it; another one is refused (the adapter would be scored on a base it never saw)."""
+    from flashzo.merge import quantized_base
+
+    if not args.adapter or not os.path.isdir(args.adapter):
+        return quantize
+    _, recorded = quantized_base(args.model, args.adapter)
+    if recorded is None:
+        return quantize
+    if quantize is None:
+        print(f"flashzo eval: the base held as {recorded.name}, as {args.adapter} was trained on it", file=sys.stderr)
+        return recorded
+    if quantize.name != recorded.name:
+        raise InputError(f"--quantize {args.quantize}: {args.adapter} was trained on a base quantized as "
+                         f"{recorded.name} (leave --quantize out to use it)")
+    return quantize
+
 
 def cmd_eval(args) -> int:
     from flashzo.data import read_dataset
@@ -762,6 +795,7 @@ def cmd_eval(args) -> int:
         if os.path.lexists(args.predictions) and not args.overwrite:
             raise InputError(f"--predictions {args.predictions} exists: --overwrite replaces it, or choose another "
                              "file")
+    quantize = _eval_quantization(args, quantize)
     with _threads(args.threads), batch_invariant_mode(args.batch_invariant):
         model, tok = _load(args.model, DTYPES[args.dtype] if args.dtype else None, device, quantize)
         adapter = LoRAAdapter.from_pretrained(args.adapter, model.config, device=model.device) if args.adapter \

@@ -14,7 +14,7 @@ import time
 
 from flashzo.errors import InputError
 
-REWARD_HELP = ("the reward of --objective reward: exact_match, f1 (SQuAD's), label_word (the completion starts "
+REWARD_HELP = ("the reward (train: with --objective reward): exact_match, f1 (SQuAD's), label_word (the completion starts "
                "with the answer's words), numeric (its last number equals the answer), or module:function (a "
                "callable (prompt, completion, answer) -> float, imported from the current directory or "
                "PYTHONPATH; it runs in a worker process, stopped after --reward-time-limit seconds a call)")
@@ -86,6 +86,14 @@ def demo_reward(args, device, out) -> int:
     return _demo_done(res, args, out, t0)
 
 
+def importable_here() -> None:
+    """The current directory on sys.path, as `python -m flashzo` has it: `--reward mymodule:fn` imports a
+    module beside the user from the installed `flashzo` command too (whose sys.path starts at its bin/)."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def check_reward_options(options) -> None:
     """A reward run's checks before loading: its reward imports and is callable; no --template."""
     from flashzo.engine.reward_calls import resolve_reward
@@ -95,6 +103,7 @@ def check_reward_options(options) -> None:
     if options.template is not None:
         raise InputError(f"--template {options.template} makes classification records; a reward run reads "
                          "{\"prompt\", \"answer\"} lines")
+    importable_here()
     try:
         resolve_reward(options.reward)
     except InputError as e:
@@ -126,6 +135,7 @@ def eval_reward_config(args):
     if args.template is not None:
         raise InputError(f"--template {args.template} makes classification records; --reward reads "
                          "{\"prompt\", \"answer\"} lines")
+    importable_here()
     try:
         config = RewardConfig(args.reward, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               time_limit_s=args.reward_time_limit)

@@ -60,6 +60,7 @@ LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "curve.png"
 RUN_FILES = (LOG_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR, ADAPTER_DIR, CURVE_FILE)
+MAX_LOGGED_PROBLEMS = 3  # a skipped reward step's log line names its first failed reward calls
 REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the run it replaces until the new one is saved
 # What a run writes inside its folders (a checkpoint: the adapter, its state; the adapter's temporary files)
 _RUN_DIR_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, f".{ADAPTER_WEIGHTS}.tmp", f".{ADAPTER_CONFIG}.tmp"}
@@ -480,6 +481,9 @@ class _StepLog:
         if res.reward is not None or res.rewards_plus:  # a reward run
             rec.update(reward=res.reward, rewards_plus=res.rewards_plus, rewards_minus=res.rewards_minus,
                        signal=res.signal, generated=res.generated)
+            if res.reward_problems:
+                rec["reward_problems"] = [f"example {p.example}, copy {p.copy}: {p.kind}: {p.detail}"
+                                          for p in res.reward_problems[:MAX_LOGGED_PROBLEMS]]
         with writing(self.path):  # a line cut short by a full disk is dropped on resume, as after a kill
             self._f.write(json.dumps(_finite(rec)) + "\n")
             self._f.flush()
