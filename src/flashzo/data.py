@@ -327,7 +327,8 @@ def read_dataset(path: str, tokenizer=None, *, template: str | None = None, limi
     if not os.path.isfile(path):
         raise InputError(f"{path}: not a file")
     if reward is not None and limits is not None and reward.max_tokens >= limits.max_positions:
-        raise InputError(f"max_tokens {reward.max_tokens} leaves no room for a prompt in the model's {limits.positions}")
+        raise InputError(f"max_tokens {reward.max_tokens} leaves no room for a prompt in the model's "
+                         f"{limits.positions}")
     problems: list[tuple[int, str]] = []
     examples, lines, kinds = [], [], {}
     total = 0
