@@ -16,8 +16,9 @@ from flashzo.errors import InputError
 
 REWARD_HELP = ("the reward (train: with --objective reward): exact_match, f1 (SQuAD's), label_word (the "
                "completion starts with the answer's words), numeric (its last number equals the answer), or "
-               "module:function (a callable (prompt, completion, answer) -> float, imported from the current directory or "
-               "PYTHONPATH; it runs in a worker process, stopped after --reward-time-limit seconds a call)")
+               "module:function (a callable (prompt, completion, answer) -> float, imported from the current "
+               "directory or PYTHONPATH; it runs in a worker process, stopped after --reward-time-limit seconds "
+               "a call)")
 
 
 def reward_flags(p: argparse.ArgumentParser, *, training: bool = True) -> None:
