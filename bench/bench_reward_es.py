@@ -73,8 +73,10 @@ class _IdText:
 
 
 def smoke_task(model, n: int, seed: int) -> tuple[list, list, flashzo.RewardConfig, flashzo.LoRAConfig]:
-    """(train, held-out, reward, LoRA) of random prompts whose reference is the untrained model's first
-    greedy token for half of them (a reward of about 0.5 at the start, which perturbations move)."""
+    """(train, held-out, reward, LoRA on q_proj, v_proj of the top 4 layers) of n random prompts whose
+    reference is the untrained model's first greedy token for half of them (a reward of about 0.5 at
+    the start, which perturbations move): the smoke mode's task, and the timings' where the real model
+    is not installed."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prefix = torch.randint(2, vocab, (12,), generator=g).tolist()
@@ -85,7 +87,7 @@ def smoke_task(model, n: int, seed: int) -> tuple[list, list, flashzo.RewardConf
     reward = flashzo.RewardConfig("label_word", estimator="es", shaping="zscore", max_tokens=3,
                                   stop_tokens=[_IdText.eos_token_id])
     L = model.config.num_hidden_layers
-    lora = flashzo.LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"), layers=tuple(range(L)))
+    lora = flashzo.LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"), layers=tuple(range(max(0, L - 4), L)))
     return exs[: n // 2], exs[n // 2:], reward, lora
 
 
@@ -236,12 +238,23 @@ def main(argv=None) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.smoke:
-        model = flashzo.LlamaModel.from_config("llama-tiny", seed=0).to(device)
-        tokenizer, source, task = _IdText(), "llama-tiny (random weights)", "label_word reward, random prompts"
-        args.steps, args.prompts, args.q, args.eval_every, args.decode_reps = 2, 4, 2, 1, 1
-        args.lr, args.eps = args.lr or 5e-2, 0.02  # the tiny model's logits are nearly flat: a small eps flips tokens
-        train, held, reward_cfg, lora = smoke_task(model, 16, args.seed)
+    from flashzo.real import real_model_problem
+
+    problem = None if args.smoke else real_model_problem()
+    if args.smoke or problem is not None:
+        preset = "llama-tiny" if args.smoke else "smollm2-135m"
+        if problem is not None:
+            print(f"{problem}: random {preset} weights and prompts instead (the timings hold, the rewards mean "
+                  "nothing)", flush=True)
+        model = flashzo.LlamaModel.from_config(preset, seed=0).to(device)
+        tokenizer, source, task = _IdText(), f"{preset} (random weights)", "label_word reward, random prompts"
+        if args.smoke:
+            args.steps, args.prompts, args.q, args.eval_every, args.decode_reps = 2, 4, 2, 1, 1
+        # random weights (init std 0.02) give nearly flat logits: a small eps flips tokens
+        args.lr, args.eps, args.q = args.lr or 5e-2, args.eps or 0.02, args.q or 4
+        train, held, reward_cfg, lora = smoke_task(model, 16 if args.smoke else 2 * max(args.prompts, args.held_out),
+                                                   args.seed)
+        held = held[:args.held_out]
     else:
         from flashzo.engine.gguf import gguf_tokenizer
         from flashzo.real import reward_task, smollm2_path
