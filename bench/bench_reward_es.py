@@ -215,6 +215,31 @@ def decode_rows(model, trainer, pm, batch, pad, args) -> list[dict]:
     return rows
 
 
+def step_timing(model, tokenizer, train, reward_cfg, lora, args) -> list[dict]:
+    """Seconds of one whole step of each side on the same batch (the first step's prompts), in
+    interleaved rounds (flashzo's step, the baseline's, the order rotating): both sides see the same
+    load, which the training loop's steps, minutes apart, do not."""
+    cfg = flashzo.MeZOConfig(lr=args.lr, eps=args.eps, num_perturbations=args.q, seed=args.seed, reward=reward_cfg)
+    trainer = flashzo.MeZOTrainer(model, lora, cfg, decode=tokenizer.decode)
+    pm = hf_from_flashzo(model, trainer.adapter, dtype=torch.float32, device=model.device, share_weights=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = list(reward_cfg.stop_tokens)
+    baseline = ESAtScale(pm, population=2 * args.q, sigma=args.eps, alpha=args.lr, seed=args.seed,
+                         generate=lambda prompts: hf_generate(pm, prompts, max_tokens=reward_cfg.max_tokens,
+                                                              stop_tokens=stops, pad_token_id=pad))
+    batch = batch_for_step(train, args.prompts, 0, args.seed)
+    score = baseline_reward(tokenizer, batch, set(stops), reward_cfg.reward)
+    prompts = [ex.prompt for ex in batch]
+    fns = {"flashzo": lambda: trainer.step(batch), "baseline": lambda: baseline.step(prompts, score)}
+    times = harness.time_interleaved(fns, warmup=1, reps=args.step_rounds)
+    rows = [dict(kind="step_timing", side=side, prompts=len(batch), population=2 * args.q, rounds=args.step_rounds,
+                 **harness.timing_fields(ms), all_ms=[round(x, 1) for x in ms]) for side, ms in times.items()]
+    for r in rows:
+        r["baseline_over_flashzo"] = rows[1]["p50_ms"] / rows[0]["p50_ms"]
+    print(" ".join(f"{r['side']} {r['p50_ms'] / 1e3:.2f} s" for r in rows), flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point and report
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +255,8 @@ def main(argv=None) -> list[str]:
     ap.add_argument("--held-out", type=int, default=64, help="held-out words (a seeded sample of the held-out split)")
     ap.add_argument("--eval-every", type=int, default=6, help="held-out evaluation every N steps")
     ap.add_argument("--decode-reps", type=int, default=2, help="timed rounds of the decode comparison")
+    ap.add_argument("--step-rounds", type=int, default=0,
+                    help="instead of training: time one step of each side in this many interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="adapter init, perturbations, data order")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, two steps: checks the plumbing")
@@ -268,12 +295,20 @@ def main(argv=None) -> list[str]:
         held = random.Random(1).sample(t.held_out, min(args.held_out, len(t.held_out)))
         args.lr, args.eps, args.q = args.lr or t.lr, args.eps or t.eps, args.q or t.num_perturbations
     lora = dataclasses.replace(lora, seed=args.seed)
+    command = "python bench/bench_reward_es.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.step_rounds:
+        rows = step_timing(model, tokenizer, train, reward_cfg, lora, args)
+        meta = harness.run_meta("reward_es_steps", device, model=source, dtype=str(model.dtype), task=task,
+                                prompts=args.prompts, population=2 * args.q, lr=args.lr, eps=args.eps,
+                                max_tokens=reward_cfg.max_tokens, command=command)
+        meta["load_average_end"] = harness.load_average()
+        stem = "reward_es_steps_smoke" if args.smoke else f"reward_es_steps_{harness.device_tag(meta)}"
+        return harness.write_results(os.path.join(args.out_dir, stem), {"meta": meta, "rows": rows},
+                                     markdown=markdown_steps, plot=plot_steps, echo=True)
     rows, extra = run(model, tokenizer, train, held, reward_cfg, lora, args)
     meta = harness.run_meta("reward_es", device, model=source, dtype=str(model.dtype), task=task,
                             steps=args.steps, prompts=args.prompts, population=2 * args.q, lr=args.lr, eps=args.eps,
-                            seed=args.seed, decode_reps=args.decode_reps,
-                            command="python bench/bench_reward_es.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                  else argv), **extra)
+                            seed=args.seed, decode_reps=args.decode_reps, command=command, **extra)
     meta["load_average_end"] = harness.load_average()
     stem = "reward_es_smoke" if args.smoke else f"reward_es_{harness.device_tag(meta)}"
     return harness.write_results(os.path.join(args.out_dir, stem), {"meta": meta, "rows": rows}, markdown=markdown,
@@ -334,6 +369,40 @@ def markdown(results: dict) -> str:
               f"{m['transformers']}, peft {m['peft']}; load average {m['load_average']} at the start, "
               f"{m.get('load_average_end')} at the end ({m.get('cores', '?')} cores, {m['threads']} threads)."]
     return "\n".join(lines) + "\n"
+
+
+def markdown_steps(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"# One reward step: flashzo ES vs ES at Scale on transformers + PEFT ({m['device']})", "",
+             f"{m['model']}, {m['dtype']}; {m['task']}; {m['prompts']} prompts x population {m['population']}, "
+             f"up to {m['max_tokens']} tokens, eps = sigma = {m['eps']:g}. One whole step of each side (decode, "
+             "rewards, update) on the same batch, in interleaved rounds after one untimed round.", "",
+             "| side | s per step p50 [p20, p80] | every round (s) | baseline / flashzo |", "|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['side']} | {r['p50_ms'] / 1e3:.2f} [{r['p20_ms'] / 1e3:.2f}, {r['p80_ms'] / 1e3:.2f}] | "
+                     f"{', '.join(f'{x / 1e3:.2f}' for x in r['all_ms'])} | {r['baseline_over_flashzo']:.2f}x |")
+    lines += ["", f"`{m['command']}`; commit {m['commit']}, {m['date']}; torch {m['torch']}, transformers "
+              f"{m['transformers']}, peft {m['peft']}; load average {m['load_average']} at the start, "
+              f"{m.get('load_average_end')} at the end ({m.get('cores', '?')} cores, {m['threads']} threads)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, r in enumerate(results["rows"]):
+        ax.scatter([i] * len(r["all_ms"]), [x / 1e3 for x in r["all_ms"]], color="tab:blue" if i == 0 else "tab:gray")
+        ax.bar(i, r["p50_ms"] / 1e3, alpha=0.3, color="tab:blue" if i == 0 else "tab:gray")
+    ax.set_xticks(range(len(results["rows"])), [r["side"] for r in results["rows"]])
+    ax.set_ylabel("s per step (bars: p50; dots: rounds)")
+    ax.set_title(f"{results['meta']['device']}, commit {results['meta']['commit']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: dict, path: str) -> None:
