@@ -262,6 +262,7 @@ def main(argv=None) -> list[str]:
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, two steps: checks the plumbing")
     ap.add_argument("--out-dir", default=harness.RESULTS, help="where the results go")
     args = ap.parse_args(argv)
+    load0 = harness.load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,7 +302,7 @@ def main(argv=None) -> list[str]:
         meta = harness.run_meta("reward_es_steps", device, model=source, dtype=str(model.dtype), task=task,
                                 prompts=args.prompts, population=2 * args.q, lr=args.lr, eps=args.eps,
                                 max_tokens=reward_cfg.max_tokens, command=command)
-        meta["load_average_end"] = harness.load_average()
+        meta["load_average"], meta["load_average_end"] = load0, harness.load_average()
         stem = "reward_es_steps_smoke" if args.smoke else f"reward_es_steps_{harness.device_tag(meta)}"
         return harness.write_results(os.path.join(args.out_dir, stem), {"meta": meta, "rows": rows},
                                      markdown=markdown_steps, plot=plot_steps, echo=True)
@@ -309,7 +310,7 @@ def main(argv=None) -> list[str]:
     meta = harness.run_meta("reward_es", device, model=source, dtype=str(model.dtype), task=task,
                             steps=args.steps, prompts=args.prompts, population=2 * args.q, lr=args.lr, eps=args.eps,
                             seed=args.seed, decode_reps=args.decode_reps, command=command, **extra)
-    meta["load_average_end"] = harness.load_average()
+    meta["load_average"], meta["load_average_end"] = load0, harness.load_average()
     stem = "reward_es_smoke" if args.smoke else f"reward_es_{harness.device_tag(meta)}"
     return harness.write_results(os.path.join(args.out_dir, stem), {"meta": meta, "rows": rows}, markdown=markdown,
                                  plot=plot, echo=True)
