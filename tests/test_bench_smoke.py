@@ -87,3 +87,46 @@ def test_reward_decode_benchmark_smoke(tmp_path):
 def test_reward_calls_benchmark_smoke(tmp_path):
     out = run("bench_reward_calls.py", "--smoke", "--out-dir", str(tmp_path))
     assert "reward_calls_smoke.json" in os.listdir(tmp_path) and "worker us/call" in out
+
+
+def test_reward_es_benchmark_smoke(tmp_path):
+    import json
+
+    out = run("bench_reward_es.py", "--smoke", "--out-dir", str(tmp_path))
+    assert {"reward_es_smoke.json", "reward_es_smoke.md", "reward_es_smoke.png"} <= set(os.listdir(tmp_path))
+    rows = json.loads((tmp_path / "reward_es_smoke.json").read_text())["rows"]
+    curve = {(r["side"], r["step"]) for r in rows if r["kind"] == "curve"}
+    assert curve == {(side, t) for side in ("flashzo", "baseline") for t in (0, 1, 2)}  # both sides, every step
+    summary = {r["side"]: r for r in rows if r["kind"] == "summary"}
+    assert summary["flashzo"]["before"] == summary["baseline"]["before"]  # one start
+    assert summary["flashzo"]["adapter_change"] > 0 and summary["baseline"]["adapter_change"] > 0  # both updated
+    assert [r["variant"] for r in rows if r["kind"] == "decode"] == ["plain", "perturbed", "transformers"]
+    assert "vs flashzo plain" in out
+
+
+def test_es_at_scale_baseline_update_is_the_z_scored_sum_of_its_members_noise():
+    """bench/es_baseline.py: members restored after scoring, then theta += alpha / N sum_n R_hat_n eps_n with
+    R_hat the z-scores of engine/estimators.py (up to ES at Scale's 1e-8 in the denominator)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from es_baseline import ESAtScale
+
+    from flashzo.engine.estimators import zscore
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def gen(prompts):  # a member's "generation": the sum of its perturbed weights, one per prompt
+        seen.append(sum(float(p.sum()) for p in model.parameters()))
+        return [[len(seen)] for _ in prompts]
+
+    es = ESAtScale(model, population=6, sigma=0.1, alpha=0.3, seed=4, generate=gen)
+    out = es.step([[1], [2]], lambda p, tokens: float(tokens[0] % 3) + p)  # member n's reward: n % 3 + mean p
+    assert len(set(seen)) == 6  # every member saw its own perturbed weights
+    f = zscore([sum(row) / len(row) for row in out["rewards"]])
+    for i, (p, p0) in enumerate(zip(model.parameters(), theta0)):
+        expect = p0 + 0.3 / 6 * sum(w * es.noise(s, i, p) for s, w in zip(out["seeds"], f))
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-PARTS = ["env", "install", "pytest_gpu", "kernels", "attention", "quant", "step"]
+PARTS = ["env", "install", "pytest_gpu", "kernels", "attention", "quant", "step", "reward_es", "reward_decode"]
 
 
 def _run(out, **env):
