@@ -1,6 +1,7 @@
 """Shared test set-up: Triton runs in its interpreter when there is no GPU; the families' random models."""
 
 import os
+import signal
 import sys
 
 import torch
@@ -15,6 +16,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 import pytest  # noqa: E402
+
+# The tests that interrupt a run send it SIGINT. A shell starts a background job (`pytest &`, a CI
+# script's) with SIGINT ignored, which Python and every process started from it would inherit: the
+# tests then saw runs that never stop. Python's own handler here (a handler, unlike "ignored", is not
+# inherited across exec: the children start with the default and install Python's again).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
