@@ -577,6 +577,24 @@ def test_refuses_a_public_host_without_a_key(tmp_path, capsys, monkeypatch):
     assert main(["serve", "--model", "a:b=/nowhere", "--data-dir", str(tmp_path)]) == 2
 
 
+def test_a_job_object_has_openais_types_whatever_length_it_trains():
+    """n_epochs is OpenAI's (an integer or "auto") also where the steps make a fraction of an epoch."""
+    from openai.types.fine_tuning.fine_tuning_job import Hyperparameters
+
+    from flashzo.serve import jobs as J
+
+    base = {"id": "ftjob-x", "model": "m", "created_at": 1, "finished_at": None, "status": "running",
+            "fine_tuned_model": None, "result_files": [], "trained_tokens": None, "error": None, "step": 2,
+            "started_at": 1}
+    opts = dict(J.DEFAULTS.to_dict(), steps=4, batch_size=3)
+    for spec, n_epochs, epochs in (({"training_file": "f", "num_examples": 9}, "auto", 4 * 3 / 9),
+                                   ({"training_file": "f", "num_examples": 6, "n_epochs": 2}, 2, 2.0),
+                                   ({"training_file": "f"}, "auto", None)):
+        obj = J.job_object({**base, "spec": spec, "options": opts})
+        assert obj["hyperparameters"]["n_epochs"] == n_epochs and obj["flashzo"]["epochs"] == epochs
+        Hyperparameters.model_validate(obj["hyperparameters"], strict=True)  # OpenAI's types, no coercion
+
+
 def test_openai_hyperparameters_are_mapped():
     from flashzo.serve import jobs as J
 

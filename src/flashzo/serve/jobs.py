@@ -216,8 +216,9 @@ def job_object(row: dict) -> dict:
     """A stored job as OpenAI's fine_tuning.job object (plus `flashzo`: the step it is at)."""
     spec, opts = row["spec"], row["options"]
     n = spec.get("num_examples")
-    epochs = opts["steps"] * opts["batch_size"] / n if n else spec.get("n_epochs") or "auto"
-    hyper = {"n_epochs": epochs, "batch_size": opts["batch_size"],
+    # OpenAI's n_epochs is an integer or "auto": the one the job gave, else "auto" (the steps chose the
+    # length); the epochs the steps make, a fraction in general, are flashzo's "epochs"
+    hyper = {"n_epochs": spec.get("n_epochs") or "auto", "batch_size": opts["batch_size"],
              "learning_rate_multiplier": opts["lr"] / DEFAULTS.lr}
     return {
         "id": row["id"], "object": "fine_tuning.job", "model": row["model"], "created_at": row["created_at"],
@@ -228,7 +229,8 @@ def job_object(row: dict) -> dict:
         "user_provided_suffix": spec.get("suffix"), "hyperparameters": hyper,
         "method": _method(opts), "integrations": [],
         "metadata": spec.get("metadata"), "estimated_finish": None,
-        "flashzo": {"step": row["step"], "steps": opts["steps"], "started_at": row["started_at"]},
+        "flashzo": {"step": row["step"], "steps": opts["steps"], "started_at": row["started_at"],
+                    "epochs": opts["steps"] * opts["batch_size"] / n if n else None},
     }
 
 
