@@ -87,12 +87,14 @@ def demo_reward(args, device, out) -> int:
     return _demo_done(res, args, out, t0)
 
 
-def importable_here() -> None:
-    """The current directory on sys.path, as `python -m flashzo` has it: `--reward mymodule:fn` imports a
-    module beside the user from the installed `flashzo` command too (whose sys.path starts at its bin/)."""
+def importable_here(reward) -> None:
+    """For a `module:function` reward: the current directory on sys.path, as `python -m flashzo` has it,
+    so the installed `flashzo` command (whose sys.path starts at its bin/) imports a module beside the
+    user too. Appended, not put first: an installed package keeps its name (a flashzo checkout's root
+    holds a kernels/ folder that would shadow the PyPI package `kernels` that transformers imports)."""
     here = os.getcwd()
-    if "" not in sys.path and here not in sys.path:
-        sys.path.insert(0, here)
+    if isinstance(reward, str) and ":" in reward and "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
 
 
 def check_reward_options(options) -> None:
@@ -104,7 +106,7 @@ def check_reward_options(options) -> None:
     if options.template is not None:
         raise InputError(f"--template {options.template} makes classification records; a reward run reads "
                          "{\"prompt\", \"answer\"} lines")
-    importable_here()
+    importable_here(options.reward)
     try:
         resolve_reward(options.reward)
     except InputError as e:
@@ -136,7 +138,7 @@ def eval_reward_config(args):
     if args.template is not None:
         raise InputError(f"--template {args.template} makes classification records; --reward reads "
                          "{\"prompt\", \"answer\"} lines")
-    importable_here()
+    importable_here(args.reward)
     try:
         config = RewardConfig(args.reward, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               time_limit_s=args.reward_time_limit)
