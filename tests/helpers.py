@@ -467,3 +467,24 @@ def sglang_setup(root) -> dict:
         paths[name] = str(root / f"adapter_{name}")
         adapter.save_pretrained(paths[name])
     return dict(root=root, ckpt=ckpt, model=model, adapters=adapters, paths=paths)
+
+
+WORDS = ["<pad>", "<unk>", "</s>", "It", "was", "great", "terrible", "good", "bad", "movie", "the", "a", "plot"]
+
+
+def tiny_opt_with_words(path: str) -> str:
+    """A tiny random OPT (seed 0, 64 positions) saved by transformers into `path`, with a word-level
+    tokenizer of WORDS beside it: a checkpoint as a user has one, in seconds."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(cfg).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return path

@@ -4,12 +4,14 @@ served by uvicorn on a loopback port in a thread when a test needs real sockets 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
 import threading
 import time
 
+import torch
 from helpers import TINY, write_word_tokenizer
 
 import flashzo
@@ -163,3 +165,15 @@ def multipart(filename: str, content: bytes, purpose: str = "fine-tune") -> tupl
             + b"\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename.encode()
             + b'"\r\nContent-Type: application/octet-stream\r\n\r\n')
     return b"multipart/form-data; boundary=" + boundary, head + content + b"\r\n--" + boundary + b"--\r\n"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """As `flashzo serve --threads 1` runs its jobs, for the runs compared with them: a CPU GEMM's bits
+    depend on its thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -16,32 +16,19 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_opt_with_words
 
 import flashzo.engine.loading
 from flashzo.cli import build_parser, main
 from flashzo.data import write_jsonl
 from flashzo.engine import LoRAAdapter, load_model
 
-VOCAB = ["<pad>", "<unk>", "</s>", "It", "was", "great", "terrible", "good", "bad", "movie", "the", "a", "plot"]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random OPT saved by transformers, with a word-level tokenizer beside it."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = str(tmp_path_factory.mktemp("tiny-opt"))
-    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
-    torch.manual_seed(0)
-    transformers.OPTForCausalLM(cfg).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(path)
-    return path
+    pytest.importorskip("transformers")
+    return tiny_opt_with_words(str(tmp_path_factory.mktemp("tiny-opt")))
 
 
 def write_data(tmp_path):

@@ -13,31 +13,19 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_opt_with_words
 
 from flashzo.cli import main
 from flashzo.data import write_jsonl
 
-VOCAB = ["<pad>", "<unk>", "</s>", "It", "was", "great", "terrible", "good", "bad", "movie", "the", "a", "plot"]
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random OPT saved by transformers (64 positions), with a word-level tokenizer beside it."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = str(tmp_path_factory.mktemp("tiny-opt"))
-    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
-    torch.manual_seed(0)
-    transformers.OPTForCausalLM(cfg).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(path)
-    return path
+    pytest.importorskip("transformers")
+    return tiny_opt_with_words(str(tmp_path_factory.mktemp("tiny-opt")))
 
 
 def reward_data(tmp_path, name="reward.jsonl", n=12):

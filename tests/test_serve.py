@@ -14,7 +14,6 @@ again: the same adapter.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -32,6 +31,7 @@ import httpx
 import pytest
 import torch
 from helpers import TINY, write_word_tokenizer
+from serve_harness import one_thread
 
 import flashzo
 from flashzo.cli import main
@@ -176,16 +176,6 @@ def train_solo(files, tmp_path, train, valid=None, **hps):
         assert main(args) == 0
     return LoRAAdapter.from_pretrained(str(out / "adapter"), load_model(files["ckpt"]).config)
 
-
-@contextlib.contextmanager
-def one_thread():
-    """As the servers run (--threads 1): a CPU GEMM's bits depend on its thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def error_of(resp, status):

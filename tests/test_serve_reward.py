@@ -6,7 +6,6 @@ line without its answer fails the job naming the line."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
@@ -14,7 +13,7 @@ import tarfile
 
 import pytest
 import torch
-from serve_harness import InProcess, tiny_checkpoint, upload, wait_job
+from serve_harness import InProcess, one_thread, tiny_checkpoint, upload, wait_job
 
 from flashzo.cli import main
 from flashzo.engine import LoRAAdapter, load_model
@@ -45,16 +44,6 @@ def reward_job(client, train, valid=None, **hps):
     return client.fine_tuning.jobs.create(model="tiny", training_file=train, validation_file=valid,
                                           method={"type": "reward", "reward": {"hyperparameters": hps}})
 
-
-@contextlib.contextmanager
-def one_thread():
-    """As the server runs its jobs (--threads 1): a CPU GEMM's bits depend on its thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_reward_job_trains_as_flashzo_train_does(tmp_path, ckpt):

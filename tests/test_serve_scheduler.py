@@ -6,7 +6,6 @@ every job, nothing is written after "Job cancelled", a full disk pauses jobs (lo
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import logging
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from serve_harness import InProcess, Live, create, tiny_checkpoint, upload, wait_for, wait_job, write_data
+from serve_harness import InProcess, Live, create, one_thread, tiny_checkpoint, upload, wait_for, wait_job, write_data
 
 import flashzo.serve.scheduler as scheduler_module
 from flashzo.cli import main
@@ -44,16 +43,6 @@ def ckpt(tmp_path_factory):
 def train(tmp_path):
     return write_data(tmp_path / "train.jsonl", 16)
 
-
-@contextlib.contextmanager
-def one_thread():
-    """As `flashzo serve --threads 1` and the solo runs compared with it: a CPU GEMM's bits depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
